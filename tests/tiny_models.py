@@ -1,0 +1,52 @@
+"""Tiny random `transformers` models of every family, saved as local HF directories."""
+
+import torch
+import transformers
+
+# Large init range so a wrong detail moves the logits far beyond the tolerance.
+_INIT = 0.2
+VOCAB = 97
+
+CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=_INIT
+    ),
+    "opt_pre": lambda: transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=48, num_attention_heads=4,
+        max_position_embeddings=64, init_std=_INIT, pad_token_id=1,
+    ),
+    "opt_post_proj": lambda: transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=48, num_attention_heads=4,
+        max_position_embeddings=64, init_std=_INIT, do_layer_norm_before=False,
+        word_embed_proj_dim=16, pad_token_id=1,
+    ),
+    "llama_gqa_untied": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, initializer_range=_INIT,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+    ),
+    "llama_tied": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+        tie_word_embeddings=True, initializer_range=_INIT,
+    ),
+    "gpt_neo_local": lambda: transformers.GPTNeoConfig(
+        vocab_size=VOCAB, max_position_embeddings=64, hidden_size=32, num_layers=2, num_heads=4,
+        attention_types=[[["global", "local"], 1]], window_size=3, initializer_range=_INIT,
+    ),
+}
+
+
+def build(name: str, directory: str, seed: int = 0):
+    """Builds a random model, perturbs its norms and biases, and saves it; returns the model."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name]())
+    with torch.no_grad():
+        # Default inits leave norms at 1 and biases at 0: perturb them so their mapping is tested.
+        for pname, p in model.named_parameters():
+            if "norm" in pname or "ln_" in pname or pname.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(directory)
+    return model

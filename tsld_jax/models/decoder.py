@@ -1,0 +1,311 @@
+"""The single decoder: pure functions over a nested-dict parameter pytree.
+
+Parameter layout (every kernel in Flax layout, (in_features, out_features)):
+
+    embed/tokens                 (V, E)
+    positions                    (P, D)          learned-position families only
+    project_in/kernel            (E, D)          OPT-350m only
+    layers/...                   leading axis L, scanned with `lax.scan`
+        attn_norm/{scale,bias}   (L, D)
+        attn/{q,k,v,o}/{kernel,bias}
+        mlp_norm/{scale,bias}    (L, D)
+        mlp/{up,gate,down}/{kernel,bias}
+    final_norm/{scale,bias}      (D,)
+    project_out/kernel           (D, E)          OPT-350m only
+    lm_head/kernel               (E, V)          untied heads only
+
+Every linear layer of a block goes through `linear()`, the one place where quantization hooks in:
+a `quantizer(name, layer_params) -> kernel` callable (names like "attn/q", "mlp/down") returns
+the kernel the forward pass uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from tsld_jax.models.spec import ModelSpec
+
+Params = dict[str, Any]
+Quantizer = Callable[[str, Params], jax.Array]
+
+LINEAR_NAMES = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/up", "mlp/gate", "mlp/down")
+
+
+def _trailing(v: jax.Array, ndim: int) -> jax.Array:
+    """Reshapes a vector so it broadcasts over the last axis of an ndim array (explicitly, since
+    the tests run with rank promotion disabled)."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
+def linear(
+    layer_params: Params, x: jax.Array, name: str, quantizer: Quantizer | None = None
+) -> jax.Array:
+    """y = x @ W + b, where W is the (possibly quantized) kernel of this linear layer."""
+    kernel = layer_params["kernel"] if quantizer is None else quantizer(name, layer_params)
+    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+    if "bias" in layer_params:
+        y = y + _trailing(layer_params["bias"].astype(y.dtype), y.ndim)
+    return y
+
+
+def _norm(p: Params, x: jax.Array, spec: ModelSpec) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    if spec.norm == "rmsnorm":
+        x32 = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + spec.norm_eps)
+        return _trailing(p["scale"].astype(x.dtype), x.ndim) * x32.astype(x.dtype)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * lax.rsqrt(var + spec.norm_eps)
+    return (y * _trailing(p["scale"], y.ndim) + _trailing(p["bias"], y.ndim)).astype(x.dtype)
+
+
+def _activation(x: jax.Array, name: str) -> jax.Array:
+    if name == "gelu_new":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu(x)
+    return jax.nn.silu(x)
+
+
+def _rotary(x_BxTxNxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+    # Hugging Face's "rotate_half" convention: the two halves of each head form the pairs.
+    head_dim = x_BxTxNxK.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_BxTxK2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None]
+    angles_BxTxK = jnp.concatenate([angles_BxTxK2, angles_BxTxK2], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles_BxTxK), jnp.sin(angles_BxTxK)
+    x32 = x_BxTxNxK.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x_BxTxNxK.dtype)
+
+
+def attention_mask(
+    query_index_T: jax.Array,
+    key_index_S: jax.Array,
+    key_mask_BxS: jax.Array | None,
+    window: jax.Array | int,
+) -> jax.Array:
+    """Boolean (B or 1, 1, 1, T, S) mask: causal, optional sliding window, optional padding."""
+    distance_TxS = query_index_T[:, None] - key_index_S[None, :]
+    allowed_TxS = (distance_TxS >= 0) & ((window == 0) | (distance_TxS < window))
+    allowed = allowed_TxS[None, None, None]
+    if key_mask_BxS is not None:
+        allowed = allowed & (key_mask_BxS[:, None, None, None, :] > 0)
+    return allowed
+
+
+def _attention(
+    p: Params,
+    x_BxTxD: jax.Array,
+    spec: ModelSpec,
+    positions_BxT: jax.Array,
+    allowed: jax.Array,
+    quantizer: Quantizer | None,
+) -> tuple[jax.Array, jax.Array]:
+    batch, length, _ = x_BxTxD.shape
+    kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
+    groups = spec.num_heads // kv_heads
+    q = linear(p["q"], x_BxTxD, "attn/q", quantizer).reshape(batch, length, spec.num_heads, -1)
+    k = linear(p["k"], x_BxTxD, "attn/k", quantizer).reshape(batch, length, kv_heads, head_dim)
+    v = linear(p["v"], x_BxTxD, "attn/v", quantizer).reshape(batch, length, kv_heads, head_dim)
+    if spec.positional == "rotary":
+        q = _rotary(q, positions_BxT, spec.rope_theta)
+        k = _rotary(k, positions_BxT, spec.rope_theta)
+    q_BxTxNxGxK = q.reshape(batch, length, kv_heads, groups, head_dim)
+    scores_BxNxGxTxS = jnp.einsum(
+        "btngk,bsnk->bngts", q_BxTxNxGxK.astype(jnp.float32), k.astype(jnp.float32)
+    )
+    if spec.scale_attention:
+        scores_BxNxGxTxS = scores_BxNxGxTxS / jnp.sqrt(jnp.float32(head_dim))
+    masked = jnp.where(allowed, scores_BxNxGxTxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(masked, axis=-1).astype(v.dtype)
+    out_BxTxNxGxK = jnp.einsum("bngts,bsnk->btngk", probs, v)
+    out = linear(p["o"], out_BxTxNxGxK.reshape(batch, length, -1), "attn/o", quantizer)
+    return out, scores_BxNxGxTxS.reshape(batch, spec.num_heads, length, length)
+
+
+def _mlp(p: Params, x: jax.Array, spec: ModelSpec, quantizer: Quantizer | None) -> jax.Array:
+    up = linear(p["up"], x, "mlp/up", quantizer)
+    if spec.gated_mlp:
+        hidden = _activation(linear(p["gate"], x, "mlp/gate", quantizer), spec.activation) * up
+    else:
+        hidden = _activation(up, spec.activation)
+    return linear(p["down"], hidden, "mlp/down", quantizer)
+
+
+def _block(
+    layer: Params,
+    h: jax.Array,
+    spec: ModelSpec,
+    positions_BxT: jax.Array,
+    allowed: jax.Array,
+    quantizer: Quantizer | None,
+) -> tuple[jax.Array, jax.Array]:
+    if spec.pre_norm:
+        attn_out, scores = _attention(
+            layer["attn"], _norm(layer["attn_norm"], h, spec), spec, positions_BxT, allowed, quantizer
+        )
+        h = h + attn_out
+        h = h + _mlp(layer["mlp"], _norm(layer["mlp_norm"], h, spec), spec, quantizer)
+    else:  # OPT-350m: normalise after each residual add.
+        attn_out, scores = _attention(layer["attn"], h, spec, positions_BxT, allowed, quantizer)
+        h = _norm(layer["attn_norm"], h + attn_out, spec)
+        h = _norm(layer["mlp_norm"], h + _mlp(layer["mlp"], h, spec, quantizer), spec)
+    return h, scores
+
+
+def default_positions(tokens_BxT: jax.Array, mask_BxT: jax.Array | None) -> jax.Array:
+    """Position ids: 0, 1, 2, ... counted over the real tokens (left padding starts at 0)."""
+    if mask_BxT is None:
+        return jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def embed(params: Params, tokens_BxT: jax.Array, positions_BxT: jax.Array, spec: ModelSpec):
+    """Token (+ learned position) embedding, with OPT's project_in."""
+    h = jnp.take(params["embed"]["tokens"], tokens_BxT, axis=0)
+    if spec.embed_proj_dim:
+        h = h @ params["project_in"]["kernel"].astype(h.dtype)
+    if spec.positional == "learned":
+        h = h + jnp.take(params["positions"], positions_BxT + spec.position_offset, axis=0)
+    return h
+
+
+def unembed(params: Params, h_BxTxD: jax.Array, spec: ModelSpec) -> jax.Array:
+    """Final norm, OPT's project_out and the LM head: hidden states to logits."""
+    if spec.final_norm:
+        h_BxTxD = _norm(params["final_norm"], h_BxTxD, spec)
+    if spec.embed_proj_dim:
+        h_BxTxD = h_BxTxD @ params["project_out"]["kernel"].astype(h_BxTxD.dtype)
+    if spec.tie_embeddings:
+        return jnp.einsum("...e,ve->...v", h_BxTxD, params["embed"]["tokens"].astype(h_BxTxD.dtype))
+    return h_BxTxD @ params["lm_head"]["kernel"].astype(h_BxTxD.dtype)
+
+
+def forward(
+    params: Params,
+    tokens_BxT: jax.Array,
+    spec: ModelSpec,
+    *,
+    mask_BxT: jax.Array | None = None,
+    positions_BxT: jax.Array | None = None,
+    quantizer: Quantizer | None = None,
+    collect: Sequence[str] = (),
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """Runs the decoder.
+
+    Args:
+      params: the parameter pytree (see the module docstring).
+      tokens_BxT: int token ids.
+      spec: the architecture.
+      mask_BxT: 1 for real tokens, 0 for padding; padded keys are never attended to.
+      positions_BxT: position ids; by default counted over the real tokens.
+      quantizer: optional `quantizer(name, layer_params) -> kernel` applied in every linear().
+      collect: any of "hidden" (the input of every block and the final block output,
+        (L+1, B, T, D)) and "attn_scores" (pre-softmax scores, (L, B, H, T, T)).
+
+    Returns:
+      logits (B, T, V), or (logits, aux) when `collect` is not empty.
+    """
+    if positions_BxT is None:
+        positions_BxT = default_positions(tokens_BxT, mask_BxT)
+    h = embed(params, tokens_BxT, positions_BxT, spec)
+    index_T = jnp.arange(tokens_BxT.shape[1])
+    windows_L = jnp.asarray(spec.layer_windows(), dtype=jnp.int32)
+
+    def step(h, xs):
+        layer, window = xs
+        allowed = attention_mask(index_T, index_T, mask_BxT, window)
+        new_h, scores = _block(layer, h, spec, positions_BxT, allowed, quantizer)
+        outputs = {}
+        if "hidden" in collect:
+            outputs["hidden"] = h
+        if "attn_scores" in collect:
+            outputs["attn_scores"] = scores
+        return new_h, outputs
+
+    h, per_layer = lax.scan(step, h, (params["layers"], windows_L))
+    logits = unembed(params, h, spec)
+    if not collect:
+        return logits
+    aux = {}
+    if "hidden" in collect:
+        aux["hidden"] = jnp.concatenate([per_layer["hidden"], h[None]], axis=0)
+    if "attn_scores" in collect:
+        aux["attn_scores"] = per_layer["attn_scores"]
+    return logits, aux
+
+
+def param_shapes(spec: ModelSpec) -> Params:
+    """Shapes of every parameter, as a pytree of tuples (the layout of the module docstring)."""
+    d, e, layers = spec.hidden_size, spec.embed_dim, spec.num_layers
+    q_out = spec.num_heads * spec.head_dim
+    kv_out = spec.num_kv_heads * spec.head_dim
+
+    def lin(n_in, n_out, bias):
+        p = {"kernel": (layers, n_in, n_out)}
+        if bias:
+            p["bias"] = (layers, n_out)
+        return p
+
+    def norm(*lead):
+        p = {"scale": (*lead, d)}
+        if spec.norm == "layernorm":
+            p["bias"] = (*lead, d)
+        return p
+
+    mlp = {
+        "up": lin(d, spec.mlp_size, spec.mlp_bias),
+        "down": lin(spec.mlp_size, d, spec.mlp_bias),
+    }
+    if spec.gated_mlp:
+        mlp["gate"] = lin(d, spec.mlp_size, spec.mlp_bias)
+    shapes: Params = {
+        "embed": {"tokens": (spec.vocab_size, e)},
+        "layers": {
+            "attn_norm": norm(layers),
+            "attn": {
+                "q": lin(d, q_out, spec.attn_bias),
+                "k": lin(d, kv_out, spec.attn_bias),
+                "v": lin(d, kv_out, spec.attn_bias),
+                "o": lin(q_out, d, spec.attn_out_bias),
+            },
+            "mlp_norm": norm(layers),
+            "mlp": mlp,
+        },
+    }
+    if spec.positional == "learned":
+        shapes["positions"] = (spec.max_positions, d)
+    if spec.final_norm:
+        shapes["final_norm"] = norm()
+    if spec.embed_proj_dim:
+        shapes["project_in"] = {"kernel": (e, d)}
+        shapes["project_out"] = {"kernel": (d, e)}
+    if not spec.tie_embeddings:
+        shapes["lm_head"] = {"kernel": (e, spec.vocab_size)}
+    return shapes
+
+
+def init_params(rng: jax.Array, spec: ModelSpec, dtype=jnp.float32) -> Params:
+    """Random parameters (normal(0, 0.02) weights, unit norm scales, zero biases)."""
+    shapes = param_shapes(spec)
+    leaves, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(rng, len(leaves))
+    out = []
+    for (path, shape), key in zip(leaves, keys, strict=True):
+        name = getattr(path[-1], "key", "")
+        if name == "scale":
+            out.append(jnp.ones(shape, dtype))
+        elif name == "bias":
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            out.append((0.02 * jax.random.normal(key, shape)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)

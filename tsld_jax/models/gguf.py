@@ -1,0 +1,117 @@
+"""GGUF files (llama.cpp's format) into our parameter pytree, dequantized to float."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tsld_jax.models import hf
+from tsld_jax.models.errors import LoadError
+
+# GGUF tensor name -> Hugging Face LLaMA name; `hf.params_from_hf_tensors` does the rest, so the
+# one LLaMA name table in hf.py stays the only one.
+_LLAMA_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _reader(path: str):
+    import gguf as gguf_lib
+
+    try:
+        return gguf_lib.GGUFReader(path)
+    except Exception as error:  # gguf raises ValueError, struct.error, ... on a bad file.
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise LoadError(f"{path}: unreadable GGUF file ({message})") from None
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.contents()
+    return value
+
+
+def hf_config_from_gguf(path: str) -> dict[str, Any]:
+    """The Hugging Face config.json dictionary that a GGUF file's metadata describes."""
+    reader = _reader(path)
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported (only llama)")
+    tensor_names = {t.name for t in reader.tensors}
+    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    heads = int(_field(reader, "llama.attention.head_count"))
+    hidden = int(_field(reader, "llama.embedding_length"))
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": int(_field(reader, "llama.vocab_size", int(embed.shape[-1]))),
+        "hidden_size": hidden,
+        "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, "llama.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv", heads)),
+        "head_dim": int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
+        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
+        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        },
+        "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+
+
+def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
+    # llama.cpp's converter interleaves the rotary halves of q and k; undo it for the
+    # rotate-half convention of the Hugging Face (and our) rotary embedding.
+    half = weights.shape[0] // heads // 2
+    return weights.reshape(heads, half, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def read_gguf_tensors(path: str, hf_config: dict[str, Any]) -> dict[str, np.ndarray]:
+    """All tensors of a LLaMA GGUF file, dequantized to float32, under Hugging Face names."""
+    import gguf as gguf_lib
+
+    reader = _reader(path)
+    tensors = {}
+    for tensor in reader.tensors:
+        parts = tensor.name.split(".")
+        try:
+            if parts[0] == "blk":
+                name = f"model.layers.{parts[1]}.{_LLAMA_NAMES[parts[2]]}.{parts[3]}"
+            else:
+                name = f"{_LLAMA_NAMES[parts[0]]}.{parts[1]}"
+        except (KeyError, IndexError):
+            continue  # e.g. rope_freqs: derived data we recompute.
+        try:
+            values = gguf_lib.quants.dequantize(tensor.data, tensor.tensor_type)
+        except Exception as error:
+            raise LoadError(f"{path}: cannot dequantize {tensor.name} ({error})") from None
+        values = np.asarray(values, dtype=np.float32)
+        if ".q_proj." in name:
+            values = _unpermute(values, hf_config["num_attention_heads"])
+        elif ".k_proj." in name:
+            values = _unpermute(values, hf_config["num_key_value_heads"])
+        tensors[name] = values
+    return tensors
+
+
+def load_gguf_params(path: str, spec, hf_config: dict[str, Any]):
+    return hf.params_from_hf_tensors(read_gguf_tensors(path, hf_config), spec)

@@ -1,0 +1,119 @@
+"""One entry point, `load_model`, for every source: HF directory, hub id, or GGUF file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tsld_jax.models import gguf, hf
+from tsld_jax.models.errors import LoadError
+from tsld_jax.models.spec import ConfigError, ModelSpec, spec_from_hf_config
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """Parameters plus everything needed to run, tokenize and export them."""
+
+    params: dict[str, Any]
+    spec: ModelSpec
+    hf_config: dict[str, Any]
+    tokenizer: Any
+    source: str
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_path(name_or_path: str) -> str:
+    """A local path as is; a hub id downloaded through huggingface_hub unless offline."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".gguf")
+    if looks_local or name_or_path.count("/") > 1:
+        raise LoadError(f"model path {name_or_path!r} does not exist")
+    if _offline():
+        raise LoadError(
+            f"model {name_or_path!r} is not a local path and HF_HUB_OFFLINE is set; "
+            "download it first or pass a local directory"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]
+        )
+    except Exception as error:
+        raise LoadError(f"cannot fetch {name_or_path!r} from the hub: {error}") from None
+
+
+def _find_gguf(path: str) -> str | None:
+    if os.path.isfile(path):
+        return path if path.endswith(".gguf") else None
+    if os.path.exists(os.path.join(path, "config.json")):
+        return None
+    found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    return os.path.join(path, found[0]) if len(found) == 1 else None
+
+
+def _load_tokenizer(directory: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        if gguf_file:
+            return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as error:
+        raise LoadError(f"{directory}: cannot load the tokenizer ({error})") from None
+
+
+def load_model(
+    name_or_path: str, *, dtype: Any = jnp.float32, load_tokenizer: bool = True
+) -> LoadedModel:
+    """Loads a decoder from a Hugging Face directory, a hub id, or a GGUF file.
+
+    Args:
+      name_or_path: directory with config.json and weights, a `.gguf` file (or a directory holding
+        exactly one), or a hub id (fetched only when the network is allowed).
+      dtype: dtype of the returned parameters.
+      load_tokenizer: also load the tokenizer (from the directory, or from the GGUF metadata).
+
+    Returns:
+      A LoadedModel. Raises LoadError, with a one-line message, for every bad input.
+    """
+    path = resolve_path(name_or_path)
+    gguf_path = _find_gguf(path)
+    try:
+        if gguf_path:
+            hf_config = gguf.hf_config_from_gguf(gguf_path)
+            spec = spec_from_hf_config(hf_config)
+            params = gguf.load_gguf_params(gguf_path, spec, hf_config)
+            tokenizer = None
+            if load_tokenizer:
+                directory, name = os.path.split(os.path.abspath(gguf_path))
+                tokenizer = _load_tokenizer(directory, name)
+        else:
+            if os.path.isfile(path):
+                raise LoadError(f"{path}: expected a model directory or a .gguf file")
+            config_path = os.path.join(path, "config.json")
+            if not os.path.exists(config_path):
+                raise LoadError(f"{path}: no config.json (not a Hugging Face model directory)")
+            try:
+                with open(config_path) as f:
+                    hf_config = json.load(f)
+            except (OSError, json.JSONDecodeError) as error:
+                raise LoadError(f"{config_path}: unreadable ({error})") from None
+            spec = spec_from_hf_config(hf_config)
+            params = hf.params_from_hf_tensors(hf.read_checkpoint_tensors(path), spec)
+            tokenizer = _load_tokenizer(path) if load_tokenizer else None
+    except ConfigError as error:
+        raise LoadError(f"{name_or_path}: {error}") from None
+    except KeyError as error:
+        raise LoadError(f"{name_or_path}: config is missing the field {error}") from None
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
+    return LoadedModel(params, spec, hf_config, tokenizer, name_or_path)

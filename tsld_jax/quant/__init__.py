@@ -1,0 +1,1 @@
+"""Quantization: straight-through quantizers (QAT), rules, and packed weights (export)."""
