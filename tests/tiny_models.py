@@ -50,3 +50,16 @@ def build(name: str, directory: str, seed: int = 0):
     model.eval()
     model.save_pretrained(directory)
     return model
+
+
+def save_word_tokenizer(directory: str, words: list[str]) -> None:
+    """A whitespace word-level tokenizer over `words` (id 0 is <unk>), saved beside a model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+    fast.save_pretrained(directory)

@@ -61,12 +61,10 @@ def _find_gguf(path: str) -> str | None:
     return os.path.join(path, found[0]) if len(found) == 1 else None
 
 
-def _load_tokenizer(directory: str, gguf_file: str | None = None):
+def _load_tokenizer(directory: str):
     from transformers import AutoTokenizer
 
     try:
-        if gguf_file:
-            return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
         return AutoTokenizer.from_pretrained(directory)
     except Exception as error:
         raise LoadError(f"{directory}: cannot load the tokenizer ({error})") from None
@@ -90,13 +88,8 @@ def load_model(
     gguf_path = _find_gguf(path)
     try:
         if gguf_path:
-            hf_config = gguf.hf_config_from_gguf(gguf_path)
-            spec = spec_from_hf_config(hf_config)
-            params = gguf.load_gguf_params(gguf_path, spec, hf_config)
-            tokenizer = None
-            if load_tokenizer:
-                directory, name = os.path.split(os.path.abspath(gguf_path))
-                tokenizer = _load_tokenizer(directory, name)
+            hf_config, spec, params = gguf.load_gguf(gguf_path)
+            tokenizer = gguf.load_tokenizer(gguf_path) if load_tokenizer else None
         else:
             if os.path.isfile(path):
                 raise LoadError(f"{path}: expected a model directory or a .gguf file")

@@ -1,0 +1,1 @@
+"""Evaluation tasks, scored as the authors' scripts and lm-evaluation-harness do."""

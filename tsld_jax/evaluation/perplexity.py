@@ -1,0 +1,157 @@
+"""Perplexity with the authors' protocol (PTB, WikiText-2).
+
+Each line is stripped and tokenized on its own with the tokenizer's default special tokens; all
+token lists are concatenated and cut into non-overlapping blocks (512 by default), the remainder
+dropped; ppl = exp(mean over blocks of each block's mean next-token loss).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from tsld_jax.models import decoder
+from tsld_jax.models.spec import ModelSpec
+
+
+class DataError(ValueError):
+    """Missing, unreadable or too-short evaluation data."""
+
+
+# task -> (local file pattern under --data-dir, hub dataset args, text field).
+_SOURCES = {
+    "ptb": ("ptb/ptb.{split}.txt", ("ptb_text_only",), "sentence"),
+    "wikitext2": ("wikitext-2/wiki.{split}.tokens", ("wikitext", "wikitext-2-v1"), "text"),
+}
+_LOCAL_SPLITS = {"validation": "valid", "valid": "valid", "test": "test", "train": "train"}
+
+
+def load_lines(task: str, split: str, data_dir: str | None) -> list[str]:
+    """The raw lines of a language-modelling split, from `data_dir` or the Hugging Face hub."""
+    if task not in _SOURCES:
+        raise DataError(f"unknown perplexity task {task!r}; expected one of {sorted(_SOURCES)}")
+    if split not in _LOCAL_SPLITS:
+        raise DataError(f"unknown split {split!r}; expected validation, test or train")
+    pattern, hub_args, field = _SOURCES[task]
+    if data_dir is not None:
+        path = os.path.join(data_dir, pattern.format(split=_LOCAL_SPLITS[split]))
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().splitlines()
+        except OSError as error:
+            raise DataError(f"cannot read {path}: {error.strerror or error}") from None
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path} is not UTF-8 text ({error.reason})") from None
+    import datasets
+
+    hub_split = "validation" if split in ("valid", "validation") else split
+    try:
+        dataset = datasets.load_dataset(*hub_args, split=hub_split)
+    except Exception as error:
+        raise DataError(
+            f"cannot load {'/'.join(hub_args)} from the hub ({type(error).__name__}); "
+            "pass --data-dir with a local copy when offline"
+        ) from None
+    return list(dataset[field])
+
+
+def tokenize_blocks(lines: Sequence[str], tokenizer: Any, block_size: int) -> np.ndarray:
+    """Tokenizes each stripped line on its own, concatenates, cuts into (N, block_size) blocks."""
+    encoded = tokenizer([line.strip() for line in lines])["input_ids"]
+    ids = np.fromiter((t for seq in encoded for t in seq), dtype=np.int32)
+    blocks = len(ids) // block_size
+    if blocks == 0:
+        raise DataError(f"{len(ids)} tokens is less than one block of {block_size}")
+    return ids[: blocks * block_size].reshape(blocks, block_size)
+
+
+def block_losses(
+    params: dict[str, Any], blocks_BxT: jax.Array, spec: ModelSpec, quantizer=None
+) -> jax.Array:
+    """Each block's mean next-token cross-entropy, (B,), in float32."""
+    logits_BxTxV = decoder.forward(params, blocks_BxT, spec, quantizer=quantizer)
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
+    target_BxT = blocks_BxT[:, 1:]
+    nll_BxT = -jnp.take_along_axis(logp_BxTxV, target_BxT[..., None], axis=-1)[..., 0]
+    return nll_BxT.mean(axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "quantizer"))
+def _jitted_block_losses(params, blocks_BxT, spec, quantizer):
+    return block_losses(params, blocks_BxT, spec, quantizer)
+
+
+def evaluate_blocks(
+    params: dict[str, Any],
+    spec: ModelSpec,
+    blocks_NxT: np.ndarray,
+    *,
+    batch_size: int = 4,
+    quantizer=None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Per-block mean losses for all blocks, batched with one compiled shape (last batch padded)."""
+    losses = []
+    for start in tqdm(
+        range(0, len(blocks_NxT), batch_size), desc="perplexity", unit="batch", disable=not progress
+    ):
+        batch = blocks_NxT[start : start + batch_size]
+        real = len(batch)
+        if real < batch_size:  # Pad with copies so the compiled shape never changes.
+            batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, axis=0)])
+        out = _jitted_block_losses(params, jnp.asarray(batch), spec, quantizer)
+        losses.append(np.asarray(out)[:real])
+    return np.concatenate(losses)
+
+
+def perplexity(block_losses_N: np.ndarray) -> float:
+    """exp of the mean over blocks of each block's mean loss (the authors' protocol)."""
+    return float(math.exp(float(np.mean(block_losses_N, dtype=np.float64))))
+
+
+def run(
+    params: dict[str, Any],
+    spec: ModelSpec,
+    tokenizer: Any,
+    *,
+    task: str,
+    split: str = "validation",
+    data_dir: str | None = None,
+    block_size: int = 512,
+    max_blocks: int | None = None,
+    batch_size: int = 4,
+    quantizer=None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Loads, tokenizes and scores one split; returns the results dictionary."""
+    if block_size < 2:
+        raise DataError(f"--block-size must be at least 2, got {block_size}")
+    if max_blocks is not None and max_blocks < 1:
+        raise DataError(f"--max-blocks must be at least 1, got {max_blocks}")
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, got {batch_size}")
+    blocks = tokenize_blocks(load_lines(task, split, data_dir), tokenizer, block_size)
+    if max_blocks is not None:
+        blocks = blocks[:max_blocks]
+    losses = evaluate_blocks(
+        params, spec, blocks, batch_size=batch_size, quantizer=quantizer, progress=progress
+    )
+    if not np.all(np.isfinite(losses)):
+        raise FloatingPointError(f"non-finite loss in {int(np.sum(~np.isfinite(losses)))} blocks")
+    return {
+        "task": task,
+        "split": split,
+        "ppl": perplexity(losses),
+        "loss": float(np.mean(losses, dtype=np.float64)),
+        "tokens": int(blocks.size),
+        "blocks": int(len(blocks)),
+        "block_size": block_size,
+    }
