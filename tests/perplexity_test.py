@@ -47,11 +47,25 @@ def _reference_ppl(model, vocab, lines, block, max_blocks):
 def test_perplexity_matches_independent_reference(tiny_dir, shared_data, tmp_path, ptb_lines):
     directory, model, vocab = tiny_dir
     out = tmp_path / "results.json"
-    code = cli.main([
-        "--model", directory, "--task", "ptb", "--data-dir", str(shared_data),
-        "--block-size", str(BLOCK), "--max-blocks", "7", "--batch-size", "3",
-        "--output", str(out), "--quiet",
-    ])
+    code = cli.main(
+        [
+            "--model",
+            directory,
+            "--task",
+            "ptb",
+            "--data-dir",
+            str(shared_data),
+            "--block-size",
+            str(BLOCK),
+            "--max-blocks",
+            "7",
+            "--batch-size",
+            "3",
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     lines = (shared_data / "ptb" / "ptb.valid.txt").read_text().splitlines()
@@ -83,7 +97,11 @@ def _run_cli(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "eval.py"), *args],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
     )
 
 
@@ -96,8 +114,16 @@ def _write_truncated_safetensors(directory, source_dir):
 
 
 @pytest.mark.parametrize(
-    "case", ["missing", "no_config", "truncated_safetensors", "truncated_gguf", "unknown_arch",
-             "missing_data", "hub_offline"],
+    "case",
+    [
+        "missing",
+        "no_config",
+        "truncated_safetensors",
+        "truncated_gguf",
+        "unknown_arch",
+        "missing_data",
+        "hub_offline",
+    ],
 )
 def test_bad_input_is_one_line_error(case, tmp_path, tiny_dir, shared_data):
     directory, _, _ = tiny_dir
@@ -126,9 +152,12 @@ def test_bad_input_is_one_line_error(case, tmp_path, tiny_dir, shared_data):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1, result.stderr
     expected = {
-        "missing": "does not exist", "no_config": "no config.json",
-        "truncated_safetensors": "unreadable safetensors", "truncated_gguf": "unreadable GGUF",
-        "unknown_arch": "unknown architecture", "missing_data": "cannot read",
+        "missing": "does not exist",
+        "no_config": "no config.json",
+        "truncated_safetensors": "unreadable safetensors",
+        "truncated_gguf": "unreadable GGUF",
+        "unknown_arch": "unknown architecture",
+        "missing_data": "cannot read",
         "hub_offline": "HF_HUB_OFFLINE",
     }[case]
     assert expected in error_lines[0]

@@ -151,7 +151,12 @@ def _block(
 ) -> tuple[jax.Array, jax.Array]:
     if spec.pre_norm:
         attn_out, scores = _attention(
-            layer["attn"], _norm(layer["attn_norm"], h, spec), spec, positions_BxT, allowed, quantizer
+            layer["attn"],
+            _norm(layer["attn_norm"], h, spec),
+            spec,
+            positions_BxT,
+            allowed,
+            quantizer,
         )
         h = h + attn_out
         h = h + _mlp(layer["mlp"], _norm(layer["mlp_norm"], h, spec), spec, quantizer)

@@ -120,7 +120,11 @@ def load_gguf(path: str):
     reader = _reader(path)
     hf_config = hf_config_from_gguf(path, reader)
     spec = spec_from_hf_config(hf_config)
-    return hf_config, spec, hf.params_from_hf_tensors(read_gguf_tensors(path, hf_config, reader), spec)
+    return (
+        hf_config,
+        spec,
+        hf.params_from_hf_tensors(read_gguf_tensors(path, hf_config, reader), spec),
+    )
 
 
 def load_tokenizer(path: str):
@@ -148,7 +152,9 @@ def load_tokenizer(path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     except Exception as error:
-        raise LoadError(f"{path}: cannot build the tokenizer from GGUF metadata ({error})") from None
+        raise LoadError(
+            f"{path}: cannot build the tokenizer from GGUF metadata ({error})"
+        ) from None
     try:
         tokenizer.save_pretrained(cache)
     except OSError:

@@ -179,7 +179,9 @@ def params_from_hf_tensors(tensors: dict[str, np.ndarray], spec: ModelSpec, dtyp
         names = [name.format(i=i) for i in range(spec.num_layers)] if per_layer else [name]
         missing = [n for n in names if n not in tensors]
         if missing:
-            raise LoadError(f"checkpoint has no tensor {missing[0]!r} (needed for {'/'.join(path)})")
+            raise LoadError(
+                f"checkpoint has no tensor {missing[0]!r} (needed for {'/'.join(path)})"
+            )
         arrays = [np.asarray(tensors[n], dtype=dtype) for n in names]
         if transpose:
             arrays = [a.T for a in arrays]
@@ -202,9 +204,11 @@ def params_to_hf_tensors(params: dict[str, Any], spec: ModelSpec) -> dict[str, n
     tensors: dict[str, np.ndarray] = {}
     for path, name, transpose, per_layer in _leaf_entries(spec):
         value = np.asarray(_get(params, path), dtype=np.float32)
-        items = [(name.format(i=i), value[i]) for i in range(spec.num_layers)] if per_layer else [
-            (name, value)
-        ]
+        items = (
+            [(name.format(i=i), value[i]) for i in range(spec.num_layers)]
+            if per_layer
+            else [(name, value)]
+        )
         for hf_name, array in items:
             tensors[hf_name] = np.ascontiguousarray(array.T if transpose else array)
     if spec.family == "gpt2":
@@ -213,7 +217,7 @@ def params_to_hf_tensors(params: dict[str, Any], spec: ModelSpec) -> dict[str, n
 
 
 def read_checkpoint_tensors(directory: str) -> dict[str, np.ndarray]:
-    """Reads every tensor of a Hugging Face model directory (safetensors, sharded or not, or bin)."""
+    """Reads every tensor of a HF model directory (safetensors, sharded or not, or .bin)."""
     files = sorted(os.listdir(directory))
     safetensors_files = [f for f in files if f.endswith(".safetensors")]
     bin_files = [f for f in files if f.endswith(".bin") and f.startswith("pytorch_model")]
@@ -236,7 +240,9 @@ def _read_safetensors(paths: list[str]) -> dict[str, np.ndarray]:
         except (safetensors.SafetensorError, OSError, ValueError) as error:
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise LoadError(f"{path}: unreadable safetensors file ({message})") from None
-        tensors.update({name: np.asarray(value, dtype=np.float32) for name, value in loaded.items()})
+        tensors.update(
+            {name: np.asarray(value, dtype=np.float32) for name, value in loaded.items()}
+        )
     return tensors
 
 
