@@ -1,0 +1,326 @@
+"""The distillation losses against numpy transcriptions of PAPER.md, and chunked vs naive TSLD."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tsld_jax import losses
+
+B, T, V = 3, 7, 13
+TAU = 10.0
+
+
+# ----------------------------------------------------------------------------- numpy reference
+def np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def np_label_ce(logits, labels):
+    return -np.take_along_axis(np_log_softmax(logits), labels[..., None], -1)[..., 0]
+
+
+def np_soft_ce(student, teacher):
+    return -(np.exp(np_log_softmax(teacher)) * np_log_softmax(student)).sum(-1)
+
+
+def np_gt(student, labels, mask):
+    return (np_label_ce(student, labels) * mask).sum() / mask.sum()
+
+
+def np_logit(student, teacher, mask):
+    return (np_soft_ce(student, teacher) * mask).sum() / mask.sum()
+
+
+def np_token_scales(teacher, labels, mask):
+    scales = np.zeros(mask.shape)
+    c = np_label_ce(teacher, labels) / TAU
+    for b in range(mask.shape[0]):
+        valid = mask[b] > 0
+        if not valid.any():
+            continue
+        e = np.exp(c[b, valid] - c[b, valid].max())
+        scales[b, valid] = e / e.sum()
+    return scales
+
+
+def np_tsld(student, teacher, labels, mask):
+    scales = np_token_scales(teacher, labels, mask)
+    return sum(
+        (scales[b] * np_soft_ce(student, teacher)[b])[mask[b] > 0].sum() for b in range(len(mask))
+    )
+
+
+def np_layer_mse(student, teacher, valid):
+    # One layer: mean of squared differences over the valid elements.
+    return ((student - teacher) ** 2)[valid].mean()
+
+
+def np_l2l(student, teacher, s_hidden, t_hidden, s_scores, t_scores, mask):
+    valid_tokens = np.broadcast_to(mask[..., None] > 0, s_hidden.shape[1:])
+    hidden = sum(np_layer_mse(s, t, valid_tokens) for s, t in zip(s_hidden, t_hidden, strict=True))
+    causal = np.tril(np.ones((T, T), bool))
+    pairs = causal[None] & (mask[:, :, None] > 0) & (mask[:, None, :] > 0)
+    valid_pairs = np.broadcast_to(pairs[:, None], s_scores.shape[1:])
+    scores = sum(np_layer_mse(s, t, valid_pairs) for s, t in zip(s_scores, t_scores, strict=True))
+    return np_logit(student, teacher, mask) + hidden + scores
+
+
+def np_softmax(x):
+    return np.exp(np_log_softmax(x))
+
+
+# ----------------------------------------------------------------------------- fixtures
+def _data(dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    student = jnp.asarray(3.0 * rng.normal(size=(B, T, V)), dtype)
+    teacher = jnp.asarray(3.0 * rng.normal(size=(B, T, V)), dtype)
+    labels = jnp.asarray(rng.integers(0, V, size=(B, T)), jnp.int32)
+    return student, teacher, labels
+
+
+def _mask(masked):
+    mask = np.ones((B, T), np.float32)
+    if masked:
+        mask[0, 5:] = 0  # right padding
+        mask[2, :2] = 0  # left padding
+        mask[1, 3] = 0  # a hole
+    return mask
+
+
+def _np(x):
+    return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+
+def _call(fn, jit, *args, **kwargs):
+    return (jax.jit(lambda *a: fn(*a, **kwargs)) if jit else lambda *a: fn(*a, **kwargs))(*args)
+
+
+MODES = [
+    pytest.param(False, None, id="eager-naive"),
+    pytest.param(True, None, id="jit-naive"),
+    pytest.param(True, 4, id="jit-chunked"),
+    pytest.param(False, 4, id="eager-chunked"),
+]
+
+
+# ----------------------------------------------------------------------------- values
+@pytest.mark.parametrize(
+    "jit,chunk,masked,dtype",
+    [
+        pytest.param(*mode.values, masked, jnp.float32, id=f"{mode.id}-{name}-f32")
+        for mode in MODES
+        for masked, name in [(False, "nomask"), (True, "mask")]
+    ]
+    + [
+        pytest.param(True, None, True, jnp.bfloat16, id="jit-naive-mask-bf16"),
+        pytest.param(True, 4, True, jnp.bfloat16, id="jit-chunked-mask-bf16"),
+    ],
+)
+def test_losses_match_numpy(jit, chunk, masked, dtype):
+    rtol = 2e-6
+    student, teacher, labels = _data(dtype)
+    mask = _mask(masked)
+    jmask = jnp.asarray(mask) if masked else None
+    s, t, y = _np(student), _np(teacher), np.asarray(labels)
+    expected = {
+        "gt": np_gt(s, y, mask),
+        "logit": np_logit(s, t, mask),
+        "logit_gt": np_logit(s, t, mask) + np_gt(s, y, mask),
+        "tsld": np_tsld(s, t, y, mask),
+    }
+    got = {
+        "gt": _call(losses.gt, jit, student, labels, jmask),
+        "logit": _call(losses.logit, jit, student, teacher, jmask, chunk_size=chunk),
+        "logit_gt": _call(losses.logit_gt, jit, student, teacher, labels, jmask, chunk_size=chunk),
+        "tsld": _call(losses.tsld, jit, student, teacher, labels, jmask, chunk_size=chunk),
+    }
+    for name, value in got.items():
+        assert value.dtype == jnp.float32 and value.shape == (), name
+        np.testing.assert_allclose(float(value), expected[name], rtol=rtol, err_msg=name)
+    tsld_total = functools.partial(losses.distillation_loss, "tsld")
+    total, parts = _call(tsld_total, jit, student, teacher, labels, jmask, chunk_size=chunk)
+    np.testing.assert_allclose(float(total), expected["gt"] + expected["tsld"], rtol=rtol)
+    np.testing.assert_allclose(float(parts["tsld"]), expected["tsld"], rtol=rtol)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("jit,chunk", MODES)
+def test_gradients_match_numpy(jit, chunk, masked):
+    student, teacher, labels = _data()
+    mask = _mask(masked)
+    jmask = jnp.asarray(mask) if masked else None
+    s, t, y = _np(student), _np(teacher), np.asarray(labels)
+    q, p = np_softmax(s), np_softmax(t)
+    one_hot = np.eye(V)[y]
+    weight = (mask / mask.sum())[..., None]
+    scales = np_token_scales(t, y, mask)[..., None]
+    expected = {
+        "gt": weight * (q - one_hot),
+        "logit": weight * (q - p),
+        "tsld": scales * (q - p),  # the scales are constants: no term from the teacher's CE
+    }
+    fns = {
+        "gt": lambda x: losses.gt(x, labels, jmask),
+        "logit": lambda x: losses.logit(x, teacher, jmask, chunk_size=chunk),
+        "tsld": lambda x: losses.tsld(x, teacher, labels, jmask, chunk_size=chunk),
+    }
+    for name, fn in fns.items():
+        grad = (jax.jit(jax.grad(fn)) if jit else jax.grad(fn))(student)
+        np.testing.assert_allclose(np.asarray(grad), expected[name], atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("kind", ["logit", "tsld", "logit_gt", "l2l"])
+def test_teacher_receives_no_gradient(kind):
+    student, teacher, labels = _data()
+    aux = _aux(np.random.default_rng(3))
+
+    def loss(teacher_logits, teacher_hidden):
+        teacher_aux = {"hidden": teacher_hidden, "attn_scores": aux["teacher_scores"]}
+        student_aux = {"hidden": aux["student_hidden"], "attn_scores": aux["student_scores"]}
+        return losses.distillation_loss(
+            kind, student, teacher_logits, labels, student_aux=student_aux, teacher_aux=teacher_aux
+        )[0]
+
+    grads = jax.grad(loss, argnums=(0, 1))(teacher, aux["teacher_hidden"])
+    for grad in grads:
+        np.testing.assert_array_equal(np.asarray(grad), 0.0)
+
+
+# ----------------------------------------------------------------------------- masks
+def test_masked_positions_take_part_in_nothing():
+    student, teacher, labels = _data()
+    mask = jnp.asarray(_mask(True))
+    noise = 50.0 * jax.random.normal(jax.random.key(9), student.shape)
+    hidden = (mask == 0)[..., None]
+    student2 = jnp.where(hidden, student + noise, student)
+    teacher2 = jnp.where(hidden, teacher - noise, teacher)
+    labels2 = jnp.where(mask == 0, (labels + 5) % V, labels)
+    for kind, chunk in [
+        ("gt", None),
+        ("logit_gt", None),
+        ("logit_gt", 4),
+        ("tsld", None),
+        ("tsld", 4),
+    ]:
+
+        def loss(x, t, y, k=kind, c=chunk):
+            return losses.distillation_loss(k, x, t, y, mask, chunk_size=c)[0]
+
+        value_and_grad = jax.jit(jax.value_and_grad(loss))
+        a, grad = value_and_grad(student, teacher, labels)
+        b, _ = value_and_grad(student2, teacher2, labels2)
+        np.testing.assert_allclose(float(a), float(b), rtol=1e-6, err_msg=kind)
+        np.testing.assert_array_equal(np.asarray(grad)[np.asarray(mask) == 0], 0.0)
+
+
+def test_token_scales_ignore_masked_positions_and_sum_to_one():
+    _, teacher, labels = _data()
+    mask = _mask(True)
+    mask[1] = 0  # a fully masked sequence contributes nothing and stays finite
+    teacher_ce = jnp.asarray(np_label_ce(_np(teacher), np.asarray(labels)), jnp.float32)
+    scales = np.asarray(losses.token_scales(teacher_ce, jnp.asarray(mask), TAU))
+    np.testing.assert_allclose(scales.sum(-1), [1.0, 0.0, 1.0], rtol=1e-6)
+    assert (scales[mask == 0] == 0).all()
+    np.testing.assert_allclose(
+        scales[[0, 2]], np_token_scales(_np(teacher), np.asarray(labels), mask)[[0, 2]], rtol=1e-6
+    )
+    student, _, _ = _data(seed=1)
+    for kind in losses.KINDS[:3] + ("tsld",):
+        value = losses.distillation_loss(kind, student, teacher, labels, jnp.asarray(mask))[0]
+        assert np.isfinite(float(value)), kind
+
+
+# ----------------------------------------------------------------------------- chunking
+@pytest.mark.parametrize(  # N = B * T = 21 tokens
+    "chunk,dtype",
+    [(1, jnp.float32), (4, jnp.float32), (21, jnp.float32), (64, jnp.float32), (4, jnp.bfloat16)],
+)
+def test_chunked_equals_naive_with_gradients(chunk, dtype):
+    student, teacher, labels = _data(dtype, seed=2)
+    mask = jnp.asarray(_mask(True))
+    for kind in ("logit", "logit_gt", "tsld"):
+
+        def loss(x, c, k=kind):
+            return losses.distillation_loss(k, x, teacher, labels, mask, chunk_size=c)[0]
+
+        naive, naive_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(student, None)
+        lean, lean_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(student, chunk)
+        assert lean_grad.dtype == dtype
+        np.testing.assert_allclose(float(lean), float(naive), rtol=1e-6, err_msg=kind)
+        naive_grad, lean_grad = _np(naive_grad), _np(lean_grad)
+        if dtype == jnp.float32:
+            scale = np.abs(naive_grad).max()
+            np.testing.assert_allclose(lean_grad, naive_grad, rtol=1e-6, atol=1e-6 * scale)
+        else:  # both round the same float32 gradient to bf16; allow one ulp for ties
+            np.testing.assert_allclose(lean_grad, naive_grad, rtol=2**-7)
+
+
+# ----------------------------------------------------------------------------- l2l
+L, H, D = 2, 2, 5
+
+
+def _aux(rng):
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    return {
+        "student_hidden": normal(L + 1, B, T, D),
+        "teacher_hidden": normal(L + 1, B, T, D),
+        "student_scores": normal(L, B, H, T, T),
+        "teacher_scores": normal(L, B, H, T, T),
+    }
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_l2l_matches_numpy(jit, masked):
+    student, teacher, _ = _data(jnp.bfloat16)
+    aux = _aux(np.random.default_rng(1))
+    mask = _mask(masked)
+    jmask = jnp.asarray(mask) if masked else None
+    got = _call(losses.l2l, jit, student, teacher, *aux.values(), jmask)
+    expected = np_l2l(_np(student), _np(teacher), *(_np(a) for a in aux.values()), mask)
+    np.testing.assert_allclose(float(got), expected, rtol=2e-6)
+    total, parts = losses.distillation_loss(
+        "l2l",
+        student,
+        teacher,
+        jnp.zeros((B, T), jnp.int32),
+        jmask,
+        student_aux={"hidden": aux["student_hidden"], "attn_scores": aux["student_scores"]},
+        teacher_aux={"hidden": aux["teacher_hidden"], "attn_scores": aux["teacher_scores"]},
+    )
+    np.testing.assert_allclose(float(total), expected, rtol=2e-6)
+    assert set(parts) >= {"logit", "hidden_mse", "attn_mse"}
+
+
+def test_l2l_ignores_the_non_causal_scores():
+    student, teacher, _ = _data()
+    aux = _aux(np.random.default_rng(1))
+    upper = jnp.triu(jnp.ones((T, T), bool), k=1)[None, None, None]
+    perturbed = jnp.where(upper, aux["student_scores"] + 100.0, aux["student_scores"])
+    args = (aux["student_hidden"], aux["teacher_hidden"])
+    a = losses.l2l(student, teacher, *args, aux["student_scores"], aux["teacher_scores"])
+    b = losses.l2l(student, teacher, *args, perturbed, aux["teacher_scores"])
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_errors():
+    student, teacher, labels = _data()
+    with pytest.raises(ValueError, match="unknown distillation loss"):
+        losses.distillation_loss("kl", student, teacher, labels)
+    with pytest.raises(ValueError, match="needs teacher logits"):
+        losses.distillation_loss("tsld", student, None, labels)
+    with pytest.raises(ValueError, match="needs student_aux"):
+        losses.distillation_loss("l2l", student, teacher, labels)
+    with pytest.raises(ValueError, match="mask"):
+        losses.gt(student, labels, jnp.ones((B, T + 1)))
+    with pytest.raises(ValueError, match="chunk_size"):
+        losses.logit(student, teacher, chunk_size=0)
+    gt_only = losses.distillation_loss("gt", student, None, labels)[0]
+    np.testing.assert_allclose(float(gt_only), float(losses.gt(student, labels)), rtol=1e-7)

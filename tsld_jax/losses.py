@@ -1,0 +1,405 @@
+"""Distillation losses for QAT (PAPER.md, "Losses"): gt, logit, logit_gt, l2l and tsld.
+
+All losses are pure, mask-aware functions. Inputs are already aligned: the logits at position t are
+scored against the label at position t (callers shift). `mask` is 1 (or True) where a position
+counts; masked positions take part in no sum, mean or softmax. Logits may be bfloat16; every loss
+computes in float32. The teacher is a constant: its logits pass through `stop_gradient`.
+
+Memory. A naive TSLD keeps several float32 (B, T, V) arrays alive for the backward pass (both
+softmaxes and log-softmaxes). Here every loss that reads logits goes through one fused per-token
+pass, `_token_stats`, that reduces each token's row to a few scalars (the soft cross-entropy to
+the teacher, the student's and the teacher's cross-entropy with the label). With `chunk_size` set,
+that pass runs over chunks of tokens inside a `fori_loop`, under a `custom_vjp` whose backward
+recomputes the softmaxes chunk by chunk, so the loss's own working memory grows with
+chunk_size x V instead of B x T x V. TSLD then costs the same as logit distillation: the teacher's
+cross-entropy (the token scales' input) is a by-product of the same pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int, Shaped
+
+KINDS = ("gt", "logit", "logit_gt", "l2l", "tsld")
+DEFAULT_CHUNK_SIZE = 256
+DEFAULT_TEMPERATURE = 10.0  # tau of PAPER.md's token-scale softmax
+
+Logits = Shaped[Array, "B T V"]
+Labels = Int[Array, "B T"]
+Mask = Shaped[Array, "B T"] | None
+Scalar = Float[Array, ""]
+
+
+# ----------------------------------------------------------------------------- per-token pass
+def _chunk_stats(student_CxV, teacher_CxV, labels_C):
+    """Per-token soft CE to the teacher, student CE, teacher CE, plus backward residuals."""
+    student = student_CxV.astype(jnp.float32)
+    teacher = teacher_CxV.astype(jnp.float32)
+    student_lse_C = jax.nn.logsumexp(student, axis=-1)
+    teacher_lse_C = jax.nn.logsumexp(teacher, axis=-1)
+    p_teacher = jnp.exp(teacher - teacher_lse_C[:, None])
+    # CE_t = -sum_v p_t[v] * log q[v]  (PAPER.md, `logit`).
+    soft_ce_C = -jnp.sum(p_teacher * (student - student_lse_C[:, None]), axis=-1)
+    label_index = labels_C[:, None]
+    student_ce_C = student_lse_C - jnp.take_along_axis(student, label_index, axis=-1)[:, 0]
+    teacher_ce_C = teacher_lse_C - jnp.take_along_axis(teacher, label_index, axis=-1)[:, 0]
+    sum_p_C = jnp.sum(p_teacher, axis=-1)
+    return (soft_ce_C, student_ce_C, teacher_ce_C), (student_lse_C, teacher_lse_C, sum_p_C)
+
+
+def _chunk_grad(student_CxV, teacher_CxV, labels_C, residuals, soft_ce_grad_C, student_ce_grad_C):
+    student_lse_C, teacher_lse_C, sum_p_C = residuals
+    student = student_CxV.astype(jnp.float32)
+    q_student = jnp.exp(student - student_lse_C[:, None])
+    p_teacher = jnp.exp(teacher_CxV.astype(jnp.float32) - teacher_lse_C[:, None])
+    one_hot = (lax.broadcasted_iota(jnp.int32, student.shape, 1) == labels_C[:, None]).astype(
+        jnp.float32
+    )
+    # d soft_ce / d z_s = q * sum(p) - p;  d student_ce / d z_s = q - onehot(y).
+    grad = soft_ce_grad_C[:, None] * (q_student * sum_p_C[:, None] - p_teacher)
+    grad = grad + student_ce_grad_C[:, None] * (q_student - one_hot)
+    return grad.astype(student_CxV.dtype)
+
+
+def _chunk_starts(num_tokens: int, chunk_size: int) -> tuple[int, int]:
+    chunk = min(chunk_size, num_tokens)
+    return chunk, -(-num_tokens // chunk)
+
+
+def _start(i, num_tokens, chunk):
+    # The last chunk is shifted back to end at the last token; it recomputes a few tokens of the
+    # previous chunk and writes identical values, which avoids padding (a full-size copy).
+    return jnp.minimum(i * chunk, num_tokens - chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_stats(student_NxV, teacher_NxV, labels_N, chunk_size):
+    return _chunked_stats_fwd(student_NxV, teacher_NxV, labels_N, chunk_size)[0]
+
+
+def _chunked_stats_fwd(student_NxV, teacher_NxV, labels_N, chunk_size):
+    num_tokens, vocab = student_NxV.shape
+    chunk, num_chunks = _chunk_starts(num_tokens, chunk_size)
+
+    def body(i, outputs):
+        start = _start(i, num_tokens, chunk)
+        stats, residuals = _chunk_stats(
+            lax.dynamic_slice(student_NxV, (start, 0), (chunk, vocab)),
+            lax.dynamic_slice(teacher_NxV, (start, 0), (chunk, vocab)),
+            lax.dynamic_slice(labels_N, (start,), (chunk,)),
+        )
+        return tuple(
+            lax.dynamic_update_slice(buffer, value, (start,))
+            for buffer, value in zip(outputs, (*stats, *residuals), strict=True)
+        )
+
+    zeros = tuple(jnp.zeros((num_tokens,), jnp.float32) for _ in range(6))
+    outputs = lax.fori_loop(0, num_chunks, body, zeros)
+    return outputs[:3], (student_NxV, teacher_NxV, labels_N, outputs[3:])
+
+
+def _chunked_stats_bwd(chunk_size, saved, cotangents):
+    student_NxV, teacher_NxV, labels_N, residuals = saved
+    soft_ce_grad_N, student_ce_grad_N, _ = cotangents  # the teacher's CE carries no gradient
+    num_tokens, vocab = student_NxV.shape
+    chunk, num_chunks = _chunk_starts(num_tokens, chunk_size)
+
+    def body(i, grad_NxV):
+        start = _start(i, num_tokens, chunk)
+        rows = lambda x: lax.dynamic_slice_in_dim(x, start, chunk, axis=0)
+        grad_CxV = _chunk_grad(
+            rows(student_NxV),
+            rows(teacher_NxV),
+            rows(labels_N),
+            tuple(rows(r) for r in residuals),
+            rows(soft_ce_grad_N),
+            rows(student_ce_grad_N),
+        )
+        return lax.dynamic_update_slice(grad_NxV, grad_CxV, (start, 0))
+
+    grad_NxV = lax.fori_loop(0, num_chunks, body, jnp.zeros_like(student_NxV))
+    return grad_NxV, None, None
+
+
+_chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
+
+
+def _token_stats(
+    student_BxTxV: jax.Array,
+    teacher_BxTxV: jax.Array,
+    labels_BxT: jax.Array,
+    chunk_size: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(soft CE to the teacher, student CE, teacher CE), each (B, T) float32.
+
+    Only the first two carry gradients (to the student's logits); the teacher is a constant.
+    `chunk_size=None` is the naive pass (plain autodiff over the whole (B*T, V) arrays).
+    """
+    batch, length, vocab = student_BxTxV.shape
+    if teacher_BxTxV.shape != student_BxTxV.shape:
+        raise ValueError(
+            f"student logits {student_BxTxV.shape} and teacher logits {teacher_BxTxV.shape} differ"
+        )
+    if labels_BxT.shape != (batch, length):
+        raise ValueError(f"labels {labels_BxT.shape} do not match logits {student_BxTxV.shape}")
+    student_NxV = student_BxTxV.reshape(batch * length, vocab)
+    teacher_NxV = lax.stop_gradient(teacher_BxTxV).reshape(batch * length, vocab)
+    labels_N = labels_BxT.reshape(batch * length).astype(jnp.int32)
+    if chunk_size is None:
+        stats = _chunk_stats(student_NxV, teacher_NxV, labels_N)[0]
+    else:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+        stats = _chunked_stats(student_NxV, teacher_NxV, labels_N, int(chunk_size))
+    soft_ce, student_ce, teacher_ce = (x.reshape(batch, length) for x in stats)
+    return soft_ce, student_ce, lax.stop_gradient(teacher_ce)
+
+
+# ----------------------------------------------------------------------------- reductions
+def _valid(mask_BxT: Mask, shape: tuple[int, ...]) -> jax.Array:
+    if mask_BxT is None:
+        return jnp.ones(shape, bool)
+    if mask_BxT.shape != shape:
+        raise ValueError(f"mask {mask_BxT.shape} does not match the token shape {shape}")
+    return mask_BxT > 0
+
+
+def _masked_mean(values_BxT: jax.Array, valid_BxT: jax.Array) -> jax.Array:
+    total = jnp.sum(jnp.where(valid_BxT, values_BxT, 0.0))
+    return total / jnp.maximum(jnp.sum(valid_BxT.astype(jnp.float32)), 1.0)
+
+
+def token_scales(
+    teacher_ce: Float[Array, "B T"], mask: Mask = None, temperature: float = DEFAULT_TEMPERATURE
+) -> Float[Array, "B T"]:
+    """TSLD's token scales: a softmax over the positions of each sequence of c_t / tau.
+
+    Args:
+      teacher_ce: the teacher's per-token cross-entropy with the ground truth, c_t.
+      mask: 1 where a position counts; masked positions get scale 0 and do not enter the softmax.
+      temperature: tau (10 in the paper).
+
+    Returns:
+      Scales that sum to 1 over the valid positions of each sequence (0 for an all-masked one),
+      without gradient.
+    """
+    valid_BxT = _valid(mask, teacher_ce.shape)
+    x_BxT = jnp.where(valid_BxT, lax.stop_gradient(teacher_ce).astype(jnp.float32) / temperature, 0)
+    top_B = jnp.max(jnp.where(valid_BxT, x_BxT, -jnp.inf), axis=-1, keepdims=True)
+    top_B = jnp.where(jnp.isfinite(top_B), top_B, 0.0)
+    e_BxT = jnp.where(valid_BxT, jnp.exp(x_BxT - top_B), 0.0)
+    return lax.stop_gradient(e_BxT / jnp.maximum(jnp.sum(e_BxT, axis=-1, keepdims=True), 1e-30))
+
+
+def _tsld_term(soft_ce_BxT, teacher_ce_BxT, valid_BxT, temperature):
+    # PAPER.md: L_tsld = sum over sequences and positions of s_t * CE_t (sequences summed).
+    scales_BxT = token_scales(teacher_ce_BxT, valid_BxT, temperature)
+    return jnp.sum(jnp.where(valid_BxT, scales_BxT * soft_ce_BxT, 0.0))
+
+
+# ----------------------------------------------------------------------------- public losses
+def gt(student_logits: Logits, labels: Labels, mask: Mask = None) -> Scalar:
+    """Next-token cross-entropy of the student, mean over the valid tokens.
+
+    Args:
+      student_logits: (B, T, V) logits, any float dtype.
+      labels: (B, T) int targets aligned with the logits.
+      mask: optional (B, T), 1 where a token counts.
+
+    Returns:
+      A float32 scalar.
+    """
+    logits_BxTxV = student_logits.astype(jnp.float32)
+    lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    label_BxT = jnp.take_along_axis(logits_BxTxV, labels[..., None].astype(jnp.int32), -1)[..., 0]
+    return _masked_mean(lse_BxT - label_BxT, _valid(mask, labels.shape))
+
+
+def logit(
+    student_logits: Logits,
+    teacher_logits: Logits,
+    mask: Mask = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> Scalar:
+    """Logit distillation: soft cross-entropy to the teacher, mean over the valid tokens.
+
+    Args:
+      student_logits: (B, T, V) student logits.
+      teacher_logits: (B, T, V) teacher logits (no gradient flows into them).
+      mask: optional (B, T), 1 where a token counts.
+      chunk_size: tokens per chunk of the memory-lean pass; None for the naive one.
+
+    Returns:
+      A float32 scalar, mean_t of -sum_v p_t[v] log q[v].
+    """
+    labels_BxT = jnp.zeros(student_logits.shape[:2], jnp.int32)
+    soft_ce, _, _ = _token_stats(student_logits, teacher_logits, labels_BxT, chunk_size)
+    return _masked_mean(soft_ce, _valid(mask, labels_BxT.shape))
+
+
+def logit_gt(
+    student_logits: Logits,
+    teacher_logits: Logits,
+    labels: Labels,
+    mask: Mask = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> Scalar:
+    """`logit + gt`, from one fused pass over the logits (arguments as in `logit` and `gt`)."""
+    soft_ce, student_ce, _ = _token_stats(student_logits, teacher_logits, labels, chunk_size)
+    valid_BxT = _valid(mask, labels.shape)
+    return _masked_mean(soft_ce, valid_BxT) + _masked_mean(student_ce, valid_BxT)
+
+
+def tsld(
+    student_logits: Logits,
+    teacher_logits: Logits,
+    labels: Labels,
+    mask: Mask = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> Scalar:
+    """The token-scaled logit distillation term L_tsld (without the `gt` the authors add to it).
+
+    c_t = CE(teacher[t], y_t); s_t = softmax_t(c_t / tau) over the valid positions of each
+    sequence, without gradient; L_tsld = sum over sequences and positions of s_t * CE_t, where
+    CE_t is the soft cross-entropy of `logit`. `distillation_loss("tsld", ...)` returns
+    `gt + L_tsld`, as the authors ran it.
+
+    Args:
+      student_logits: (B, T, V) student logits.
+      teacher_logits: (B, T, V) teacher logits (no gradient flows into them).
+      labels: (B, T) int targets (for the teacher's cross-entropy only).
+      mask: optional (B, T), 1 where a token counts (also in the scale softmax).
+      temperature: tau of the token-scale softmax (10 in the paper).
+      chunk_size: tokens per chunk of the memory-lean pass; None for the naive one.
+
+    Returns:
+      A float32 scalar (summed over sequences, not averaged).
+    """
+    soft_ce, _, teacher_ce = _token_stats(student_logits, teacher_logits, labels, chunk_size)
+    return _tsld_term(soft_ce, teacher_ce, _valid(mask, labels.shape), temperature)
+
+
+def hidden_mse(
+    student_hidden: Float[Array, "L B T D"],
+    teacher_hidden: Float[Array, "L B T D"],
+    mask: Mask = None,
+) -> Scalar:
+    """Sum over layers of the MSE between hidden states, over the valid tokens."""
+    valid_BxT = _valid(mask, student_hidden.shape[1:3])
+    diff_LxBxTxD = student_hidden.astype(jnp.float32) - lax.stop_gradient(teacher_hidden).astype(
+        jnp.float32
+    )
+    squares_LxBxT = jnp.sum(jnp.square(diff_LxBxTxD), axis=-1)
+    count = jnp.maximum(jnp.sum(valid_BxT.astype(jnp.float32)), 1.0) * student_hidden.shape[-1]
+    return jnp.sum(jnp.where(valid_BxT[None], squares_LxBxT, 0.0)) / count
+
+
+def attention_mse(
+    student_scores: Float[Array, "L B H T T"],
+    teacher_scores: Float[Array, "L B H T T"],
+    mask: Mask = None,
+) -> Scalar:
+    """Sum over layers of the MSE between pre-softmax attention scores, causal part only.
+
+    A score (query t, key s) counts when s <= t and both positions are valid.
+    """
+    length = student_scores.shape[-1]
+    valid_BxT = _valid(mask, (student_scores.shape[1], length))
+    causal_TxS = jnp.tril(jnp.ones((length, length), bool))
+    valid_BxTxS = causal_TxS[None] & valid_BxT[:, :, None] & valid_BxT[:, None, :]
+    diff = student_scores.astype(jnp.float32) - lax.stop_gradient(teacher_scores).astype(
+        jnp.float32
+    )
+    squares_LxBxHxTxS = jnp.where(valid_BxTxS[None, :, None], jnp.square(diff), 0.0)
+    count = jnp.maximum(jnp.sum(valid_BxTxS.astype(jnp.float32)), 1.0) * student_scores.shape[2]
+    return jnp.sum(squares_LxBxHxTxS) / count
+
+
+def l2l(
+    student_logits: Logits,
+    teacher_logits: Logits,
+    student_hidden: Float[Array, "L B T D"],
+    teacher_hidden: Float[Array, "L B T D"],
+    student_scores: Float[Array, "L B H T T"],
+    teacher_scores: Float[Array, "L B H T T"],
+    mask: Mask = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> Scalar:
+    """Layer-to-layer distillation: `logit` + hidden-state MSE + attention-score MSE.
+
+    Each MSE is the mean over the valid elements of one layer, summed over layers (TernaryBERT's
+    convention, which the authors' code follows). Hidden states are the decoder's `collect=
+    ("hidden",)` output, (L+1, B, T, D); scores are pre-softmax, (L, B, H, T, T), and only their
+    causal part between valid positions counts.
+
+    Returns:
+      A float32 scalar.
+    """
+    return (
+        logit(student_logits, teacher_logits, mask, chunk_size)
+        + hidden_mse(student_hidden, teacher_hidden, mask)
+        + attention_mse(student_scores, teacher_scores, mask)
+    )
+
+
+def distillation_loss(
+    kind: str,
+    student_logits: Logits,
+    teacher_logits: Logits | None,
+    labels: Labels,
+    mask: Mask = None,
+    *,
+    student_aux: Mapping[str, jax.Array] | None = None,
+    teacher_aux: Mapping[str, jax.Array] | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> tuple[Scalar, dict[str, Scalar]]:
+    """The QAT objective by name, with its parts for logging.
+
+    Args:
+      kind: "gt", "logit", "logit_gt", "l2l" or "tsld" (= gt + L_tsld, as the authors ran it).
+      student_logits: (B, T, V) student logits.
+      teacher_logits: (B, T, V) teacher logits; may be None for "gt".
+      labels: (B, T) int targets aligned with the logits.
+      mask: optional (B, T), 1 where a token counts.
+      student_aux: for "l2l", the student's `decoder.forward(collect=("hidden", "attn_scores"))`
+        aux dict.
+      teacher_aux: likewise for the teacher.
+      temperature: tau of TSLD's token-scale softmax.
+      chunk_size: tokens per chunk of the memory-lean pass; None for the naive one.
+
+    Returns:
+      (loss, parts): the float32 scalar to minimise and a dict of its named terms.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown distillation loss {kind!r}; expected one of {KINDS}")
+    valid_BxT = _valid(mask, labels.shape)
+    if kind == "gt":
+        loss = gt(student_logits, labels, valid_BxT)
+        return loss, {"gt": loss}
+    if teacher_logits is None:
+        raise ValueError(f"distillation loss {kind!r} needs teacher logits")
+    soft_ce, student_ce, teacher_ce = _token_stats(
+        student_logits, teacher_logits, labels, chunk_size
+    )
+    parts = {"gt": _masked_mean(student_ce, valid_BxT), "logit": _masked_mean(soft_ce, valid_BxT)}
+    if kind == "logit":
+        return parts["logit"], parts
+    if kind == "logit_gt":
+        return parts["logit"] + parts["gt"], parts
+    if kind == "tsld":
+        parts["tsld"] = _tsld_term(soft_ce, teacher_ce, valid_BxT, temperature)
+        return parts["gt"] + parts["tsld"], parts
+    if not student_aux or not teacher_aux:
+        raise ValueError("distillation loss 'l2l' needs student_aux and teacher_aux")
+    parts["hidden_mse"] = hidden_mse(student_aux["hidden"], teacher_aux["hidden"], valid_BxT)
+    parts["attn_mse"] = attention_mse(
+        student_aux["attn_scores"], teacher_aux["attn_scores"], valid_BxT
+    )
+    return parts["logit"] + parts["hidden_mse"] + parts["attn_mse"], parts
