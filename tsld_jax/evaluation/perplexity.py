@@ -74,19 +74,33 @@ def tokenize_blocks(lines: Sequence[str], tokenizer: Any, block_size: int) -> np
 
 
 def block_losses(
-    params: dict[str, Any], blocks_BxT: jax.Array, spec: ModelSpec, quantizer=None
+    params: dict[str, Any],
+    blocks_BxT: jax.Array,
+    spec: ModelSpec,
+    quantizer=None,
+    loss_mask_BxT: jax.Array | None = None,
+    attention_mask_BxT: jax.Array | None = None,
 ) -> jax.Array:
-    """Each block's mean next-token cross-entropy, (B,), in float32."""
-    logits_BxTxV = decoder.forward(params, blocks_BxT, spec, quantizer=quantizer)
+    """Each block's mean next-token cross-entropy, (B,), in float32.
+
+    With `loss_mask_BxT`, the mean runs over the positions whose mask is 1 (the prediction of
+    token t from tokens < t counts where loss_mask[t] is 1); by default over all T - 1.
+    """
+    logits_BxTxV = decoder.forward(
+        params, blocks_BxT, spec, mask_BxT=attention_mask_BxT, quantizer=quantizer
+    )
     logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
     target_BxT = blocks_BxT[:, 1:]
     nll_BxT = -jnp.take_along_axis(logp_BxTxV, target_BxT[..., None], axis=-1)[..., 0]
-    return nll_BxT.mean(axis=-1)
+    if loss_mask_BxT is None:
+        return nll_BxT.mean(axis=-1)
+    weights_BxT = loss_mask_BxT[:, 1:].astype(jnp.float32)
+    return (nll_BxT * weights_BxT).sum(-1) / jnp.maximum(weights_BxT.sum(-1), 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "quantizer"))
-def _jitted_block_losses(params, blocks_BxT, spec, quantizer):
-    return block_losses(params, blocks_BxT, spec, quantizer)
+def _jitted_block_losses(params, blocks_BxT, spec, quantizer, loss_mask_BxT, attention_mask_BxT):
+    return block_losses(params, blocks_BxT, spec, quantizer, loss_mask_BxT, attention_mask_BxT)
 
 
 def evaluate_blocks(
@@ -96,18 +110,38 @@ def evaluate_blocks(
     *,
     batch_size: int = 4,
     quantizer=None,
+    loss_mask: np.ndarray | None = None,
+    attention_mask: np.ndarray | None = None,
     progress: bool = True,
 ) -> np.ndarray:
-    """Per-block mean losses for all blocks, batched with one compiled shape (last batch padded)."""
+    """Per-block mean losses for all blocks, batched with one compiled shape (last batch padded).
+
+    Dense blocks (both masks None or all ones) follow the authors' protocol exactly; masked
+    sequences (GSM8K-style) average over their counted positions.
+    """
+    if loss_mask is not None and attention_mask is not None:
+        if loss_mask.all() and attention_mask.all():
+            loss_mask = attention_mask = None
     losses = []
     for start in tqdm(
         range(0, len(blocks_NxT), batch_size), desc="perplexity", unit="batch", disable=not progress
     ):
-        batch = blocks_NxT[start : start + batch_size]
-        real = len(batch)
+        rows = slice(start, start + batch_size)
+        arrays = [blocks_NxT[rows]] + [
+            m[rows] if m is not None else None for m in (loss_mask, attention_mask)
+        ]
+        real = len(arrays[0])
         if real < batch_size:  # Pad with copies so the compiled shape never changes.
-            batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, axis=0)])
-        out = _jitted_block_losses(params, jnp.asarray(batch), spec, quantizer)
+            arrays = [
+                None if a is None else np.concatenate([a, np.repeat(a[:1], batch_size - real, 0)])
+                for a in arrays
+            ]
+        batch, batch_loss_mask, batch_attention_mask = (
+            None if a is None else jnp.asarray(a) for a in arrays
+        )
+        out = _jitted_block_losses(
+            params, batch, spec, quantizer, batch_loss_mask, batch_attention_mask
+        )
         losses.append(np.asarray(out)[:real])
     return np.concatenate(losses)
 

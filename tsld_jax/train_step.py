@@ -1,0 +1,146 @@
+"""The pure training step: student forward with fake-quantized weights, teacher forward under
+stop_gradient, the distillation loss, AdamW. Jitted once by the trainer with shardings and a
+donated state; the teacher is an argument, never part of the state, never differentiated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from tsld_jax import losses
+from tsld_jax.models import decoder
+from tsld_jax.models.spec import ModelSpec
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data (checkpoint-friendly)
+
+
+def make_schedule(lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """Linear warm-up to `lr`, then linear decay to 0 at `total_steps` (HF Trainer's default)."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    decay = optax.linear_schedule(lr, 0.0, max(total_steps - warmup_steps, 1))
+    if warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, lr, warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def make_optimizer(train_cfg, total_steps: int):
+    """AdamW with global-norm clipping; returns (optimizer, schedule)."""
+    schedule = make_schedule(train_cfg.lr, train_cfg.warmup_steps, total_steps)
+    parts = []
+    if train_cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=train_cfg.b1,
+            b2=train_cfg.b2,
+            eps=train_cfg.eps,
+            weight_decay=train_cfg.weight_decay,
+        )
+    )
+    return optax.chain(*parts), schedule
+
+
+def init_state(params, optimizer, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+def make_loss_fn(spec: ModelSpec, quantizer, loss_cfg, compute_dtype=jnp.float32):
+    """loss_fn(params, teacher_params, batch) -> (loss, metrics) for one (micro-)batch."""
+    kind = loss_cfg.kind
+    collect = ("hidden", "attn_scores") if kind == "l2l" else ()
+
+    def cast(tree):
+        if compute_dtype == jnp.float32:
+            return tree
+        return jax.tree.map(lambda x: x.astype(compute_dtype), tree)
+
+    def run(params, batch, quant):
+        out = decoder.forward(
+            cast(params),
+            batch["tokens"],
+            spec,
+            mask_BxT=batch["attention_mask"],
+            quantizer=quant,
+            collect=collect,
+        )
+        return out if collect else (out, None)
+
+    def loss_fn(params, teacher_params, batch):
+        labels_BxT = batch["tokens"][:, 1:]
+        mask_BxT = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
+        student_logits, student_aux = run(params, batch, quantizer)
+        teacher_logits = teacher_aux = None
+        if kind != "gt":
+            teacher_logits, teacher_aux = jax.lax.stop_gradient(
+                run(jax.lax.stop_gradient(teacher_params), batch, None)
+            )
+            teacher_logits = teacher_logits[:, :-1]
+        if kind == "l2l":
+            # Align hidden states and scores with the T - 1 scored positions.
+            student_aux, teacher_aux = (
+                {"hidden": a["hidden"][:, :, :-1], "attn_scores": a["attn_scores"][..., :-1, :-1]}
+                for a in (student_aux, teacher_aux)
+            )
+        loss, parts = losses.distillation_loss(
+            kind,
+            student_logits[:, :-1],
+            teacher_logits,
+            labels_BxT,
+            mask_BxT,
+            student_aux=student_aux,
+            teacher_aux=teacher_aux,
+            temperature=loss_cfg.temperature,
+            chunk_size=loss_cfg.chunk_size or None,
+        )
+        return loss, parts
+
+    return loss_fn
+
+
+def make_train_step(
+    spec, quantizer, loss_cfg, optimizer, grad_accum: int = 1, compute_dtype=jnp.float32
+):
+    """step(state, batch, teacher_params) -> (state, metrics); pure, to be jitted by the caller."""
+    loss_fn = make_loss_fn(spec, quantizer, loss_cfg, compute_dtype)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch, teacher_params):
+        if grad_accum == 1:
+            (loss, parts), grads = grad_fn(state.params, teacher_params, batch)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+            def accumulate(total_grads, micro_batch):
+                (loss, parts), grads = grad_fn(state.params, teacher_params, micro_batch)
+                return jax.tree.map(jnp.add, total_grads, grads), (loss, parts)
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, (loss, parts) = jax.lax.scan(accumulate, zeros, micro)
+            loss, parts = loss.mean(), jax.tree.map(jnp.mean, parts)
+            grads = jax.tree.map(lambda g: g / grad_accum, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+        metrics = {**parts, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        return new_state, metrics
+
+    return step
