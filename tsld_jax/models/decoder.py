@@ -109,7 +109,11 @@ def _attention(
     positions_BxT: jax.Array,
     allowed: jax.Array,
     quantizer: Quantizer | None,
-) -> tuple[jax.Array, jax.Array]:
+    cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+    """Self-attention; with `cache` = (keys_BxSxNxK, values_BxSxNxK, index) the new keys/values
+    are written at slot `index` and the queries attend over all S slots (`allowed` is then
+    (B, 1, 1, T, S)). Returns (output, scores, (this chunk's keys, values))."""
     batch, length, _ = x_BxTxD.shape
     kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
     groups = spec.num_heads // kv_heads
@@ -119,17 +123,26 @@ def _attention(
     if spec.positional == "rotary":
         q = _rotary(q, positions_BxT, spec.rope_theta)
         k = _rotary(k, positions_BxT, spec.rope_theta)
+    keys_BxSxNxK, values_BxSxNxK = k, v
+    if cache is not None:
+        cached_keys, cached_values, index = cache
+        start = (0, index, 0, 0)
+        keys_BxSxNxK = lax.dynamic_update_slice(cached_keys, k.astype(cached_keys.dtype), start)
+        values_BxSxNxK = lax.dynamic_update_slice(
+            cached_values, v.astype(cached_values.dtype), start
+        )
     q_BxTxNxGxK = q.reshape(batch, length, kv_heads, groups, head_dim)
     scores_BxNxGxTxS = jnp.einsum(
-        "btngk,bsnk->bngts", q_BxTxNxGxK.astype(jnp.float32), k.astype(jnp.float32)
+        "btngk,bsnk->bngts", q_BxTxNxGxK.astype(jnp.float32), keys_BxSxNxK.astype(jnp.float32)
     )
     if spec.scale_attention:
         scores_BxNxGxTxS = scores_BxNxGxTxS / jnp.sqrt(jnp.float32(head_dim))
     masked = jnp.where(allowed, scores_BxNxGxTxS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(masked, axis=-1).astype(v.dtype)
-    out_BxTxNxGxK = jnp.einsum("bngts,bsnk->btngk", probs, v)
+    out_BxTxNxGxK = jnp.einsum("bngts,bsnk->btngk", probs, values_BxSxNxK.astype(v.dtype))
     out = linear(p["o"], out_BxTxNxGxK.reshape(batch, length, -1), "attn/o", quantizer)
-    return out, scores_BxNxGxTxS.reshape(batch, spec.num_heads, length, length)
+    scores = scores_BxNxGxTxS.reshape(batch, spec.num_heads, length, keys_BxSxNxK.shape[1])
+    return out, scores, (k, v)
 
 
 def _mlp(p: Params, x: jax.Array, spec: ModelSpec, quantizer: Quantizer | None) -> jax.Array:
@@ -148,23 +161,27 @@ def _block(
     positions_BxT: jax.Array,
     allowed: jax.Array,
     quantizer: Quantizer | None,
-) -> tuple[jax.Array, jax.Array]:
+    cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
     if spec.pre_norm:
-        attn_out, scores = _attention(
+        attn_out, scores, new_kv = _attention(
             layer["attn"],
             _norm(layer["attn_norm"], h, spec),
             spec,
             positions_BxT,
             allowed,
             quantizer,
+            cache,
         )
         h = h + attn_out
         h = h + _mlp(layer["mlp"], _norm(layer["mlp_norm"], h, spec), spec, quantizer)
     else:  # OPT-350m: normalise after each residual add.
-        attn_out, scores = _attention(layer["attn"], h, spec, positions_BxT, allowed, quantizer)
+        attn_out, scores, new_kv = _attention(
+            layer["attn"], h, spec, positions_BxT, allowed, quantizer, cache
+        )
         h = _norm(layer["attn_norm"], h + attn_out, spec)
         h = _norm(layer["mlp_norm"], h + _mlp(layer["mlp"], h, spec, quantizer), spec)
-    return h, scores
+    return h, scores, new_kv
 
 
 def default_positions(tokens_BxT: jax.Array, mask_BxT: jax.Array | None) -> jax.Array:
@@ -220,24 +237,7 @@ def forward(
     Returns:
       logits (B, T, V), or (logits, aux) when `collect` is not empty.
     """
-    if positions_BxT is None:
-        positions_BxT = default_positions(tokens_BxT, mask_BxT)
-    h = embed(params, tokens_BxT, positions_BxT, spec)
-    index_T = jnp.arange(tokens_BxT.shape[1])
-    windows_L = jnp.asarray(spec.layer_windows(), dtype=jnp.int32)
-
-    def step(h, xs):
-        layer, window = xs
-        allowed = attention_mask(index_T, index_T, mask_BxT, window)
-        new_h, scores = _block(layer, h, spec, positions_BxT, allowed, quantizer)
-        outputs = {}
-        if "hidden" in collect:
-            outputs["hidden"] = h
-        if "attn_scores" in collect:
-            outputs["attn_scores"] = scores
-        return new_h, outputs
-
-    h, per_layer = lax.scan(step, h, (params["layers"], windows_L))
+    h, per_layer, _ = _trunk(params, tokens_BxT, spec, mask_BxT, positions_BxT, quantizer, collect)
     logits = unembed(params, h, spec)
     if not collect:
         return logits
@@ -247,6 +247,130 @@ def forward(
     if "attn_scores" in collect:
         aux["attn_scores"] = per_layer["attn_scores"]
     return logits, aux
+
+
+def init_cache(spec: ModelSpec, batch: int, length: int, dtype: Any = jnp.float32) -> Params:
+    """An empty key/value cache of `length` slots per row, for `hidden_states(..., cache=)`.
+
+    Returns:
+      {"keys", "values": (L, B, S, N, K); "mask": (B, S) 1 where a slot holds a real token;
+      "positions": (B, S) position id of each slot; "index": () next slot to write;
+      "next_position": (B,) position id of each row's next real token}.
+    """
+    shape = (spec.num_layers, batch, length, spec.num_kv_heads, spec.head_dim)
+    return {
+        "keys": jnp.zeros(shape, dtype),
+        "values": jnp.zeros(shape, dtype),
+        "mask": jnp.zeros((batch, length), jnp.int32),
+        "positions": jnp.zeros((batch, length), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+        "next_position": jnp.zeros((batch,), jnp.int32),
+    }
+
+
+def hidden_states(
+    params: Params,
+    tokens_BxT: jax.Array,
+    spec: ModelSpec,
+    *,
+    mask_BxT: jax.Array | None = None,
+    positions_BxT: jax.Array | None = None,
+    quantizer: Quantizer | None = None,
+    cache: Params | None = None,
+) -> tuple[jax.Array, Params | None]:
+    """The last block's output (before the final norm), optionally through a KV cache.
+
+    Apply `unembed` to the positions whose logits are needed: scoring and generation skip the
+    (T, V) logits of every other position.
+
+    Args:
+      params: the parameter pytree.
+      tokens_BxT: int token ids.
+      spec: the architecture.
+      mask_BxT: 1 for real tokens, 0 for padding (left, right, or both).
+      positions_BxT: position ids; by default counted over the real tokens (continuing from
+        the cache's `next_position` when a cache is given).
+      quantizer: as in `forward`.
+      cache: from `init_cache`; the tokens are written at slots [index, index + T) and attend to
+        every real token written before them. Local (GPT-Neo) windows count positions, not slots,
+        so padding inside the cache does not shorten them.
+
+    Returns:
+      (hidden (B, T, D), the updated cache or None).
+    """
+    h, _, new_cache = _trunk(
+        params, tokens_BxT, spec, mask_BxT, positions_BxT, quantizer, (), cache
+    )
+    return h, new_cache
+
+
+def _trunk(params, tokens_BxT, spec, mask_BxT, positions_BxT, quantizer, collect, cache=None):
+    """Embedding and the scanned blocks; the one body behind `forward` and `hidden_states`."""
+    windows_L = jnp.asarray(spec.layer_windows(), dtype=jnp.int32)
+    length = tokens_BxT.shape[1]
+    if cache is None:
+        if positions_BxT is None:
+            positions_BxT = default_positions(tokens_BxT, mask_BxT)
+        index_T = jnp.arange(length)
+        make_mask = lambda window: attention_mask(index_T, index_T, mask_BxT, window)
+    else:
+        if mask_BxT is None:
+            mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+        mask_BxT = mask_BxT.astype(jnp.int32)
+        index = cache["index"]
+        if positions_BxT is None:
+            counted_BxT = jnp.cumsum(mask_BxT, axis=-1) - 1
+            positions_BxT = jnp.maximum(cache["next_position"][:, None] + counted_BxT, 0)
+        key_mask_BxS = lax.dynamic_update_slice(cache["mask"], mask_BxT, (0, index))
+        key_positions_BxS = lax.dynamic_update_slice(
+            cache["positions"], positions_BxT.astype(jnp.int32), (0, index)
+        )
+        query_slot_T = index + jnp.arange(length)
+        key_slot_S = jnp.arange(key_mask_BxS.shape[1])
+        causal_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
+        distance_BxTxS = positions_BxT[:, :, None] - key_positions_BxS[:, None, :]
+        valid_BxTxS = causal_TxS[None] & (key_mask_BxS[:, None, :] > 0)
+
+        def make_mask(window):
+            inside = (window == 0) | (distance_BxTxS < window)
+            return (valid_BxTxS & inside)[:, None, None]
+
+    h = embed(params, tokens_BxT, positions_BxT, spec)
+
+    def step(carry, xs):
+        h, keys, values = carry
+        layer, window, layer_index = xs
+        layer_cache = None
+        if cache is not None:
+            layer_cache = (keys[layer_index], values[layer_index], cache["index"])
+        new_h, scores, (k, v) = _block(
+            layer, h, spec, positions_BxT, make_mask(window), quantizer, layer_cache
+        )
+        if cache is not None:
+            start = (layer_index, 0, cache["index"], 0, 0)
+            keys = lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), start)
+            values = lax.dynamic_update_slice(values, v[None].astype(values.dtype), start)
+        outputs = {}
+        if "hidden" in collect:
+            outputs["hidden"] = h
+        if "attn_scores" in collect:
+            outputs["attn_scores"] = scores
+        return (new_h, keys, values), outputs
+
+    carry = (h, None, None) if cache is None else (h, cache["keys"], cache["values"])
+    layer_ids = jnp.arange(spec.num_layers)
+    (h, keys, values), per_layer = lax.scan(step, carry, (params["layers"], windows_L, layer_ids))
+    new_cache = None
+    if cache is not None:
+        new_cache = {
+            "keys": keys,
+            "values": values,
+            "mask": key_mask_BxS,
+            "positions": key_positions_BxS,
+            "index": cache["index"] + length,
+            "next_position": cache["next_position"] + jnp.sum(mask_BxT, axis=-1),
+        }
+    return h, per_layer, new_cache
 
 
 def param_shapes(spec: ModelSpec) -> Params:
@@ -299,8 +423,8 @@ def param_shapes(spec: ModelSpec) -> Params:
     return shapes
 
 
-def init_params(rng: jax.Array, spec: ModelSpec, dtype=jnp.float32) -> Params:
-    """Random parameters (normal(0, 0.02) weights, unit norm scales, zero biases)."""
+def init_params(rng: jax.Array, spec: ModelSpec, dtype=jnp.float32, std: float = 0.02) -> Params:
+    """Random parameters (normal(0, std) weights, unit norm scales, zero biases)."""
     shapes = param_shapes(spec)
     leaves, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(rng, len(leaves))
@@ -312,5 +436,5 @@ def init_params(rng: jax.Array, spec: ModelSpec, dtype=jnp.float32) -> Params:
         elif name == "bias":
             out.append(jnp.zeros(shape, dtype))
         else:
-            out.append((0.02 * jax.random.normal(key, shape)).astype(dtype))
+            out.append((std * jax.random.normal(key, shape)).astype(dtype))
     return jax.tree.unflatten(treedef, out)
