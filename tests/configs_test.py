@@ -1,4 +1,4 @@
-"""Every config file loads and validates; bad configs stop with a one-line error naming the field."""
+"""Every config file loads and validates; a bad config stops with a one-line error naming it."""
 
 import glob
 import importlib.util

@@ -1,0 +1,67 @@
+"""One sharded QAT-TSLD step equals the single-device step (8 fake CPU devices, conftest)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from tsld_jax import sharding, train_step
+from tsld_jax.models import decoder
+from tsld_jax.models.spec import ModelSpec
+from tsld_jax.quant import rules
+
+SPEC = ModelSpec(
+    family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4,
+    head_dim=8, mlp_size=64, norm="rmsnorm", activation="silu", gated_mlp=True,
+    positional="rotary", attn_bias=False, attn_out_bias=False, mlp_bias=False,
+    tie_embeddings=False,
+)
+LOSS = ml_collections.ConfigDict({"kind": "tsld", "temperature": 10.0, "chunk_size": 8})
+
+
+def _setup():
+    teacher = decoder.init_params(jax.random.key(0), SPEC, std=0.2)
+    student = jax.tree.map(lambda x: x + 0.01, teacher)
+    tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, SPEC.vocab_size)
+    ones = jnp.ones_like(tokens)
+    batch = {"tokens": tokens, "attention_mask": ones, "loss_mask": ones}
+    loss_fn = train_step.make_loss_fn(SPEC, rules.make_quantizer(rules.default_rules()), LOSS)
+    return student, teacher, batch, jax.value_and_grad(loss_fn, has_aux=True)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    student, teacher, batch, grad_fn = _setup()
+    (loss, _), grads = jax.jit(grad_fn)(student, teacher, batch)
+    return loss, grads
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 1, 4), (1, 8, 1)], ids=["2x4_data_tensor", "8_fsdp"])
+def test_sharded_step_equals_single_device(mesh_shape, reference):
+    assert jax.device_count() == 8
+    mesh = sharding.make_mesh(*mesh_shape)
+    student, teacher, batch, grad_fn = _setup()
+    param_sh = sharding.param_shardings(student, mesh)
+    specs = [s.spec for s in jax.tree.leaves(param_sh)]
+    assert any(any(axis is not None for axis in spec) for spec in specs)  # really sharded
+    replicated = NamedSharding(mesh, PartitionSpec())
+    fn = jax.jit(grad_fn, in_shardings=(param_sh, param_sh, sharding.batch_sharding(mesh)),
+                 out_shardings=((replicated, replicated), param_sh))
+    (loss, _), grads = fn(student, teacher, batch)
+    ref_loss, ref_grads = reference
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_indivisible_axes_are_replicated():
+    mesh = sharding.make_mesh(1, 1, 8)
+    shardings = sharding.param_shardings({"embed": {"tokens": jnp.zeros((12, 32))}}, mesh)
+    assert shardings["embed"]["tokens"].spec[0] is None  # 12 rows do not split 8 ways
+
+
+def test_bad_mesh_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        sharding.make_mesh(2, 3, 1)
