@@ -1,0 +1,86 @@
+"""The QAT objective as one pure function: quantized student, frozen teacher, distillation loss."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from tsld_jax import losses
+from tsld_jax.models import decoder
+from tsld_jax.models.spec import ModelSpec
+from tsld_jax.quant import rules as quant_rules
+
+Params = dict[str, Any]
+
+
+def qat_loss(
+    student_params: Params,
+    teacher_params: Params,
+    batch: Mapping[str, jax.Array],
+    spec: ModelSpec,
+    rules: Any,
+    kind: str = "tsld",
+    *,
+    temperature: float = losses.DEFAULT_TEMPERATURE,
+    chunk_size: int | None = losses.DEFAULT_CHUNK_SIZE,
+) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+    """The loss of one QAT step, differentiable with respect to the student only.
+
+    The student runs with fake-quantized weights (straight-through gradients to its latent
+    float weights, and to PACT+ scales); the teacher runs in full precision under
+    `stop_gradient`, so it is never differentiated and needs no optimizer state.
+
+    Args:
+      student_params: the student's latent float parameters (with "quant_scale" leaves for PACT+).
+      teacher_params: the full-precision teacher's parameters, same architecture.
+      batch: "tokens" (B, T) int; optional "attention_mask" (B, T), 1 for real tokens, and
+        "loss_mask" (B, T), 1 where the prediction *into* a position counts (the layout of
+        `data.py`). Position t predicts token t + 1; the models read tokens 0..T-2.
+      spec: the architecture of both models.
+      rules: quantization rules, a spec tree, or one QuantSpec (see `quant.make_quantizer`).
+      kind: "gt", "logit", "logit_gt", "l2l" or "tsld" (gt + L_tsld).
+      temperature: tau of TSLD's token-scale softmax.
+      chunk_size: tokens per chunk of the memory-lean loss pass; None for the naive one.
+
+    Returns:
+      (loss, parts) as `losses.distillation_loss` returns them.
+    """
+    tokens_BxT = batch["tokens"]
+    ones_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+    attention_BxT = batch.get("attention_mask", ones_BxT)
+    mask_BxT = batch.get("loss_mask", ones_BxT)[:, 1:] * attention_BxT[:, 1:]
+    # Forwarding tokens 0..T-2 (instead of slicing the logits) avoids a copy of (B, T, V).
+    inputs_BxT, input_mask_BxT, labels_BxT = (
+        tokens_BxT[:, :-1],
+        attention_BxT[:, :-1],
+        tokens_BxT[:, 1:],
+    )
+    collect = ("hidden", "attn_scores") if kind == "l2l" else ()
+
+    def run(params, quantizer):
+        out = decoder.forward(
+            params, inputs_BxT, spec, mask_BxT=input_mask_BxT, quantizer=quantizer, collect=collect
+        )
+        return out if collect else (out, None)
+
+    student_logits, student_aux = run(student_params, quant_rules.make_quantizer(rules))
+    teacher_logits = teacher_aux = None
+    if kind != "gt":
+        teacher_logits, teacher_aux = jax.lax.stop_gradient(
+            run(jax.lax.stop_gradient(teacher_params), None)
+        )
+    return losses.distillation_loss(
+        kind,
+        student_logits,
+        teacher_logits,
+        labels_BxT,
+        mask_BxT,
+        student_aux=student_aux,
+        teacher_aux=teacher_aux,
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
