@@ -1,6 +1,9 @@
 """Quantization: straight-through quantizers (QAT), rules, and packed weights (export)."""
 
 # One re-export per line (`name as name` marks it public for ruff), so additions merge cleanly.
+from tsld_jax.quant.qtensor import PackedWeight as PackedWeight
+from tsld_jax.quant.qtensor import pack as pack
+from tsld_jax.quant.qtensor import unpack as unpack
 from tsld_jax.quant.quantizers import QuantSpec as QuantSpec
 from tsld_jax.quant.quantizers import fake_quantize as fake_quantize
 from tsld_jax.quant.quantizers import scale_shape as scale_shape
