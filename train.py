@@ -18,6 +18,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Training config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Checkpoints, logs and exports go here.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first (one process per host)."
+)
 
 
 def main(argv) -> int:
@@ -28,8 +31,12 @@ def main(argv) -> int:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
+    import jax
+
     from tsld_jax import cli_errors, trainer
 
+    if _MULTIHOST.value:
+        jax.distributed.initialize()  # Coordinator and process ids from the cluster environment.
     with cli_errors.one_line_errors() as outcome:
         trainer.train_and_evaluate(config, _WORKDIR.value)
     return outcome.code

@@ -6,23 +6,13 @@ sequences; sampling is seeded from the config seed and the split.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from tsld_jax.models import decoder
-
-
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _next_token_logits(params, tokens_BxT, index, spec):
-    # Full recomputation over a fixed (B, T) buffer: causal attention makes the not-yet-written
-    # positions irrelevant, and the shape never changes (one compilation).
-    logits = decoder.forward(params, tokens_BxT, spec)
-    return jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False)
+from tsld_jax import generate
 
 
 def sample(
@@ -36,8 +26,12 @@ def sample(
     batch_size: int = 16,
     progress: bool = True,
 ) -> np.ndarray:
-    """`count` sequences of `length` tokens sampled from the model, each starting `first_token`."""
-    generate = _kv_cache_sampler()
+    """`count` sequences of `length` tokens sampled from the model, each starting `first_token`.
+
+    Sampling runs through the KV-cache generator (`tsld_jax.generate`); no eos stops a row, so
+    every sequence is exactly `length` tokens of model text.
+    """
+    sampling = generate.Sampling(temperature=temperature)
     rng = jax.random.key(seed)
     out = []
     for start in tqdm(
@@ -48,29 +42,18 @@ def sample(
     ):
         n = min(batch_size, count - start)
         rng, key = jax.random.split(rng)
-        if generate is not None:
-            out.append(generate(params, spec, n, length, temperature, key, first_token))
-            continue
-        tokens = jnp.full((n, length), first_token, dtype=jnp.int32)
-        for index in range(length - 1):
-            key, step_key = jax.random.split(key)
-            logits = _next_token_logits(params, tokens, index, spec).astype(jnp.float32)
-            if temperature > 0:
-                token = jax.random.categorical(step_key, logits / temperature, axis=-1)
-            else:
-                token = jnp.argmax(logits, axis=-1)
-            tokens = tokens.at[:, index + 1].set(token.astype(jnp.int32))
-        out.append(np.asarray(tokens))
+        prompts = np.full((n, 1), first_token, dtype=np.int32)
+        new = generate.generate_tokens(
+            params,
+            spec,
+            prompts,
+            max_new_tokens=length - 1,
+            sampling=sampling,
+            rng=key,
+            chunk_size=32,
+        )
+        out.append(np.concatenate([prompts, np.asarray(new, np.int32)], axis=1))
     return np.concatenate(out).astype(np.int32)
-
-
-def _kv_cache_sampler():
-    """The KV-cache sampler of `tsld_jax.generate`, when that module provides one."""
-    try:
-        from tsld_jax import generate
-    except ImportError:
-        return None
-    return getattr(generate, "sample_sequences", None)
 
 
 def load_or_sample(cfg, tokenizer, teacher, workdir, split: str):

@@ -193,7 +193,16 @@ class _StopFlag:
 
 
 def _device_batch(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
-    return {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+    # Every process computes the same global batch order and feeds only its own rows; with one
+    # process this is a plain device_put. (Hand-rolled rather than a data-loader library: the
+    # position must be checkpointable and identical on every host.)
+    count, index = jax.process_count(), jax.process_index()
+    out = {}
+    for key, value in batch.items():
+        rows = len(value) // count
+        local = value[index * rows : (index + 1) * rows]
+        out[key] = jax.make_array_from_process_local_data(batch_sharding, local, value.shape)
+    return out
 
 
 def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:

