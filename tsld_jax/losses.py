@@ -9,10 +9,12 @@ Memory. A naive TSLD keeps several float32 (B, T, V) arrays alive for the backwa
 softmaxes and log-softmaxes). Here every loss that reads logits goes through one fused per-token
 pass, `_token_stats`, that reduces each token's row to a few scalars (the soft cross-entropy to
 the teacher, the student's and the teacher's cross-entropy with the label). With `chunk_size` set,
-that pass runs over chunks of tokens inside a `fori_loop`, under a `custom_vjp` whose backward
-recomputes the softmaxes chunk by chunk, so the loss's own working memory grows with
-chunk_size x V instead of B x T x V. TSLD then costs the same as logit distillation: the teacher's
-cross-entropy (the token scales' input) is a by-product of the same pass.
+that pass runs over chunks of positions (the whole batch at once, about `chunk_size` tokens per
+chunk) inside a `fori_loop`, under a `custom_vjp` whose backward recomputes the softmaxes chunk by
+chunk, so the loss's own working memory grows with chunk_size x V instead of B x T x V. TSLD then
+costs the same as logit distillation: the teacher's cross-entropy (the token scales' input) is a
+by-product of the same pass. Chunks cut the token axis and keep the batch whole, so that under a
+batch-sharded mesh every device slices only its own data.
 """
 
 from __future__ import annotations
@@ -36,94 +38,96 @@ Scalar = Float[Array, ""]
 
 
 # ----------------------------------------------------------------------------- per-token pass
-def _chunk_stats(student_CxV, teacher_CxV, labels_C):
+def _chunk_stats(student_BxCxV, teacher_BxCxV, labels_BxC):
     """Per-token soft CE to the teacher, student CE, teacher CE, plus backward residuals."""
-    student = student_CxV.astype(jnp.float32)
-    teacher = teacher_CxV.astype(jnp.float32)
-    student_lse_C = jax.nn.logsumexp(student, axis=-1)
-    teacher_lse_C = jax.nn.logsumexp(teacher, axis=-1)
-    p_teacher = jnp.exp(teacher - teacher_lse_C[:, None])
+    student = student_BxCxV.astype(jnp.float32)
+    teacher = teacher_BxCxV.astype(jnp.float32)
+    student_lse_BxC = jax.nn.logsumexp(student, axis=-1)
+    teacher_lse_BxC = jax.nn.logsumexp(teacher, axis=-1)
+    p_teacher = jnp.exp(teacher - teacher_lse_BxC[..., None])
     # CE_t = -sum_v p_t[v] * log q[v]  (PAPER.md, `logit`).
-    soft_ce_C = -jnp.sum(p_teacher * (student - student_lse_C[:, None]), axis=-1)
-    label_index = labels_C[:, None]
-    student_ce_C = student_lse_C - jnp.take_along_axis(student, label_index, axis=-1)[:, 0]
-    teacher_ce_C = teacher_lse_C - jnp.take_along_axis(teacher, label_index, axis=-1)[:, 0]
-    sum_p_C = jnp.sum(p_teacher, axis=-1)
-    return (soft_ce_C, student_ce_C, teacher_ce_C), (student_lse_C, teacher_lse_C, sum_p_C)
+    soft_ce_BxC = -jnp.sum(p_teacher * (student - student_lse_BxC[..., None]), axis=-1)
+    label_index = labels_BxC[..., None]
+    student_ce_BxC = student_lse_BxC - jnp.take_along_axis(student, label_index, axis=-1)[..., 0]
+    teacher_ce_BxC = teacher_lse_BxC - jnp.take_along_axis(teacher, label_index, axis=-1)[..., 0]
+    sum_p_BxC = jnp.sum(p_teacher, axis=-1)
+    stats = (soft_ce_BxC, student_ce_BxC, teacher_ce_BxC)
+    return stats, (student_lse_BxC, teacher_lse_BxC, sum_p_BxC)
 
 
-def _chunk_grad(student_CxV, teacher_CxV, labels_C, residuals, soft_ce_grad_C, student_ce_grad_C):
-    student_lse_C, teacher_lse_C, sum_p_C = residuals
-    student = student_CxV.astype(jnp.float32)
-    q_student = jnp.exp(student - student_lse_C[:, None])
-    p_teacher = jnp.exp(teacher_CxV.astype(jnp.float32) - teacher_lse_C[:, None])
-    one_hot = (lax.broadcasted_iota(jnp.int32, student.shape, 1) == labels_C[:, None]).astype(
-        jnp.float32
-    )
+def _chunk_grad(student_BxCxV, teacher_BxCxV, labels_BxC, residuals, soft_ce_grad, student_ce_grad):
+    student_lse_BxC, teacher_lse_BxC, sum_p_BxC = residuals
+    student = student_BxCxV.astype(jnp.float32)
+    q_student = jnp.exp(student - student_lse_BxC[..., None])
+    p_teacher = jnp.exp(teacher_BxCxV.astype(jnp.float32) - teacher_lse_BxC[..., None])
+    vocab_index = lax.broadcasted_iota(jnp.int32, student.shape, 2)
+    one_hot = (vocab_index == labels_BxC[..., None]).astype(jnp.float32)
     # d soft_ce / d z_s = q * sum(p) - p;  d student_ce / d z_s = q - onehot(y).
-    grad = soft_ce_grad_C[:, None] * (q_student * sum_p_C[:, None] - p_teacher)
-    grad = grad + student_ce_grad_C[:, None] * (q_student - one_hot)
-    return grad.astype(student_CxV.dtype)
+    grad = soft_ce_grad[..., None] * (q_student * sum_p_BxC[..., None] - p_teacher)
+    grad = grad + student_ce_grad[..., None] * (q_student - one_hot)
+    return grad.astype(student_BxCxV.dtype)
 
 
-def _chunk_starts(num_tokens: int, chunk_size: int) -> tuple[int, int]:
-    chunk = min(chunk_size, num_tokens)
-    return chunk, -(-num_tokens // chunk)
+def _positions_per_chunk(batch: int, length: int, chunk_size: int) -> int:
+    # Chunks cut the token axis T and keep the batch whole (a batch-sharded mesh then slices
+    # only unsharded data), so a chunk holds batch x positions ~ chunk_size tokens.
+    return max(1, min(length, chunk_size // batch))
 
 
-def _start(i, num_tokens, chunk):
-    # The last chunk is shifted back to end at the last token; it recomputes a few tokens of the
-    # previous chunk and writes identical values, which avoids padding (a full-size copy).
-    return jnp.minimum(i * chunk, num_tokens - chunk)
+def _chunk_loop(length, positions, body, init):
+    def step(i, carry):
+        # The last chunk is shifted back to end at the last position; it recomputes a few
+        # positions of the previous chunk and writes identical values, which avoids padding the
+        # logits (a full-size copy).
+        return body(jnp.minimum(i * positions, length - positions), carry)
+
+    return lax.fori_loop(0, -(-length // positions), step, init)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked_stats(student_NxV, teacher_NxV, labels_N, chunk_size):
-    return _chunked_stats_fwd(student_NxV, teacher_NxV, labels_N, chunk_size)[0]
+def _chunked_stats(student_BxTxV, teacher_BxTxV, labels_BxT, chunk_size):
+    return _chunked_stats_fwd(student_BxTxV, teacher_BxTxV, labels_BxT, chunk_size)[0]
 
 
-def _chunked_stats_fwd(student_NxV, teacher_NxV, labels_N, chunk_size):
-    num_tokens, vocab = student_NxV.shape
-    chunk, num_chunks = _chunk_starts(num_tokens, chunk_size)
+def _chunked_stats_fwd(student_BxTxV, teacher_BxTxV, labels_BxT, chunk_size):
+    batch, length, _ = student_BxTxV.shape
+    positions = _positions_per_chunk(batch, length, chunk_size)
+    cut = lambda x, start: lax.dynamic_slice_in_dim(x, start, positions, axis=1)
 
-    def body(i, outputs):
-        start = _start(i, num_tokens, chunk)
+    def body(start, outputs):
         stats, residuals = _chunk_stats(
-            lax.dynamic_slice(student_NxV, (start, 0), (chunk, vocab)),
-            lax.dynamic_slice(teacher_NxV, (start, 0), (chunk, vocab)),
-            lax.dynamic_slice(labels_N, (start,), (chunk,)),
+            cut(student_BxTxV, start), cut(teacher_BxTxV, start), cut(labels_BxT, start)
         )
         return tuple(
-            lax.dynamic_update_slice(buffer, value, (start,))
+            lax.dynamic_update_slice_in_dim(buffer, value, start, axis=1)
             for buffer, value in zip(outputs, (*stats, *residuals), strict=True)
         )
 
-    zeros = tuple(jnp.zeros((num_tokens,), jnp.float32) for _ in range(6))
-    outputs = lax.fori_loop(0, num_chunks, body, zeros)
-    return outputs[:3], (student_NxV, teacher_NxV, labels_N, outputs[3:])
+    zeros = tuple(jnp.zeros_like(labels_BxT, jnp.float32) for _ in range(6))  # keeps sharding
+    outputs = _chunk_loop(length, positions, body, zeros)
+    return outputs[:3], (student_BxTxV, teacher_BxTxV, labels_BxT, outputs[3:])
 
 
 def _chunked_stats_bwd(chunk_size, saved, cotangents):
-    student_NxV, teacher_NxV, labels_N, residuals = saved
-    soft_ce_grad_N, student_ce_grad_N, _ = cotangents  # the teacher's CE carries no gradient
-    num_tokens, vocab = student_NxV.shape
-    chunk, num_chunks = _chunk_starts(num_tokens, chunk_size)
+    student_BxTxV, teacher_BxTxV, labels_BxT, residuals = saved
+    soft_ce_grad_BxT, student_ce_grad_BxT, _ = cotangents  # the teacher's CE has no gradient
+    batch, length, _ = student_BxTxV.shape
+    positions = _positions_per_chunk(batch, length, chunk_size)
+    cut = lambda x, start: lax.dynamic_slice_in_dim(x, start, positions, axis=1)
 
-    def body(i, grad_NxV):
-        start = _start(i, num_tokens, chunk)
-        rows = lambda x: lax.dynamic_slice_in_dim(x, start, chunk, axis=0)
-        grad_CxV = _chunk_grad(
-            rows(student_NxV),
-            rows(teacher_NxV),
-            rows(labels_N),
-            tuple(rows(r) for r in residuals),
-            rows(soft_ce_grad_N),
-            rows(student_ce_grad_N),
+    def body(start, grad_BxTxV):
+        grad_BxCxV = _chunk_grad(
+            cut(student_BxTxV, start),
+            cut(teacher_BxTxV, start),
+            cut(labels_BxT, start),
+            tuple(cut(r, start) for r in residuals),
+            cut(soft_ce_grad_BxT, start),
+            cut(student_ce_grad_BxT, start),
         )
-        return lax.dynamic_update_slice(grad_NxV, grad_CxV, (start, 0))
+        return lax.dynamic_update_slice_in_dim(grad_BxTxV, grad_BxCxV, start, axis=1)
 
-    grad_NxV = lax.fori_loop(0, num_chunks, body, jnp.zeros_like(student_NxV))
-    return grad_NxV, None, None
+    grad_BxTxV = _chunk_loop(length, positions, body, jnp.zeros_like(student_BxTxV))
+    return grad_BxTxV, None, None
 
 
 _chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
@@ -138,25 +142,24 @@ def _token_stats(
     """(soft CE to the teacher, student CE, teacher CE), each (B, T) float32.
 
     Only the first two carry gradients (to the student's logits); the teacher is a constant.
-    `chunk_size=None` is the naive pass (plain autodiff over the whole (B*T, V) arrays).
+    `chunk_size=None` is the naive pass (plain autodiff over the whole (B, T, V) arrays).
     """
-    batch, length, vocab = student_BxTxV.shape
     if teacher_BxTxV.shape != student_BxTxV.shape:
         raise ValueError(
             f"student logits {student_BxTxV.shape} and teacher logits {teacher_BxTxV.shape} differ"
         )
-    if labels_BxT.shape != (batch, length):
+    if labels_BxT.shape != student_BxTxV.shape[:2]:
         raise ValueError(f"labels {labels_BxT.shape} do not match logits {student_BxTxV.shape}")
-    student_NxV = student_BxTxV.reshape(batch * length, vocab)
-    teacher_NxV = lax.stop_gradient(teacher_BxTxV).reshape(batch * length, vocab)
-    labels_N = labels_BxT.reshape(batch * length).astype(jnp.int32)
+    teacher_BxTxV = lax.stop_gradient(teacher_BxTxV)
+    labels_BxT = labels_BxT.astype(jnp.int32)
     if chunk_size is None:
-        stats = _chunk_stats(student_NxV, teacher_NxV, labels_N)[0]
+        soft_ce, student_ce, teacher_ce = _chunk_stats(student_BxTxV, teacher_BxTxV, labels_BxT)[0]
     else:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
-        stats = _chunked_stats(student_NxV, teacher_NxV, labels_N, int(chunk_size))
-    soft_ce, student_ce, teacher_ce = (x.reshape(batch, length) for x in stats)
+        soft_ce, student_ce, teacher_ce = _chunked_stats(
+            student_BxTxV, teacher_BxTxV, labels_BxT, int(chunk_size)
+        )
     return soft_ce, student_ce, lax.stop_gradient(teacher_ce)
 
 
@@ -232,7 +235,8 @@ def logit(
       student_logits: (B, T, V) student logits.
       teacher_logits: (B, T, V) teacher logits (no gradient flows into them).
       mask: optional (B, T), 1 where a token counts.
-      chunk_size: tokens per chunk of the memory-lean pass; None for the naive one.
+      chunk_size: tokens per chunk of the memory-lean pass (B x max(1, chunk_size // B)
+        positions); None for the naive one.
 
     Returns:
       A float32 scalar, mean_t of -sum_v p_t[v] log q[v].
@@ -276,7 +280,8 @@ def tsld(
       labels: (B, T) int targets (for the teacher's cross-entropy only).
       mask: optional (B, T), 1 where a token counts (also in the scale softmax).
       temperature: tau of the token-scale softmax (10 in the paper).
-      chunk_size: tokens per chunk of the memory-lean pass; None for the naive one.
+      chunk_size: tokens per chunk of the memory-lean pass (B x max(1, chunk_size // B)
+        positions); None for the naive one.
 
     Returns:
       A float32 scalar (summed over sequences, not averaged).
@@ -372,7 +377,8 @@ def distillation_loss(
         aux dict.
       teacher_aux: likewise for the teacher.
       temperature: tau of TSLD's token-scale softmax.
-      chunk_size: tokens per chunk of the memory-lean pass; None for the naive one.
+      chunk_size: tokens per chunk of the memory-lean pass (B x max(1, chunk_size // B)
+        positions); None for the naive one.
 
     Returns:
       (loss, parts): the float32 scalar to minimise and a dict of its named terms.
