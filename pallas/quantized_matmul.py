@@ -1,0 +1,334 @@
+"""Weight-only quantized matmul: `x @ unpack(packed)` with 2/4/8-bit packed weights, in Pallas.
+
+One portable kernel body (the Pallas Triton lowering: `pl.pallas_call` with BlockSpecs and plain
+jnp ops, so it runs on A100 and H100 alike and in interpret mode on the CPU), launched in two
+shapes chosen by the number of activation rows M:
+
+- decode (M <= `DECODE_MAX_M`): memory-bound. One program owns a (16..64, block_n) output tile
+  and a slice of K ("split-K", so a single token still fills the GPU with programs); it streams
+  the packed int32 words of its slice once, unpacks them in registers and multiplies on the
+  matrix units (a 16-row dot costs nothing next to reading the weights). The partial sums of
+  the K slices are added by XLA afterwards (float32, `k_splits * M * N` values).
+- prefill (larger M): compute-bound. 128x128 output tiles, the whole of K per program, each
+  K tile of weights dequantized once into the activations' dtype (bf16 for bf16 inputs) and fed
+  to the tensor cores; float32 accumulation.
+
+In both, a K tile never crosses a scale group (`block_k` divides the group size), so scales are
+applied to the tile's partial product, `acc += (x @ (v - zero)) * mult`, rather than to every
+weight: unpacking costs a shift, a mask, a subtraction and a conversion per weight, all on small
+integers that the activations' dtype represents exactly. See docs/kernels.md for the layout and
+the block-size reasoning.
+
+`quantized_matmul` is a `jax.custom_vjp`: the gradient with respect to x is that of
+`quantized_matmul_reference` (dequantize, then XLA's dot); the packed weights get none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float
+
+from tsld_jax.quant import qtensor
+from tsld_jax.quant.qtensor import PackedWeight
+
+try:  # The Triton compiler parameters moved between jax releases; all are optional.
+    from jax.experimental.pallas import triton as _pallas_triton
+
+    _TritonParams = getattr(_pallas_triton, "CompilerParams", None) or getattr(
+        _pallas_triton, "TritonCompilerParams", None
+    )
+except ImportError:  # pragma: no cover - a jax without the Triton lowering
+    _TritonParams = None
+
+DECODE_MAX_M = 64
+# Programs a decode launch aims for: about two per SM of an H100 (132 SMs) or A100 (108).
+_TARGET_PROGRAMS = 264
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile shape and launch parameters of one kernel launch (hashable: a static argument).
+
+    Attributes:
+      block_m: activation rows per program (>= 16 on GPU; decode uses the next power of two of
+        M, at least 16).
+      block_n: output columns per program.
+      block_k: K rows per step of a program's loop; lowered to the largest power of two that
+        divides the padded K and the scale group, and is a multiple of the packing.
+      k_splits: programs sharing one output tile along K (partial sums added afterwards); 0
+        picks enough to give about `_TARGET_PROGRAMS` programs.
+      num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining depth of the K loop.
+      unpack: "reshape" loads each packed word once and expands it in registers
+        ((bk / P, P, bn) -> (bk, bn)); "gather" loads word row k // P for every K row (repeated
+        addresses, served by L1) and shifts by (k % P), the GPTQ-Triton way, with no reshape.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    k_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    unpack: str = "reshape"
+
+
+DECODE = BlockSizes(block_m=64, block_n=128, block_k=256, k_splits=0, num_warps=4, num_stages=4)
+PREFILL = BlockSizes(block_m=128, block_n=128, block_k=64, k_splits=1, num_warps=8, num_stages=3)
+
+
+def _pow2_at_most(x: int) -> int:
+    return 1 << (max(x, 1).bit_length() - 1)
+
+
+def _largest_pow2_divisor_at_most(n: int, cap: int) -> int:
+    d = _pow2_at_most(cap)
+    while d > 1 and n % d:
+        d //= 2
+    return d
+
+
+def _fit(blocks: BlockSizes, packed: PackedWeight, m: int) -> tuple[BlockSizes, int]:
+    """Block sizes that tile the padded problem exactly; also returns the padded M."""
+    kp, np_ = packed.padded_shape
+    per_word = packed.values_per_word
+    block_m = min(blocks.block_m, max(16, 1 << max(m - 1, 0).bit_length()))
+    block_n = _largest_pow2_divisor_at_most(np_, blocks.block_n)
+    block_k = _largest_pow2_divisor_at_most(math.gcd(kp, packed.group_rows), blocks.block_k)
+    if block_k % per_word:
+        raise NotImplementedError(
+            f"no K tile fits a {packed.container_bits}-bit packing ({per_word} values per word) "
+            f"with group size {packed.group_size}; use a group size that is a multiple of "
+            f"{per_word}"
+        )
+    k_blocks = kp // block_k
+    mp = -(-m // block_m) * block_m
+    splits = blocks.k_splits
+    if splits <= 0:
+        tiles = (mp // block_m) * (np_ // block_n)
+        splits = max(1, -(-_TARGET_PROGRAMS // tiles))
+    splits = max(d for d in range(1, min(splits, k_blocks) + 1) if k_blocks % d == 0)
+    fitted = dataclasses.replace(
+        blocks, block_m=block_m, block_n=block_n, block_k=block_k, k_splits=splits
+    )
+    return fitted, mp
+
+
+def _kernel(
+    x_ref,
+    codes_ref,
+    mult_ref,
+    *rest,
+    cbits: int,
+    per_word: int,
+    offset: int,
+    has_zeros: bool,
+    block_k: int,
+    k_steps: int,
+    group_rows: int,
+    compute_dtype,
+    unpack: str,
+):
+    if has_zeros:
+        zeros_ref, out_ref = rest
+    else:
+        (out_ref,) = rest
+    block_m = x_ref.shape[0]
+    block_n = codes_ref.shape[-1]
+    first_step = pl.program_id(2) * k_steps
+    words_per_tile = block_k // per_word
+
+    def step(i, acc_MxN):
+        kk = first_step + i  # this tile's index along the padded K
+        x_MxK = x_ref[:, pl.ds(kk * block_k, block_k)].astype(compute_dtype)
+        if per_word == 1:
+            ints_KxN = codes_ref[pl.ds(kk * block_k, block_k), :].astype(jnp.int32)
+        elif unpack == "gather":
+            row_K = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+            words_KxN = codes_ref[kk * words_per_tile + row_K // per_word, :]
+            shift_Kx1 = ((row_K % per_word) * cbits).reshape(block_k, 1)
+            ints_KxN = lax.shift_right_logical(words_KxN, shift_Kx1) & (2**cbits - 1)
+        else:
+            words_WxN = codes_ref[pl.ds(kk * words_per_tile, words_per_tile), :]
+            shift_1xPx1 = lax.broadcasted_iota(jnp.int32, (1, per_word, 1), 1) * cbits
+            fields_WxPxN = lax.shift_right_logical(words_WxN[:, None, :], shift_1xPx1)
+            ints_KxN = (fields_WxPxN & (2**cbits - 1)).reshape(block_k, block_n)
+        group = (kk * block_k) // group_rows
+        mult_1xN = mult_ref[pl.ds(group, 1), :]
+        if has_zeros:
+            zero_1xN = zeros_ref[pl.ds(group, 1), :]
+            w_KxN = ((ints_KxN - offset).astype(jnp.float32) - zero_1xN).astype(compute_dtype)
+        else:
+            w_KxN = (ints_KxN - offset).astype(compute_dtype)
+        partial_MxN = jnp.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32)
+        return acc_MxN + partial_MxN * mult_1xN
+
+    acc_MxN = lax.fori_loop(0, k_steps, step, jnp.zeros((block_m, block_n), jnp.float32))
+    out_ref[...] = acc_MxN.astype(out_ref.dtype)
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+    # Small integers (|v| <= 256) are exact in bf16/f16, so dequantized tiles take the
+    # activations' format and the dot runs on the tensor cores; float32 stays float32.
+    return jnp.dtype(dtype) if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else jnp.float32
+
+
+def _matmul_2d(x_MxK: jax.Array, packed: PackedWeight, interpret: bool, blocks: BlockSizes):
+    m, k = x_MxK.shape
+    kp, np_ = packed.padded_shape
+    blocks, mp = _fit(blocks, packed, m)
+    x_MxK = jnp.pad(x_MxK, ((0, mp - m), (0, kp - k))) if (mp, kp) != (m, k) else x_MxK
+    mult, zeros = qtensor.kernel_multipliers(packed)
+    words = packed.codes.shape[0]
+    groups = mult.shape[0]
+    bm, bn, bk, splits = blocks.block_m, blocks.block_n, blocks.block_k, blocks.k_splits
+    k_steps = kp // bk // splits
+
+    in_specs = [
+        pl.BlockSpec((bm, kp), lambda i, j, s: (i, 0)),
+        pl.BlockSpec((words, bn), lambda i, j, s: (0, j)),
+        pl.BlockSpec((groups, bn), lambda i, j, s: (0, j)),
+    ]
+    args = [x_MxK, packed.codes, mult]
+    if zeros is not None:
+        in_specs.append(pl.BlockSpec((groups, bn), lambda i, j, s: (0, j)))
+        args.append(zeros)
+    if splits == 1:
+        out_shape = jax.ShapeDtypeStruct((mp, np_), x_MxK.dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((splits, mp, np_), jnp.float32)
+        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
+    kernel = functools.partial(
+        _kernel,
+        cbits=packed.container_bits,
+        per_word=packed.values_per_word,
+        offset=packed.offset,
+        has_zeros=zeros is not None,
+        block_k=bk,
+        k_steps=k_steps,
+        group_rows=packed.group_rows,
+        compute_dtype=_compute_dtype(x_MxK.dtype),
+        unpack=blocks.unpack,
+    )
+    compiler_params = None
+    if _TritonParams is not None and not interpret:
+        compiler_params = _TritonParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(mp // bm, np_ // bn, splits),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name=f"quantized_matmul_w{packed.bits}",
+    )(*args)
+    if splits > 1:
+        out = jnp.sum(out, axis=0).astype(x_MxK.dtype)
+    return out[:m, : packed.shape[1]]
+
+
+def _check(x: jax.Array, packed: PackedWeight) -> None:
+    if packed.codes.ndim != 2:
+        raise ValueError(
+            f"quantized_matmul takes one matrix; got codes of shape {packed.codes.shape} "
+            "(slice stacked layers first, e.g. inside lax.scan)"
+        )
+    if x.shape[-1] != packed.shape[0]:
+        raise ValueError(
+            f"x has {x.shape[-1]} features but the packed weight expects {packed.shape[0]}"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+
+
+def select_block_sizes(m: int) -> BlockSizes:
+    """The default launch for M activation rows: `DECODE` up to `DECODE_MAX_M`, else `PREFILL`."""
+    return DECODE if m <= DECODE_MAX_M else PREFILL
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _quantized_matmul(x, packed, interpret, block_sizes):
+    x_MxK = x.reshape(-1, x.shape[-1])
+    blocks = block_sizes or select_block_sizes(x_MxK.shape[0])
+    out = _matmul_2d(x_MxK, packed, interpret, blocks)
+    return out.reshape(*x.shape[:-1], packed.shape[1])
+
+
+def _quantized_matmul_fwd(x, packed, interpret, block_sizes):
+    return _quantized_matmul(x, packed, interpret, block_sizes), (x, packed)
+
+
+def _quantized_matmul_bwd(interpret, block_sizes, residuals, dy):
+    del interpret, block_sizes
+    x, packed = residuals
+    _, vjp = jax.vjp(lambda x: quantized_matmul_reference(x, packed), x)
+    (dx,) = vjp(dy)
+    return dx, None  # no gradient for the packed integer codes and their scales
+
+
+_quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes"))
+def quantized_matmul(
+    x: Float[Array, "*lead k"],
+    packed: PackedWeight,
+    *,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> Float[Array, "*lead n"]:
+    """`x @ unpack(packed)` with the packed weights unpacked on the fly, in a Pallas kernel.
+
+    Args:
+      x: activations `(..., in_features)`, bfloat16, float16 or float32.
+      packed: one quantized matrix (`qtensor.pack` of an `(in_features, out_features)` kernel).
+      interpret: run the kernel in Pallas interpret mode (CPU, tests).
+      block_sizes: the launch; None picks `DECODE` or `PREFILL` from the number of rows of x.
+        Sizes are lowered to fit the padded shape (see `BlockSizes`).
+
+    Returns:
+      `(..., out_features)` in x's dtype: the product with float32 accumulation. Weights are
+      dequantized into x's dtype (bf16 inputs: `unpack(packed).astype(bf16)` up to the
+      rounding of the per-group scale, which is applied to the float32 partial products).
+
+    Raises:
+      ValueError: x does not match the packed shape, or packed holds stacked matrices.
+      NotImplementedError: no K tile fits the packing and the group size.
+    """
+    _check(x, packed)
+    return _quantized_matmul(x, packed, interpret, block_sizes)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes"))
+def quantized_matmul_reference(
+    x: Float[Array, "*lead k"],
+    packed: PackedWeight,
+    *,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> Float[Array, "*lead n"]:
+    """Pure-jnp `x @ unpack(packed).astype(x.dtype)`, float32 accumulation, result in x's dtype.
+
+    Args:
+      x: activations `(..., in_features)`.
+      packed: one quantized matrix (leading axes are not allowed).
+      interpret: unused; the signature matches `quantized_matmul`.
+      block_sizes: unused; the signature matches `quantized_matmul`.
+
+    Returns:
+      `(..., out_features)` in x's dtype.
+    """
+    del interpret, block_sizes
+    _check(x, packed)
+    w_KxN = qtensor.unpack(packed).astype(x.dtype)
+    y = jnp.einsum("...k,kn->...n", x, w_KxN, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)

@@ -1,0 +1,170 @@
+"""quantized_matmul == x @ unpack(packed), decode and prefill launches, f32 and bf16, and its grad.
+
+The kernels run natively on a GPU and in Pallas interpret mode elsewhere (CPU CI).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas import quantized_matmul as qmm
+from tsld_jax.quant import qtensor
+from tsld_jax.quant.quantizers import QuantSpec
+
+INTERPRET = jax.default_backend() != "gpu"
+# Eager dispatch would compile every op of pack/unpack for every shape; jit compiles once.
+_pack = jax.jit(qtensor.pack, static_argnums=(1,))
+_unpack = jax.jit(qtensor.unpack)
+# ||out - ref|| / ||ref|| bounds (docs: METHOD.md): float32 arithmetic, and bf16 operands/output.
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+TWN = QuantSpec("twn", 2, "channel")
+ASYM4 = QuantSpec("asym", 4, "group", 32)
+SYM8 = QuantSpec("sym", 8, "channel")
+
+# (spec, x shape, K, N): decode (M <= 64) and prefill (M > 64) rows; ragged K and N throughout.
+CASES = [
+    (TWN, (1, 200), 200, 72),
+    (TWN, (2, 3, 96), 96, 136),
+    (TWN, (130, 160), 160, 100),
+    (ASYM4, (1, 192), 192, 70),
+    (ASYM4, (150, 128), 128, 130),
+    (SYM8, (5, 72), 72, 64),
+    (SYM8, (100, 64), 64, 200),
+    (QuantSpec("twn", 2, "tensor"), (4, 112), 112, 48),
+    (QuantSpec("twn", 2, "group", 64), (70, 128), 128, 64),
+    (QuantSpec("sym", 4, "group", 16), (3, 48), 48, 40),
+]
+
+
+def _abstract(shape, spec):
+    """A PackedWeight of ShapeDtypeStructs: enough for block fitting and lowering."""
+    return jax.eval_shape(lambda w: qtensor.pack(w, spec), jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+def _ids(case):
+    spec, x_shape, k, n = case
+    return f"{spec.method}{spec.bits}-{spec.granularity}-x{'x'.join(map(str, x_shape))}-n{n}"
+
+
+def _problem(spec, x_shape, k, n, dtype, seed):
+    # Fresh, non-zero random inputs for every case (zeros hide unwritten or misindexed outputs).
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.normal(size=(k, n)) * rng.uniform(0.5, 2.0, size=(n,)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=x_shape) + 0.1, dtype)
+    return x, _pack(w, spec)
+
+
+def _relative_error(out, x, packed):
+    ref = np.asarray(x, np.float64) @ np.asarray(_unpack(packed), np.float64)
+    out = np.asarray(out, np.float64)
+    assert out.shape == ref.shape and np.isfinite(out).all()
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_matches_dense_product(case, dtype):
+    spec, x_shape, k, n = case
+    x, packed = _problem(spec, x_shape, k, n, dtype, seed=hash((_ids(case), str(dtype))) % 2**31)
+    out = qmm.quantized_matmul(x, packed, interpret=INTERPRET)
+    assert out.dtype == dtype and out.shape == (*x_shape[:-1], n)
+    assert _relative_error(out, x, packed) < TOLERANCE[dtype]
+    ref = qmm.quantized_matmul_reference(x, packed)
+    assert ref.dtype == dtype
+    assert _relative_error(ref, x, packed) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("unpack", ["reshape", "gather"])
+def test_split_k_and_unpack_variants(unpack):
+    # Small tiles force several K splits (partial sums added afterwards) and several N blocks.
+    blocks = qmm.BlockSizes(block_m=16, block_n=64, block_k=32, k_splits=0, unpack=unpack)
+    fitted, _ = qmm._fit(blocks, _abstract((256, 128), TWN), 1)
+    assert fitted.k_splits == 8
+    for spec in (TWN, ASYM4):
+        x, packed = _problem(spec, (3, 256), 256, 128, jnp.float32, seed=len(unpack))
+        out = qmm.quantized_matmul(x, packed, interpret=INTERPRET, block_sizes=blocks)
+        assert _relative_error(out, x, packed) < TOLERANCE[jnp.float32]
+
+
+def test_dispatch_by_rows():
+    assert qmm.select_block_sizes(1) is qmm.DECODE
+    assert qmm.select_block_sizes(qmm.DECODE_MAX_M) is qmm.DECODE
+    assert qmm.select_block_sizes(qmm.DECODE_MAX_M + 1) is qmm.PREFILL
+    packed = _abstract((4096, 4096), TWN)
+    decode, mp = qmm._fit(qmm.DECODE, packed, 1)
+    assert (decode.block_m, mp, decode.block_k) == (16, 16, 256)
+    assert decode.k_splits * (4096 // decode.block_n) >= 256  # enough programs for one row
+    prefill, mp = qmm._fit(qmm.PREFILL, packed, 4096)
+    assert (prefill.block_m, prefill.k_splits, mp) == (128, 1, 4096)
+    group, _ = qmm._fit(qmm.DECODE, _abstract((512, 64), ASYM4), 1)
+    assert group.block_k == 32  # a K tile never crosses a scale group
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("spec", [TWN, ASYM4], ids=lambda s: s.method)
+def test_gradient_wrt_x_equals_reference(spec, dtype):
+    x, packed = _problem(spec, (2, 5, 64), 64, 96, dtype, seed=7)
+    cotangent = jnp.asarray(np.random.default_rng(8).normal(size=(2, 5, 96)), dtype)
+
+    def loss(fn):
+        return lambda x: jnp.sum(fn(x, packed).astype(jnp.float32) * cotangent)
+
+    kernel = jax.grad(loss(lambda x, p: qmm.quantized_matmul(x, p, interpret=INTERPRET)))(x)
+    reference = jax.grad(loss(qmm.quantized_matmul_reference))(x)
+    assert kernel.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(reference))
+    expected = np.asarray(cotangent, np.float64) @ np.asarray(_unpack(packed), np.float64).T
+    err = np.linalg.norm(np.asarray(kernel, np.float64) - expected) / np.linalg.norm(expected)
+    assert err < TOLERANCE[dtype]
+
+
+def test_inside_jit_and_scan():
+    # The decoder's use: stacked packed layers sliced by lax.scan, under jit.
+    rng = np.random.default_rng(9)
+    w = jnp.asarray(rng.normal(size=(3, 64, 64)) * 0.2, jnp.float32)
+    packed = _pack(w, TWN)
+    h = jnp.asarray(rng.normal(size=(2, 64)), jnp.float32)
+
+    def run(matmul):
+        def step(h, layer):
+            return jnp.tanh(matmul(h, layer)), None
+
+        return jax.jit(lambda h, p: jax.lax.scan(step, h, p)[0])(h, packed)
+
+    out = run(lambda h, p: qmm.quantized_matmul(h, p, interpret=INTERPRET))
+    ref = run(qmm.quantized_matmul_reference)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 256], ids=["decode", "prefill"])
+def test_lowers_for_triton(rows):
+    """Both launches lower through Pallas' Triton rules for a CUDA target (no GPU needed)."""
+    export = pytest.importorskip("jax.export")
+    for spec in (TWN, ASYM4, SYM8):
+        packed = _abstract((512, 256), spec)
+        for unpack in ("reshape", "gather"):
+            blocks = dataclasses.replace(qmm.select_block_sizes(rows), unpack=unpack)
+            fn = jax.jit(lambda x, p, b=blocks: qmm.quantized_matmul(x, p, block_sizes=b))
+            exported = export.export(
+                fn,
+                platforms=("cuda",),
+                disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+            )(jax.ShapeDtypeStruct((rows, 512), jnp.bfloat16), packed)
+            assert "xla.gpu.triton" in exported.mlir_module()
+
+
+def test_rejects_bad_inputs():
+    packed = _pack(jnp.ones((2, 32, 16)), TWN)
+    with pytest.raises(ValueError, match="one matrix"):
+        qmm.quantized_matmul(jnp.ones((1, 32)), packed, interpret=True)
+    one = jax.tree.map(lambda a: a[0], packed)
+    with pytest.raises(ValueError, match="features"):
+        qmm.quantized_matmul(jnp.ones((1, 31)), one, interpret=True)
+    # 2-bit words hold 16 rows; groups of 8 rows cannot be tiled (unpack still works).
+    odd = _pack(jnp.ones((32, 16)), QuantSpec("twn", 2, "group", 8))
+    with pytest.raises(NotImplementedError, match="group size"):
+        qmm.quantized_matmul(jnp.ones((1, 32)), odd, interpret=True)
