@@ -45,9 +45,18 @@ def _trailing(v: jax.Array, ndim: int) -> jax.Array:
 def linear(
     layer_params: Params, x: jax.Array, name: str, quantizer: Quantizer | None = None
 ) -> jax.Array:
-    """y = x @ W + b, where W is the (possibly quantized) kernel of this linear layer."""
-    kernel = layer_params["kernel"] if quantizer is None else quantizer(name, layer_params)
-    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+    """y = x @ W + b, where W is the (possibly quantized) kernel of this linear layer.
+
+    A packed model (`tsld_jax.quant.export`) holds a "packed" PackedWeight instead of "kernel";
+    its product runs through `export.packed_matmul` (the Pallas kernel on a GPU).
+    """
+    if "packed" in layer_params:
+        from tsld_jax.quant import export  # lazy: the float model never imports Pallas
+
+        y = export.packed_matmul(x, layer_params["packed"])
+    else:
+        kernel = layer_params["kernel"] if quantizer is None else quantizer(name, layer_params)
+        y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
     if "bias" in layer_params:
         y = y + _trailing(layer_params["bias"].astype(y.dtype), y.ndim)
     return y
