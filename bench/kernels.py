@@ -7,7 +7,7 @@ device's measured copy bandwidth (a large device-to-device copy, read plus write
 
     python bench/kernels.py                      # the full sweep (GPU)
     python bench/kernels.py --smoke              # tiny shapes, interpret mode: runs on a CPU
-    python bench/kernels.py --sizes 8192 --rows 1 --unpack gather --json out.json
+    python bench/kernels.py --sizes 8192 --rows 1 --json out.json
 
 Timing: each measured call is one jitted function that multiplies by `copies` distinct weight
 buffers in turn (enough to exceed the L2 cache several times, so the weights come from HBM,
@@ -21,7 +21,6 @@ symmetric int8 per channel; activations bf16.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import os
@@ -125,7 +124,6 @@ def main():
     parser.add_argument("--formats", nargs="+", default=["bf16", *FORMATS])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--max-copies", type=int, default=32)
-    parser.add_argument("--unpack", choices=["reshape", "gather"], default="reshape")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode")
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
@@ -137,13 +135,13 @@ def main():
     device = jax.devices()[0]
     bandwidth = copy_bandwidth(2**30 if not args.smoke else 2**24, max(3, args.repeats // 4))
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, "
-          f"interpret={interpret}, unpack={args.unpack}")  # fmt: skip
+          f"interpret={interpret}")  # fmt: skip
     print(f"measured copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + write)")
 
     rows = []
     for k in args.sizes:
         for m in args.rows:
-            blocks = dataclasses.replace(qmm.select_block_sizes(m), unpack=args.unpack)
+            blocks = qmm.select_block_sizes(m)
             _check(min(k, 512), m, interpret, blocks, rng)
             base = None
             for name in args.formats:

@@ -15,8 +15,9 @@ shapes chosen by the number of activation rows M:
 
 In both, a K tile never crosses a scale group (`block_k` divides the group size), so scales are
 applied to the tile's partial product, `acc += (x @ (v - zero)) * mult`, rather than to every
-weight: unpacking costs a shift, a mask, a subtraction and a conversion per weight, all on small
-integers that the activations' dtype represents exactly. See docs/kernels.md for the layout and
+weight: unpacking costs a shift, a mask, an OR, a subtraction and a narrowing to bf16 per weight,
+on small integers that the activations' dtype represents exactly (no int-to-float conversion
+instruction, which runs at a quarter rate). See docs/kernels.md for the layout and
 the block-size reasoning.
 
 `quantized_matmul` is a `jax.custom_vjp`: the gradient with respect to x is that of
@@ -48,6 +49,8 @@ except ImportError:  # pragma: no cover - a jax without the Triton lowering
     _TritonParams = None
 
 DECODE_MAX_M = 64
+_MAGIC = 8388608.0  # 2^23: float32 integers from 2^23 to 2^24 have unit spacing
+_MAGIC_BITS = 0x4B000000  # its bit pattern
 # Programs a decode launch aims for: about two per SM of an H100 (132 SMs) or A100 (108).
 _TARGET_PROGRAMS = 264
 
@@ -66,9 +69,6 @@ class BlockSizes:
         picks enough to give about `_TARGET_PROGRAMS` programs.
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining depth of the K loop.
-      unpack: "reshape" loads each packed word once and expands it in registers
-        ((bk / P, P, bn) -> (bk, bn)); "gather" loads word row k // P for every K row (repeated
-        addresses, served by L1) and shifts by (k % P), the GPTQ-Triton way, with no reshape.
     """
 
     block_m: int
@@ -77,10 +77,9 @@ class BlockSizes:
     k_splits: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    unpack: str = "reshape"
 
 
-DECODE = BlockSizes(block_m=64, block_n=128, block_k=256, k_splits=0, num_warps=4, num_stages=4)
+DECODE = BlockSizes(block_m=64, block_n=128, block_k=256, k_splits=0, num_warps=8, num_stages=4)
 PREFILL = BlockSizes(block_m=128, block_n=128, block_k=64, k_splits=1, num_warps=8, num_stages=3)
 
 
@@ -134,7 +133,6 @@ def _kernel(
     k_steps: int,
     group_rows: int,
     compute_dtype,
-    unpack: str,
 ):
     if has_zeros:
         zeros_ref, out_ref = rest
@@ -144,29 +142,31 @@ def _kernel(
     block_n = codes_ref.shape[-1]
     first_step = pl.program_id(2) * k_steps
     words_per_tile = block_k // per_word
+    # Codes become floats without an int-to-float conversion (a quarter-rate instruction that
+    # would bound decoding): OR-ing a non-negative integer u < 2^23 into the mantissa of 2^23
+    # gives the float 2^23 + u exactly, and one subtraction of 2^23 + base (+ the zero point)
+    # leaves the integer value, exact in float32 and then in the activations' dtype.
+    base = offset if per_word > 1 else offset + 128
 
     def step(i, acc_MxN):
         kk = first_step + i  # this tile's index along the padded K
         x_MxK = x_ref[:, pl.ds(kk * block_k, block_k)].astype(compute_dtype)
         if per_word == 1:
-            ints_KxN = codes_ref[pl.ds(kk * block_k, block_k), :].astype(jnp.int32)
-        elif unpack == "gather":
-            row_K = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-            words_KxN = codes_ref[kk * words_per_tile + row_K // per_word, :]
-            shift_Kx1 = ((row_K % per_word) * cbits).reshape(block_k, 1)
-            ints_KxN = lax.shift_right_logical(words_KxN, shift_Kx1) & (2**cbits - 1)
+            unsigned_KxN = codes_ref[pl.ds(kk * block_k, block_k), :].astype(jnp.int32) + 128
         else:
+            # Row k of the tile is field k % P of word row k // P: expand the words in registers.
             words_WxN = codes_ref[pl.ds(kk * words_per_tile, words_per_tile), :]
             shift_1xPx1 = lax.broadcasted_iota(jnp.int32, (1, per_word, 1), 1) * cbits
             fields_WxPxN = lax.shift_right_logical(words_WxN[:, None, :], shift_1xPx1)
-            ints_KxN = (fields_WxPxN & (2**cbits - 1)).reshape(block_k, block_n)
+            unsigned_KxN = (fields_WxPxN & (2**cbits - 1)).reshape(block_k, block_n)
+        magic_KxN = lax.bitcast_convert_type(unsigned_KxN | _MAGIC_BITS, jnp.float32)
         group = (kk * block_k) // group_rows
         mult_1xN = mult_ref[pl.ds(group, 1), :]
         if has_zeros:
-            zero_1xN = zeros_ref[pl.ds(group, 1), :]
-            w_KxN = ((ints_KxN - offset).astype(jnp.float32) - zero_1xN).astype(compute_dtype)
+            bias_1xN = zeros_ref[pl.ds(group, 1), :] + (_MAGIC + base)
+            w_KxN = (magic_KxN - bias_1xN).astype(compute_dtype)
         else:
-            w_KxN = (ints_KxN - offset).astype(compute_dtype)
+            w_KxN = (magic_KxN - (_MAGIC + base)).astype(compute_dtype)
         partial_MxN = jnp.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32)
         return acc_MxN + partial_MxN * mult_1xN
 
@@ -216,7 +216,6 @@ def _matmul_2d(x_MxK: jax.Array, packed: PackedWeight, interpret: bool, blocks: 
         k_steps=k_steps,
         group_rows=packed.group_rows,
         compute_dtype=_compute_dtype(x_MxK.dtype),
-        unpack=blocks.unpack,
     )
     compiler_params = None
     if _TritonParams is not None and not interpret:
