@@ -4,11 +4,12 @@ One portable kernel body (the Pallas Triton lowering: `pl.pallas_call` with Bloc
 jnp ops, so it runs on A100 and H100 alike and in interpret mode on the CPU), launched in two
 shapes chosen by the number of activation rows M:
 
-- decode (M <= `DECODE_MAX_M`): memory-bound. One program owns a (16..64, block_n) output tile
-  and a slice of K ("split-K", so a single token still fills the GPU with programs); it streams
-  the packed int32 words of its slice once, unpacks them in registers and multiplies on the
-  matrix units (a 16-row dot costs nothing next to reading the weights). The partial sums of
-  the K slices are added by XLA afterwards (float32, `k_splits * M * N` values).
+- decode (M <= `DECODE_MAX_M`, `DECODE` and `DECODE_WIDE`): memory-bound. One program owns a
+  (16..64, block_n) output tile (all of M: the weights are read once) and a slice of K
+  ("split-K", so a single token still fills the GPU with programs); it streams the packed int32
+  words of its slice once, unpacks them in registers and multiplies on the matrix units (a
+  16-row dot costs nothing next to reading the weights). The partial sums of the K slices are
+  added by XLA afterwards (float32, `k_splits * M * N` values).
 - prefill (larger M): compute-bound. 128x128 output tiles, the whole of K per program, each
   K tile of weights dequantized once into the activations' dtype (bf16 for bf16 inputs) and fed
   to the tensor cores; float32 accumulation.
@@ -60,8 +61,8 @@ class BlockSizes:
     """Tile shape and launch parameters of one kernel launch (hashable: a static argument).
 
     Attributes:
-      block_m: activation rows per program (>= 16 on GPU; decode uses the next power of two of
-        M, at least 16).
+      block_m: activation rows per program, at most; lowered to the next power of two of M
+        (at least 16, the smallest tile of the matrix units).
       block_n: output columns per program.
       block_k: K rows per step of a program's loop; lowered to the largest power of two that
         divides the padded K and the scale group, and is a multiple of the packing.
@@ -79,7 +80,14 @@ class BlockSizes:
     num_stages: int = 3
 
 
-DECODE = BlockSizes(block_m=64, block_n=128, block_k=256, k_splits=0, num_warps=8, num_stages=4)
+# Launch defaults, checked by bench/kernels_static.py against the sm_80/sm_90 compilers: no spills,
+# shared memory within an A100's 163 KB and an H100's 227 KB (docs/kernels.md).
+DECODE = BlockSizes(block_m=16, block_n=128, block_k=256, k_splits=0, num_warps=8, num_stages=4)
+# 17..64 rows: one 64-row tile (weights still read once); half the K tile and one stage fewer,
+# since the activation tile grows fourfold.
+DECODE_WIDE = BlockSizes(
+    block_m=64, block_n=128, block_k=128, k_splits=0, num_warps=8, num_stages=3
+)
 PREFILL = BlockSizes(block_m=128, block_n=128, block_k=64, k_splits=1, num_warps=8, num_stages=3)
 
 
@@ -250,8 +258,11 @@ def _check(x: jax.Array, packed: PackedWeight) -> None:
 
 
 def select_block_sizes(m: int) -> BlockSizes:
-    """The default launch for M activation rows: `DECODE` up to `DECODE_MAX_M`, else `PREFILL`."""
-    return DECODE if m <= DECODE_MAX_M else PREFILL
+    """The default launch for M activation rows: `DECODE` up to 16, `DECODE_WIDE` up to
+    `DECODE_MAX_M`, else `PREFILL`."""
+    if m <= DECODE.block_m:
+        return DECODE
+    return DECODE_WIDE if m <= DECODE_MAX_M else PREFILL
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -93,7 +93,9 @@ def test_split_k():
 
 def test_dispatch_by_rows():
     assert qmm.select_block_sizes(1) is qmm.DECODE
-    assert qmm.select_block_sizes(qmm.DECODE_MAX_M) is qmm.DECODE
+    assert qmm.select_block_sizes(16) is qmm.DECODE
+    assert qmm.select_block_sizes(17) is qmm.DECODE_WIDE
+    assert qmm.select_block_sizes(qmm.DECODE_MAX_M) is qmm.DECODE_WIDE
     assert qmm.select_block_sizes(qmm.DECODE_MAX_M + 1) is qmm.PREFILL
     packed = _abstract((4096, 4096), TWN)
     decode, mp = qmm._fit(qmm.DECODE, packed, 1)
