@@ -1,7 +1,7 @@
 """Compile the quantized-matmul launches for NVIDIA GPUs without one, and read the result.
 
-Lowers each launch of `pallas.quantized_matmul` (decode and prefill, W2/W4/W8A16, bf16
-activations) through Pallas' Triton rules for a CUDA target (`jax.export` cross-lowering: no
+Lowers each launch of `pallas.quantized_matmul` (decode and prefill, W2/W4/W8A16, bf16 or
+float32 activations) through Pallas' Triton rules for a CUDA target (`jax.export` cross-lowering: no
 GPU needed), then, when the `triton` package is importable, compiles the Triton IR for each
 target architecture (sm_80 = A100, sm_90 = H100/H200) with the launch's warps and stages, and
 prints what the compiler reports: shared memory, registers, stack (spills), and the counts of
@@ -47,7 +47,7 @@ FORMATS = {
 _OPS = ("HGMMA", "HMMA", "I2F", "LDGSTS", "LDG", "LDS", "STS", "LOP3", "SHF")
 
 
-def triton_ir(x_shape, packed, blocks) -> str:
+def triton_ir(x_shape, packed, blocks, dtype=jnp.bfloat16) -> str:
     """The Triton IR text of one launch, captured while cross-lowering for CUDA."""
     try:
         registration = importlib.import_module("jax._src.pallas.triton.pallas_call_registration")
@@ -68,7 +68,7 @@ def triton_ir(x_shape, packed, blocks) -> str:
             fn,
             platforms=("cuda",),
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(jax.ShapeDtypeStruct(x_shape, jnp.bfloat16), packed)
+        )(jax.ShapeDtypeStruct(x_shape, dtype), packed)
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
     (ir,) = captured
@@ -113,6 +113,7 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 512, 4096])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--out", help="keep the .ttir and .cubin files here")
     args = parser.parse_args()
     try:
@@ -130,8 +131,9 @@ def main():
                 jax.ShapeDtypeStruct((k, k), jnp.float32),
             )
             for m in args.rows:
-                blocks, _ = qmm._fit(qmm.select_block_sizes(m), packed, m)
-                ir = triton_ir((m, k), packed, blocks)
+                launch = qmm.select_block_sizes(m, args.dtype)
+                blocks, _ = qmm._fit(launch, packed, m)
+                ir = triton_ir((m, k), packed, blocks, jnp.dtype(args.dtype))
                 path = os.path.join(out, f"{name}_k{k}_m{m}.ttir")
                 with open(path, "w") as f:
                     f.write(ir)

@@ -257,18 +257,25 @@ def _check(x: jax.Array, packed: PackedWeight) -> None:
         raise ValueError(f"x must be floating point, got {x.dtype}")
 
 
-def select_block_sizes(m: int) -> BlockSizes:
-    """The default launch for M activation rows: `DECODE` up to 16, `DECODE_WIDE` up to
-    `DECODE_MAX_M`, else `PREFILL`."""
+def select_block_sizes(m: int, dtype=jnp.bfloat16) -> BlockSizes:
+    """The default launch for M activation rows of `dtype`.
+
+    `DECODE` up to 16 rows, `DECODE_WIDE` up to `DECODE_MAX_M`, else `PREFILL`; float32
+    activations halve `block_k` (their tiles take twice the shared memory, and an A100 has 163 KB).
+    """
     if m <= DECODE.block_m:
-        return DECODE
-    return DECODE_WIDE if m <= DECODE_MAX_M else PREFILL
+        blocks = DECODE
+    else:
+        blocks = DECODE_WIDE if m <= DECODE_MAX_M else PREFILL
+    if jnp.dtype(dtype).itemsize > 2:
+        blocks = dataclasses.replace(blocks, block_k=blocks.block_k // 2)
+    return blocks
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _quantized_matmul(x, packed, interpret, block_sizes):
     x_MxK = x.reshape(-1, x.shape[-1])
-    blocks = block_sizes or select_block_sizes(x_MxK.shape[0])
+    blocks = block_sizes or select_block_sizes(x_MxK.shape[0], x.dtype)
     out = _matmul_2d(x_MxK, packed, interpret, blocks)
     return out.reshape(*x.shape[:-1], packed.shape[1])
 
@@ -309,6 +316,7 @@ def quantized_matmul(
       `(..., out_features)` in x's dtype: the product with float32 accumulation. Weights are
       dequantized into x's dtype (bf16 inputs: `unpack(packed).astype(bf16)` up to the
       rounding of the per-group scale, which is applied to the float32 partial products).
+      Float32 inputs use the dot's default precision, like `jnp.dot`: TF32 on recent GPUs.
 
     Raises:
       ValueError: x does not match the packed shape, or packed holds stacked matrices.

@@ -20,8 +20,9 @@ INTERPRET = jax.default_backend() != "gpu"
 # Eager dispatch would compile every op of pack/unpack for every shape; jit compiles once.
 _pack = jax.jit(qtensor.pack, static_argnums=(1,))
 _unpack = jax.jit(qtensor.unpack)
-# ||out - ref|| / ||ref|| bounds (docs: METHOD.md): float32 arithmetic, and bf16 operands/output.
-TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+# ||out - ref|| / ||ref|| bounds: float32 arithmetic (on a GPU a float32 dot at default
+# precision runs on the tensor cores in TF32, as jnp.dot does there), and bf16 operands/output.
+TOLERANCE = {jnp.float32: 1e-5 if INTERPRET else 2e-3, jnp.bfloat16: 1e-2}
 
 TWN = QuantSpec("twn", 2, "channel")
 ASYM4 = QuantSpec("asym", 4, "group", 32)
