@@ -49,6 +49,8 @@ try:  # The Triton compiler parameters moved between jax releases; all are optio
 except ImportError:  # pragma: no cover - a jax without the Triton lowering
     _TritonParams = None
 
+# A block dimension of size 1 that the kernel does not see (`None` in older jax releases).
+_SQUEEZED = getattr(pl, "squeezed", None)
 DECODE_MAX_M = 64
 _MAGIC = 8388608.0  # 2^23: float32 integers from 2^23 to 2^24 have unit spacing
 _MAGIC_BITS = 0x4B000000  # its bit pattern
@@ -213,7 +215,7 @@ def _matmul_2d(x_MxK: jax.Array, packed: PackedWeight, interpret: bool, blocks: 
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
     else:
         out_shape = jax.ShapeDtypeStruct((splits, mp, np_), jnp.float32)
-        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
+        out_spec = pl.BlockSpec((_SQUEEZED, bm, bn), lambda i, j, s: (s, i, j))
     kernel = functools.partial(
         _kernel,
         cbits=packed.container_bits,
