@@ -65,9 +65,7 @@ def run_jax(args) -> dict:
     loss_cfg = ml_collections.ConfigDict({"kind": "tsld", "temperature": 10.0, "chunk_size": 128})
     optimizer, _ = train_step.make_optimizer(train_cfg, 1000)
     step = jax.jit(
-        train_step.make_train_step(
-            model.spec, rules.make_quantizer(rules.default_rules()), loss_cfg, optimizer
-        ),
+        train_step.make_train_step(model.spec, rules.default_rules(), loss_cfg, optimizer),
         donate_argnums=(0,),
     )
     teacher = model.params

@@ -13,9 +13,21 @@ from tsld_jax.models.spec import ModelSpec
 from tsld_jax.quant import rules
 
 SPEC = ModelSpec(
-    family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4,
-    head_dim=8, mlp_size=64, norm="rmsnorm", activation="silu", gated_mlp=True,
-    positional="rotary", attn_bias=False, attn_out_bias=False, mlp_bias=False,
+    family="llama",
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=8,
+    mlp_size=64,
+    norm="rmsnorm",
+    activation="silu",
+    gated_mlp=True,
+    positional="rotary",
+    attn_bias=False,
+    attn_out_bias=False,
+    mlp_bias=False,
     tie_embeddings=False,
 )
 LOSS = ml_collections.ConfigDict({"kind": "tsld", "temperature": 10.0, "chunk_size": 8})
@@ -27,7 +39,7 @@ def _setup():
     tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, SPEC.vocab_size)
     ones = jnp.ones_like(tokens)
     batch = {"tokens": tokens, "attention_mask": ones, "loss_mask": ones}
-    loss_fn = train_step.make_loss_fn(SPEC, rules.make_quantizer(rules.default_rules()), LOSS)
+    loss_fn = train_step.make_loss_fn(SPEC, rules.default_rules(), LOSS)
     return student, teacher, batch, jax.value_and_grad(loss_fn, has_aux=True)
 
 
@@ -47,8 +59,11 @@ def test_sharded_step_equals_single_device(mesh_shape, reference):
     specs = [s.spec for s in jax.tree.leaves(param_sh)]
     assert any(any(axis is not None for axis in spec) for spec in specs)  # really sharded
     replicated = NamedSharding(mesh, PartitionSpec())
-    fn = jax.jit(grad_fn, in_shardings=(param_sh, param_sh, sharding.batch_sharding(mesh)),
-                 out_shardings=((replicated, replicated), param_sh))
+    fn = jax.jit(
+        grad_fn,
+        in_shardings=(param_sh, param_sh, sharding.batch_sharding(mesh)),
+        out_shardings=((replicated, replicated), param_sh),
+    )
     (loss, _), grads = fn(student, teacher, batch)
     ref_loss, ref_grads = reference
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)

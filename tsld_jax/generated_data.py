@@ -23,13 +23,14 @@ def sample(
     temperature: float,
     seed: int,
     first_token: int,
-    batch_size: int = 16,
+    batch_size: int = 64,
     progress: bool = True,
 ) -> np.ndarray:
     """`count` sequences of `length` tokens sampled from the model, each starting `first_token`.
 
     Sampling runs through the KV-cache generator (`tsld_jax.generate`); no eos stops a row, so
-    every sequence is exactly `length` tokens of model text.
+    every sequence is exactly `length` tokens of model text. Decoding a few rows is bound by
+    reading the weights, so large batches cost little more per step than small ones.
     """
     sampling = generate.Sampling(temperature=temperature)
     rng = jax.random.key(seed)

@@ -41,7 +41,8 @@ def qat_loss(
         "loss_mask" (B, T), 1 where the prediction *into* a position counts (the layout of
         `data.py`). Position t predicts token t + 1; the models read tokens 0..T-2.
       spec: the architecture of both models.
-      rules: quantization rules, a spec tree, or one QuantSpec (see `quant.make_quantizer`).
+      rules: quantization rules, a spec tree, or one QuantSpec (see `quant.make_quantizer`);
+        None trains in full precision (the FP stage).
       kind: "gt", "logit", "logit_gt", "l2l" or "tsld" (gt + L_tsld).
       temperature: tau of TSLD's token-scale softmax.
       chunk_size: tokens per chunk of the memory-lean loss pass; None for the naive one.
@@ -67,7 +68,8 @@ def qat_loss(
         )
         return out if collect else (out, None)
 
-    student_logits, student_aux = run(student_params, quant_rules.make_quantizer(rules))
+    quantizer = None if rules is None else quant_rules.make_quantizer(rules)
+    student_logits, student_aux = run(student_params, quantizer)
     teacher_logits = teacher_aux = None
     if kind != "gt":
         teacher_logits, teacher_aux = jax.lax.stop_gradient(

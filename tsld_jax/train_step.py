@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tsld_jax import losses
-from tsld_jax.models import decoder
+from tsld_jax import qat
 from tsld_jax.models.spec import ModelSpec
 
 
@@ -62,64 +61,38 @@ def init_state(params, optimizer, seed: int) -> TrainState:
     )
 
 
-def make_loss_fn(spec: ModelSpec, quantizer, loss_cfg, compute_dtype=jnp.float32):
-    """loss_fn(params, teacher_params, batch) -> (loss, metrics) for one (micro-)batch."""
-    kind = loss_cfg.kind
-    collect = ("hidden", "attn_scores") if kind == "l2l" else ()
+def make_loss_fn(spec: ModelSpec, rules, loss_cfg, compute_dtype=jnp.float32):
+    """loss_fn(params, teacher_params, batch) -> (loss, parts) for one (micro-)batch.
+
+    The objective itself is `qat.qat_loss`; this binds the config and the compute dtype (bf16
+    casts the latent fp32 weights for the forward passes only).
+    """
 
     def cast(tree):
-        if compute_dtype == jnp.float32:
+        if tree is None or compute_dtype == jnp.float32:
             return tree
         return jax.tree.map(lambda x: x.astype(compute_dtype), tree)
 
-    def run(params, batch, quant):
-        out = decoder.forward(
-            cast(params),
-            batch["tokens"],
-            spec,
-            mask_BxT=batch["attention_mask"],
-            quantizer=quant,
-            collect=collect,
-        )
-        return out if collect else (out, None)
-
     def loss_fn(params, teacher_params, batch):
-        labels_BxT = batch["tokens"][:, 1:]
-        mask_BxT = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
-        student_logits, student_aux = run(params, batch, quantizer)
-        teacher_logits = teacher_aux = None
-        if kind != "gt":
-            teacher_logits, teacher_aux = jax.lax.stop_gradient(
-                run(jax.lax.stop_gradient(teacher_params), batch, None)
-            )
-            teacher_logits = teacher_logits[:, :-1]
-        if kind == "l2l":
-            # Align hidden states and scores with the T - 1 scored positions.
-            student_aux, teacher_aux = (
-                {"hidden": a["hidden"][:, :, :-1], "attn_scores": a["attn_scores"][..., :-1, :-1]}
-                for a in (student_aux, teacher_aux)
-            )
-        loss, parts = losses.distillation_loss(
-            kind,
-            student_logits[:, :-1],
-            teacher_logits,
-            labels_BxT,
-            mask_BxT,
-            student_aux=student_aux,
-            teacher_aux=teacher_aux,
+        return qat.qat_loss(
+            cast(params),
+            cast(teacher_params),
+            batch,
+            spec,
+            rules,
+            loss_cfg.kind,
             temperature=loss_cfg.temperature,
             chunk_size=loss_cfg.chunk_size or None,
         )
-        return loss, parts
 
     return loss_fn
 
 
 def make_train_step(
-    spec, quantizer, loss_cfg, optimizer, grad_accum: int = 1, compute_dtype=jnp.float32
+    spec, rules, loss_cfg, optimizer, grad_accum: int = 1, compute_dtype=jnp.float32
 ):
     """step(state, batch, teacher_params) -> (state, metrics); pure, to be jitted by the caller."""
-    loss_fn = make_loss_fn(spec, quantizer, loss_cfg, compute_dtype)
+    loss_fn = make_loss_fn(spec, rules, loss_cfg, compute_dtype)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch, teacher_params):
