@@ -1,17 +1,7 @@
-"""gpt2: full-precision fine-tune on PTB (the teacher), PAPER.md's settings."""
+"""gpt2: full-precision fine-tune on PTB (the teacher) (PAPER.md)."""
 
-from configs import base
+from configs import paper
 
 
 def get_config():
-    c = base.get_config()
-    c.stage = "fp"
-    c.model.name_or_path = "gpt2"
-    c.data.name = "ptb"
-    c.data.block_size = 512
-    c.data.batch_size = 4
-    c.loss.kind = "gt"
-    c.quant.method = "none"
-    c.train.lr = 0.0001
-    c.train.epochs = 3
-    return c
+    return paper.config("gpt2_0.1b", "fp")

@@ -1,21 +1,7 @@
-"""gpt2-large: ternary (TWN) QAT with TSLD on PTB, PAPER.md's settings.
+"""gpt2-large: ternary TWN QAT with TSLD on PTB, from the FP export (PAPER.md)."""
 
-Start from the FP stage's export: --config.model.name_or_path=FP_WORKDIR/export.
-"""
-
-from configs import base
+from configs import paper
 
 
 def get_config():
-    c = base.get_config()
-    c.stage = "qat"
-    c.model.name_or_path = "gpt2-large"
-    c.data.name = "ptb"
-    c.data.block_size = 512
-    c.data.batch_size = 4
-    c.loss.kind = "tsld"
-    c.quant.method = "twn"
-    c.quant.bits = 2
-    c.train.lr = 0.0001
-    c.train.epochs = 30
-    return c
+    return paper.config("gpt2_0.6b", "tsld")

@@ -1,17 +1,7 @@
-"""EleutherAI/gpt-neo-1.3B: full-precision fine-tune on PTB (the teacher), PAPER.md's settings."""
+"""EleutherAI/gpt-neo-1.3B: full-precision fine-tune on PTB (the teacher) (PAPER.md)."""
 
-from configs import base
+from configs import paper
 
 
 def get_config():
-    c = base.get_config()
-    c.stage = "fp"
-    c.model.name_or_path = "EleutherAI/gpt-neo-1.3B"
-    c.data.name = "ptb"
-    c.data.block_size = 512
-    c.data.batch_size = 4
-    c.loss.kind = "gt"
-    c.quant.method = "none"
-    c.train.lr = 0.0001
-    c.train.epochs = 3
-    return c
+    return paper.config("gpt_neo1.3b", "fp")

@@ -1,17 +1,7 @@
-"""huggyllama/llama-7b: full-precision fine-tune on PTB (the teacher), PAPER.md's settings."""
+"""huggyllama/llama-7b: full-precision fine-tune on PTB (the teacher) (PAPER.md)."""
 
-from configs import base
+from configs import paper
 
 
 def get_config():
-    c = base.get_config()
-    c.stage = "fp"
-    c.model.name_or_path = "huggyllama/llama-7b"
-    c.data.name = "ptb"
-    c.data.block_size = 512
-    c.data.batch_size = 4
-    c.loss.kind = "gt"
-    c.quant.method = "none"
-    c.train.lr = 5e-05
-    c.train.epochs = 1
-    return c
+    return paper.config("llama7b", "fp")

@@ -12,7 +12,9 @@ from tsld_jax import config_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(
-    f for f in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not f.endswith("__init__.py")
+    f
+    for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if os.path.basename(f) not in ("__init__.py", "paper.py")  # paper.py: the table, no config
 )
 
 
