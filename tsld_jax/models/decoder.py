@@ -120,9 +120,12 @@ def _attention(
     quantizer: Quantizer | None,
     cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
-    """Self-attention; with `cache` = (keys_BxSxNxK, values_BxSxNxK, index) the new keys/values
+    """Self-attention; with `cache` = (keys_BxNxSxK, values_BxNxSxK, index) the new keys/values
     are written at slot `index` and the queries attend over all S slots (`allowed` is then
-    (B, 1, 1, T, S)). Returns (output, scores, (this chunk's keys, values))."""
+    (B, 1, 1, T, S)). Returns (output, scores, (this chunk's keys, values), each (B, N, T, K)).
+
+    Keys and values are kept heads-first, (B, N, S, K), so that both einsums are plain batched
+    matmuls over a cache that is never transposed (decoding reads all of it every step)."""
     batch, length, _ = x_BxTxD.shape
     kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
     groups = spec.num_heads // kv_heads
@@ -132,26 +135,31 @@ def _attention(
     if spec.positional == "rotary":
         q = _rotary(q, positions_BxT, spec.rope_theta)
         k = _rotary(k, positions_BxT, spec.rope_theta)
-    keys_BxSxNxK, values_BxSxNxK = k, v
+    k_BxNxTxK = k.transpose(0, 2, 1, 3)
+    v_BxNxTxK = v.transpose(0, 2, 1, 3)
+    keys_BxNxSxK, values_BxNxSxK = k_BxNxTxK, v_BxNxTxK
     if cache is not None:
         cached_keys, cached_values, index = cache
-        start = (0, index, 0, 0)
-        keys_BxSxNxK = lax.dynamic_update_slice(cached_keys, k.astype(cached_keys.dtype), start)
-        values_BxSxNxK = lax.dynamic_update_slice(
-            cached_values, v.astype(cached_values.dtype), start
+        start = (0, 0, index, 0)
+        keys_BxNxSxK = lax.dynamic_update_slice(
+            cached_keys, k_BxNxTxK.astype(cached_keys.dtype), start
         )
-    q_BxTxNxGxK = q.reshape(batch, length, kv_heads, groups, head_dim)
+        values_BxNxSxK = lax.dynamic_update_slice(
+            cached_values, v_BxNxTxK.astype(cached_values.dtype), start
+        )
+    q_BxNxGxTxK = q.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     scores_BxNxGxTxS = jnp.einsum(
-        "btngk,bsnk->bngts", q_BxTxNxGxK.astype(jnp.float32), keys_BxSxNxK.astype(jnp.float32)
+        "bngtk,bnsk->bngts", q_BxNxGxTxK.astype(jnp.float32), keys_BxNxSxK.astype(jnp.float32)
     )
     if spec.scale_attention:
         scores_BxNxGxTxS = scores_BxNxGxTxS / jnp.sqrt(jnp.float32(head_dim))
     masked = jnp.where(allowed, scores_BxNxGxTxS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(masked, axis=-1).astype(v.dtype)
-    out_BxTxNxGxK = jnp.einsum("bngts,bsnk->btngk", probs, values_BxSxNxK.astype(v.dtype))
-    out = linear(p["o"], out_BxTxNxGxK.reshape(batch, length, -1), "attn/o", quantizer)
-    scores = scores_BxNxGxTxS.reshape(batch, spec.num_heads, length, keys_BxSxNxK.shape[1])
-    return out, scores, (k, v)
+    out_BxNxGxTxK = jnp.einsum("bngts,bnsk->bngtk", probs, values_BxNxSxK.astype(v.dtype))
+    out_BxTxD = out_BxNxGxTxK.transpose(0, 3, 1, 2, 4).reshape(batch, length, -1)
+    out = linear(p["o"], out_BxTxD, "attn/o", quantizer)
+    scores = scores_BxNxGxTxS.reshape(batch, spec.num_heads, length, keys_BxNxSxK.shape[2])
+    return out, scores, (k_BxNxTxK, v_BxNxTxK)
 
 
 def _mlp(p: Params, x: jax.Array, spec: ModelSpec, quantizer: Quantizer | None) -> jax.Array:
@@ -262,11 +270,11 @@ def init_cache(spec: ModelSpec, batch: int, length: int, dtype: Any = jnp.float3
     """An empty key/value cache of `length` slots per row, for `hidden_states(..., cache=)`.
 
     Returns:
-      {"keys", "values": (L, B, S, N, K); "mask": (B, S) 1 where a slot holds a real token;
+      {"keys", "values": (L, B, N, S, K); "mask": (B, S) 1 where a slot holds a real token;
       "positions": (B, S) position id of each slot; "index": () next slot to write;
       "next_position": (B,) position id of each row's next real token}.
     """
-    shape = (spec.num_layers, batch, length, spec.num_kv_heads, spec.head_dim)
+    shape = (spec.num_layers, batch, spec.num_kv_heads, length, spec.head_dim)
     return {
         "keys": jnp.zeros(shape, dtype),
         "values": jnp.zeros(shape, dtype),
@@ -346,34 +354,37 @@ def _trunk(params, tokens_BxT, spec, mask_BxT, positions_BxT, quantizer, collect
 
     h = embed(params, tokens_BxT, positions_BxT, spec)
 
-    def step(carry, xs):
-        h, keys, values = carry
-        layer, window, layer_index = xs
-        layer_cache = None
-        if cache is not None:
-            layer_cache = (keys[layer_index], values[layer_index], cache["index"])
-        new_h, scores, (k, v) = _block(
+    # The cache goes through the scan as per-layer inputs, and only this chunk's keys/values come
+    # out; they are written into the stacked cache once, after the scan. (Carrying the stacked
+    # cache and updating it inside the loop made XLA copy all of it for every layer.)
+    def step(h, xs):
+        layer, window, cached = xs
+        layer_cache = None if cached is None else (*cached, cache["index"])
+        new_h, scores, new_kv = _block(
             layer, h, spec, positions_BxT, make_mask(window), quantizer, layer_cache
         )
-        if cache is not None:
-            start = (layer_index, 0, cache["index"], 0, 0)
-            keys = lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), start)
-            values = lax.dynamic_update_slice(values, v[None].astype(values.dtype), start)
         outputs = {}
         if "hidden" in collect:
             outputs["hidden"] = h
         if "attn_scores" in collect:
             outputs["attn_scores"] = scores
-        return (new_h, keys, values), outputs
+        if cache is not None:
+            outputs["kv"] = new_kv
+        return new_h, outputs
 
-    carry = (h, None, None) if cache is None else (h, cache["keys"], cache["values"])
-    layer_ids = jnp.arange(spec.num_layers)
-    (h, keys, values), per_layer = lax.scan(step, carry, (params["layers"], windows_L, layer_ids))
+    cached_L = None if cache is None else (cache["keys"], cache["values"])
+    h, per_layer = lax.scan(step, h, (params["layers"], windows_L, cached_L))
     new_cache = None
     if cache is not None:
+        keys_L, values_L = per_layer.pop("kv")
+        start = (0, 0, 0, cache["index"], 0)
         new_cache = {
-            "keys": keys,
-            "values": values,
+            "keys": lax.dynamic_update_slice(
+                cache["keys"], keys_L.astype(cache["keys"].dtype), start
+            ),
+            "values": lax.dynamic_update_slice(
+                cache["values"], values_L.astype(cache["values"].dtype), start
+            ),
             "mask": key_mask_BxS,
             "positions": key_positions_BxS,
             "index": cache["index"] + length,
