@@ -123,20 +123,42 @@ def test_arc_scores_match_a_hand_computation(tiny, tmp_path):
     assert result["n"] == len(QUESTIONS) and result["split"] == "test"
 
 
-def test_loglikelihoods_match_transformers_and_greedy_flag(tiny):
+@pytest.mark.parametrize("share_contexts", [True, False])
+def test_loglikelihoods_match_transformers_and_greedy_flag(tiny, share_contexts):
     model, torch_model = tiny
+    question = _ids("Q", ":", "Ġ", "a", "Ġdog", "?", "Ċ", "A", ":")
     requests = [
         (_ids("Q", ":", "Ġ", "a"), _ids("Ġcat")),
-        (_ids("Q", ":", "Ġ", "a", "Ġdog", "?", "Ċ", "A", ":"), _ids("Ġc", "o", "w", ".")),
+        (question, _ids("Ġc", "o", "w", ".")),
         (_ids("A"), _ids(":", "Ġ", "t")),
+        (question, _ids("Ġcat")),
+        (question, _ids("Ġdog", "Ġdog", "Ġdog")),
     ]
-    lls, greedy = choice.loglikelihoods(model.params, model.spec, requests, batch_size=2)
+    lls, greedy = choice.loglikelihoods(
+        model.params, model.spec, requests, batch_size=2, share_contexts=share_contexts
+    )
     expected = [_torch_loglik(torch_model, c, t) for c, t in requests]
     np.testing.assert_allclose(lls, expected, atol=1e-4)
     # is_greedy: every continuation token is the argmax at its position.
     argmax_request = (_ids("Q"), [int(np.argmax(_torch_next(torch_model, _ids("Q"))))])
-    _, flags = choice.loglikelihoods(model.params, model.spec, [argmax_request], batch_size=2)
-    assert flags[0]
+    _, flags = choice.loglikelihoods(
+        model.params,
+        model.spec,
+        [argmax_request, requests[0]],
+        batch_size=2,
+        share_contexts=share_contexts,
+    )
+    assert flags[0] and not flags[1]
+
+
+def test_too_long_requests_lose_context_on_the_left(tiny):
+    model, torch_model = tiny
+    context, continuation = _ids("Q", ":", "Ġ", "a", "Ġdog", "?"), _ids("Ġcat", "Ċ")
+    (ll,), _ = choice.loglikelihoods(
+        model.params, model.spec, [(context, continuation)], max_length=5
+    )
+    # The harness keeps the last max_length + 1 = 6 tokens: "Ġ a Ġdog ?" + the continuation.
+    assert ll == pytest.approx(_torch_loglik(torch_model, context[2:], continuation), abs=1e-4)
 
 
 def _torch_next(model, ids):
@@ -144,17 +166,20 @@ def _torch_next(model, ids):
         return model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
 
 
-def test_one_compiled_shape_per_length_bucket(tiny):
+@pytest.mark.parametrize("share_contexts", [True, False])
+def test_one_compiled_shape_per_length_bucket(tiny, share_contexts):
     model, _ = tiny
     rng = np.random.default_rng(0)
     requests = [
         (rng.integers(1, 30, size=n).tolist(), rng.integers(1, 30, size=3).tolist())
         for n in (18, 20, 22, 25, 28, 19, 21)
     ]
-    choice.loglikelihoods(model.params, model.spec, requests[:1], batch_size=2)
-    before = choice._score_batch._cache_size()
-    choice.loglikelihoods(model.params, model.spec, requests, batch_size=2)  # 4 batches, T=32
-    assert choice._score_batch._cache_size() == before
+    scorer = choice._score_shared if share_contexts else choice._score_batch
+    kwargs = {"batch_size": 2, "share_contexts": share_contexts}
+    choice.loglikelihoods(model.params, model.spec, requests[:2], **kwargs)
+    before = scorer._cache_size()
+    choice.loglikelihoods(model.params, model.spec, requests, **kwargs)  # 4 batches, one bucket
+    assert scorer._cache_size() == before
 
 
 def test_metrics_by_hand():

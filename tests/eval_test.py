@@ -91,6 +91,36 @@ def test_post_training_quantization(tiny_dir, shared_data, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: --quant asym4:")
 
 
+def test_packed_model_matches_fake_quantization(tiny_dir, shared_data, tmp_path):
+    from tsld_jax import quant
+    from tsld_jax.models import load_model
+    from tsld_jax.quant import export
+
+    loaded = load_model(tiny_dir, load_tokenizer=False)
+    path = str(tmp_path / "packed.safetensors")
+    packed = export.export_packed(loaded.params, quant.preset_rules("twn"))
+    export.save_packed(path, packed, loaded.spec)
+    args = [
+        "--task",
+        "ptb",
+        "--data-dir",
+        str(shared_data),
+        "--block-size",
+        "16",
+        "--max-blocks",
+        "2",
+        "--quiet",
+    ]
+    out_packed, out_fake = tmp_path / "packed.json", tmp_path / "fake.json"
+    assert (
+        cli.main(["--packed", path, "--tokenizer", tiny_dir, *args, "--output", str(out_packed)])
+        == 0
+    )
+    assert cli.main(["--model", tiny_dir, "--quant", "twn", *args, "--output", str(out_fake)]) == 0
+    packed_ppl = json.loads(out_packed.read_text())["ppl"]
+    assert packed_ppl == pytest.approx(json.loads(out_fake.read_text())["ppl"], rel=1e-4)
+
+
 def _bad_arc(data_dir):
     path = data_dir / "arc" / "ARC-Easy-Test.jsonl"
     path.parent.mkdir(parents=True)
@@ -110,6 +140,7 @@ def _bad_arc(data_dir):
         ("malformed_jsonl", "ARC-Easy-Test.jsonl:2: malformed JSON"),
         ("limit_0", "--limit must be at least 1"),
         ("step_without_checkpoint", "--step needs --checkpoint"),
+        ("packed_without_tokenizer", "--packed needs --tokenizer"),
     ],
 )
 def test_bad_input_is_one_line_error(case, expected, tiny_dir, tmp_path, capsys):
@@ -120,7 +151,8 @@ def test_bad_input_is_one_line_error(case, expected, tiny_dir, tmp_path, capsys)
         _bad_arc(tmp_path)
     elif case == "limit_0":
         limit = "0"
-    args = ["--model", tiny_dir, "--task", task, "--data-dir", str(tmp_path), "--limit", limit]
+    source = ["--packed", "x.safetensors"] if case.startswith("packed") else ["--model", tiny_dir]
+    args = [*source, "--task", task, "--data-dir", str(tmp_path), "--limit", limit]
     if case == "step_without_checkpoint":
         args += ["--step", "3"]
     assert cli.main([*args, "--quiet"]) == 2

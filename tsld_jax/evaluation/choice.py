@@ -16,9 +16,12 @@ Conventions (lm_eval/tasks/{piqa,arc,openbookqa,glue}/*.yaml and lm_eval/models/
   log-likelihood divided by its choice's length in characters (without the delimiter); ties
   go to the first choice (np.argmax). Standard errors are the sample standard error of the mean.
 
-Batching: requests run longest first (as the harness does), each batch right-padded to a
-bucketed length and only the continuation positions unembedded, so the (T, V) logits of the
-context are never built and each (length bucket, continuation bucket) compiles once.
+Batching: the choices of a question share their context, so each distinct context runs once
+into a KV cache and its continuations are scored against copies of it (the same sums, about
+half the work); a request longer than max_length is scored as one sequence, as the harness does.
+Batches run longest first, right-padded to bucketed lengths, and only the continuation
+positions are unembedded, so the (T, V) logits of the context are never built and each bucket
+shape compiles once.
 """
 
 from __future__ import annotations
@@ -282,16 +285,66 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 @functools.partial(jax.jit, static_argnames=("spec", "quantizer"))
 def _score_batch(params, tokens_BxT, mask_BxT, index_BxC, targets_BxC, valid_BxC, spec, quantizer):
+    """Whole sequences; only the continuation positions `index_BxC` are unembedded."""
     h_BxTxD, _ = decoder.hidden_states(
         params, tokens_BxT, spec, mask_BxT=mask_BxT, quantizer=quantizer
     )
     h_BxCxD = jnp.take_along_axis(h_BxTxD, index_BxC[..., None], axis=1)
+    return _continuation_scores(params, h_BxCxD, targets_BxC, valid_BxC, spec)
+
+
+def _continuation_scores(params, h_BxCxD, targets_BxC, valid_BxC, spec):
     logits_BxCxV = decoder.unembed(params, h_BxCxD, spec).astype(jnp.float32)
     logp_BxCxV = jax.nn.log_softmax(logits_BxCxV, axis=-1)
     token_logp_BxC = jnp.take_along_axis(logp_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
     loglik_B = jnp.sum(jnp.where(valid_BxC, token_logp_BxC, 0.0), axis=-1)
     hit_BxC = (jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC) | ~valid_BxC
     return loglik_B, jnp.all(hit_BxC, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "quantizer"))
+def _score_shared(
+    params,
+    context_BxT,
+    context_mask_BxT,
+    owner_R,
+    continuation_RxC,
+    continuation_mask_RxC,
+    spec,
+    quantizer,
+):
+    """Each context runs once into a KV cache; its continuations (rows R, owned by context
+    `owner_R`) then run against a copy of that cache."""
+    batch, length = context_BxT.shape
+    width = continuation_RxC.shape[1]
+    cache = decoder.init_cache(spec, batch, length + width, params["embed"]["tokens"].dtype)
+    h_BxTxD, cache = decoder.hidden_states(
+        params, context_BxT, spec, mask_BxT=context_mask_BxT, quantizer=quantizer, cache=cache
+    )
+    last_B = jnp.max(jnp.where(context_mask_BxT > 0, jnp.arange(length)[None, :], 0), axis=-1)
+    last_h_BxD = jnp.take_along_axis(h_BxTxD, last_B[:, None, None], axis=1)[:, 0]
+    per_row = {
+        "keys": jnp.take(cache["keys"], owner_R, axis=1),
+        "values": jnp.take(cache["values"], owner_R, axis=1),
+        "mask": jnp.take(cache["mask"], owner_R, axis=0),
+        "positions": jnp.take(cache["positions"], owner_R, axis=0),
+        "next_position": jnp.take(cache["next_position"], owner_R, axis=0),
+        "index": cache["index"],
+    }
+    h_RxCxD, _ = decoder.hidden_states(
+        params,
+        continuation_RxC,
+        spec,
+        mask_BxT=continuation_mask_RxC,
+        quantizer=quantizer,
+        cache=per_row,
+    )
+    # Continuation token j is predicted at the context's last token (j = 0) or at token j - 1.
+    first_Rx1xD = jnp.take(last_h_BxD, owner_R, axis=0)[:, None]
+    predictors_RxCxD = jnp.concatenate([first_Rx1xD, h_RxCxD[:, :-1]], axis=1)
+    return _continuation_scores(
+        params, predictors_RxCxD, continuation_RxC, continuation_mask_RxC > 0, spec
+    )
 
 
 def loglikelihoods(
@@ -303,6 +356,7 @@ def loglikelihoods(
     max_length: int = 2048,
     quantizer: Callable | None = None,
     progress: bool = False,
+    share_contexts: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Log-likelihood of each continuation given its context, as the harness computes it.
 
@@ -310,10 +364,14 @@ def loglikelihoods(
       params: decoder parameters.
       spec: the architecture.
       requests: (context ids, continuation ids) pairs; the context must not be empty.
-      batch_size: requests per forward pass (the last batch is padded with copies).
+      batch_size: contexts per forward pass (the last batch is padded with copies).
       max_length: the model's context length; longer inputs lose tokens on the left.
       quantizer: as in `decoder.forward`.
       progress: show a progress bar.
+      share_contexts: run each distinct context once through a KV cache and score its
+        continuations against it (the choices of a question share their context, so this does
+        about half the work); False scores every request as one sequence, as the harness does.
+        Requests longer than max_length always take the second path.
 
     Returns:
       (log-likelihoods (N,) float64, is_greedy (N,) bool: every continuation token is the
@@ -321,18 +379,81 @@ def loglikelihoods(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    inputs, targets = [], []
     for context, continuation in requests:
         if not context or not continuation:
             raise DataError("a request has an empty context or continuation")
-        window = (list(context) + list(continuation))[-(max_length + 1) :][:-1]
-        inputs.append(window)
-        # Only a continuation longer than max_length loses tokens (the harness asserts it fits).
-        targets.append(list(continuation)[-len(window) :])
-    order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
     loglik = np.zeros(len(requests), np.float64)
     greedy = np.zeros(len(requests), bool)
     bar = tqdm(total=len(requests), desc="loglikelihood", unit="req", disable=not progress)
+    fits = [len(c) + len(t) <= max_length + 1 for c, t in requests]
+    shared = [i for i in range(len(requests)) if fits[i]] if share_contexts else []
+    alone = sorted(set(range(len(requests))) - set(shared))
+    if shared:
+        _shared_contexts(params, spec, requests, shared, batch_size, quantizer, loglik, greedy, bar)
+    if alone:
+        _whole_sequences(
+            params, spec, requests, alone, batch_size, max_length, quantizer, loglik, greedy, bar
+        )
+    bar.close()
+    return loglik, greedy
+
+
+def _shared_contexts(params, spec, requests, indices, batch_size, quantizer, loglik, greedy, bar):
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in indices:
+        groups.setdefault(tuple(requests[i][0]), []).append(i)
+    contexts = sorted(groups, key=lambda c: -(len(c) + max(len(requests[i][1]) for i in groups[c])))
+    for start in range(0, len(contexts), batch_size):
+        chunk = contexts[start : start + batch_size]
+        rows = [i for context in chunk for i in groups[context]]
+        owners = [b for b, context in enumerate(chunk) for _ in groups[context]]
+        length = bucket_length(max(map(len, chunk)))
+        width = bucket_length(max(len(requests[i][1]) for i in rows), minimum=8)
+        padded_rows = -(-len(rows) // batch_size) * batch_size
+        context_ids = np.zeros((batch_size, length), np.int32)
+        context_mask = np.zeros((batch_size, length), np.int32)
+        for b, context in enumerate(chunk + [chunk[0]] * (batch_size - len(chunk))):
+            context_ids[b, : len(context)], context_mask[b, : len(context)] = context, 1
+        owner = np.zeros(padded_rows, np.int32)
+        continuation = np.zeros((padded_rows, width), np.int32)
+        continuation_mask = np.zeros((padded_rows, width), np.int32)
+        filler = rows[0]
+        for r, (i, b) in enumerate(
+            zip(
+                rows + [filler] * (padded_rows - len(rows)),
+                owners + [owners[0]] * (padded_rows - len(rows)),
+                strict=True,
+            )
+        ):
+            ids = requests[i][1]
+            owner[r] = b
+            continuation[r, : len(ids)], continuation_mask[r, : len(ids)] = ids, 1
+        out_loglik, out_greedy = _score_shared(
+            params,
+            context_ids,
+            context_mask,
+            owner,
+            continuation,
+            continuation_mask,
+            spec,
+            quantizer,
+        )
+        loglik[rows] = np.asarray(out_loglik)[: len(rows)]
+        greedy[rows] = np.asarray(out_greedy)[: len(rows)]
+        bar.update(len(rows))
+
+
+def _whole_sequences(
+    params, spec, requests, indices, batch_size, max_length, quantizer, loglik, greedy, bar
+):
+    inputs, targets = {}, {}
+    for i in indices:
+        context, continuation = requests[i]
+        window = (list(context) + list(continuation))[-(max_length + 1) :][:-1]
+        inputs[i] = window
+        # Only a continuation longer than max_length loses tokens (the harness asserts it fits).
+        targets[i] = list(continuation)[-len(window) :]
+    order = sorted(indices, key=lambda i: -len(inputs[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         length = bucket_length(max(len(inputs[i]) for i in rows))
@@ -354,8 +475,6 @@ def loglikelihoods(
         loglik[rows] = np.asarray(out_loglik)[: len(rows)]
         greedy[rows] = np.asarray(out_greedy)[: len(rows)]
         bar.update(len(rows))
-    bar.close()
-    return loglik, greedy
 
 
 def choice_metrics(

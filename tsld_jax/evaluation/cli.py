@@ -1,8 +1,9 @@
 """The `eval.py` command line: load a model, run the tasks, print and write the results.
 
 Model sources (exactly one): `--model` (HF directory, hub id or GGUF file), `--checkpoint`
-(a train.py workdir, restored with the quantization it was trained with) or `--packed` (an
-exported packed-weight model). `--quant` applies post-training quantization to a `--model`.
+(a train.py workdir, restored with the quantization it was trained with) or `--packed` (a
+packed-weight file from `quant.export.save_packed`, with `--tokenizer`). `--quant` applies
+post-training quantization to a `--model`.
 
 Every user error (bad flag values, unknown task, missing or malformed data, unloadable model)
 prints one `error: ...` line and exits with status 2.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -171,22 +173,44 @@ def load_eval_model(args: argparse.Namespace) -> EvalModel:
         model.max_length = args.max_length or _max_length(None, model.tokenizer, model.spec)
         return model
     if args.packed:
-        from tsld_jax import quant
+        from tsld_jax.quant import export
 
-        load_packed = getattr(quant, "load_packed", None)
-        if load_packed is None:
-            raise UsageError("--packed: this build has no packed-model loader (quant.load_packed)")
         try:
-            loaded = load_packed(args.packed)
+            packed = export.load_packed(args.packed)
         except (FileNotFoundError, ValueError, KeyError, OSError) as error:
             raise LoadError(f"--packed {args.packed}: {error}") from None
-        return _from_loaded(loaded, args.packed, args)
+        if packed.spec is None:
+            raise LoadError(f"--packed {args.packed}: the file holds no model spec")
+        tokenizer = load_tokenizer(args.tokenizer)
+        return EvalModel(
+            params=packed.params,
+            spec=packed.spec,
+            tokenizer=tokenizer,
+            quantizer=None,
+            name=args.packed,
+            max_length=args.max_length or _max_length(None, tokenizer, packed.spec),
+        )
     loaded = load_model(args.model)
     model = _from_loaded(loaded, args.model, args)
     if args.quant:
         model.params = _quantized(model.params, args.quant)
         model.name = f"{args.model}+{args.quant}"
     return model
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of a HF model directory or hub id, or the one in a GGUF file's metadata."""
+    from tsld_jax.models import gguf, loading
+
+    path = loading.resolve_path(name_or_path)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return gguf.load_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as error:  # transformers raises OSError, ValueError, EnvironmentError...
+        raise LoadError(f"--tokenizer {name_or_path}: cannot load a tokenizer ({error})") from None
 
 
 def _from_loaded(loaded: Any, name: str, args: argparse.Namespace) -> EvalModel:
@@ -277,7 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="HF model directory, hub id, or .gguf file")
     source.add_argument("--checkpoint", help="a train.py workdir (its newest checkpoint)")
-    source.add_argument("--packed", help="a packed quantized model (quant.load_packed)")
+    source.add_argument(
+        "--packed",
+        help="a packed quantized model file (quant.export.save_packed); needs --tokenizer",
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="HF directory, hub id or .gguf (--packed)"
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (--checkpoint)")
     parser.add_argument(
         "--quant",
@@ -331,6 +361,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
             raise UsageError(f"{flag} must be at least {minimum}, got {value}")
     if args.step is not None and not args.checkpoint:
         raise UsageError("--step needs --checkpoint")
+    if bool(args.packed) != bool(args.tokenizer):
+        raise UsageError("--packed needs --tokenizer (and --tokenizer is only for --packed)")
     if args.quant and not args.model:
         raise UsageError(
             "--quant applies to --model; a --checkpoint or --packed model is evaluated with "
