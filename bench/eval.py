@@ -7,8 +7,8 @@
   prompt, EOS ignored, so both sides do the same work; transformers' `generate` with its KV
   cache on the same left-padded batch).
 
-Both sides get a warm-up call (compilation for JAX), then the median of `--repeats` timed calls;
-the outputs are checked to agree.
+Both sides get a warm-up call (compilation for JAX), then the best of `--repeats` timed calls,
+interleaved; the outputs are checked to agree.
 
     python bench/eval.py [--questions 20] [--prompts 3] [--new-tokens 64] [--batch-size 8]
     taskset -c 0 python bench/eval.py     # both on one core
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -36,14 +35,19 @@ from tsld_jax.evaluation import choice, gsm8k  # noqa: E402
 from tsld_jax.models import load_model  # noqa: E402
 
 
-def _time(fn, repeats):
-    result = fn()  # warm-up (compilation for JAX)
-    times = []
+def _time_pair(ours, theirs, repeats):
+    """Best-of-`repeats` seconds of each, in interleaved rounds after one warm-up call each.
+
+    The CPU is shared: other processes only ever add time, so the minimum is the estimate least
+    disturbed by them, and interleaving exposes both sides to the same load."""
+    results = (ours(), theirs())  # warm-up (compilation for JAX)
+    times = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for fn, spent in zip((ours, theirs), times, strict=True):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return min(times[0]), min(times[1]), results
 
 
 def _torch_loglikelihoods(torch_model, requests, batch_size):
@@ -100,14 +104,12 @@ def main():
         for doc in docs
         for text in doc.choices
     ]
-    t_mc_ours, lls_ours = _time(
+    t_mc_ours, t_mc_theirs, (lls_ours, lls_theirs) = _time_pair(
         lambda: choice.loglikelihoods(
             model.params, model.spec, requests, batch_size=args.batch_size
         )[0],
+        lambda: _torch_loglikelihoods(torch_model, requests, args.batch_size),
         args.repeats,
-    )
-    t_mc_theirs, lls_theirs = _time(
-        lambda: _torch_loglikelihoods(torch_model, requests, args.batch_size), args.repeats
     )
     np.testing.assert_allclose(lls_ours, lls_theirs, atol=2e-3)  # same work, checked
 
@@ -139,9 +141,9 @@ def main():
             )
         return out[:, length:].numpy()
 
-    gen_repeats = max(1, args.repeats - 1)
-    t_gen_ours, gen_ours = _time(ours_generate, gen_repeats)
-    t_gen_theirs, gen_theirs = _time(theirs_generate, gen_repeats)
+    t_gen_ours, t_gen_theirs, (gen_ours, gen_theirs) = _time_pair(
+        ours_generate, theirs_generate, max(1, args.repeats - 1)
+    )
     same = float(np.mean(gen_ours == gen_theirs))
     new_tokens = len(encoded) * args.new_tokens
 
