@@ -234,3 +234,26 @@ def test_checkpoint_restore_gives_the_training_runs_last_perplexity(tmp_path, sh
     assert result["train_last_eval"]["step"] == 2
     assert result["ppl"] == pytest.approx(result["train_last_eval"]["eval_ppl"], rel=1e-5)
     assert result["model"].endswith("@2")
+    # The ternary student also answers questions (its byte tokenizer, its quantizer).
+    out = tmp_path / "tasks.json"
+    code = cli.main(
+        [
+            "--checkpoint",
+            str(workdir),
+            "--task",
+            "arc_easy,gsm8k",
+            "--data-dir",
+            str(shared_data),
+            "--limit",
+            "1",
+            "--max-gen-toks",
+            "2",
+            "--max-length",
+            "256",
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert [r["n"] for r in json.loads(out.read_text())["results"]] == [1, 1]

@@ -217,6 +217,14 @@ def generate_tokens(
     return out
 
 
+def _decode_rows(tokenizer: Any, rows: np.ndarray) -> list[str]:
+    """Each row's text with special tokens skipped; tokenizers without `batch_decode` (such as
+    the byte tokenizer of random smoke-test models) are decoded row by row."""
+    if hasattr(tokenizer, "batch_decode"):
+        return tokenizer.batch_decode(rows.tolist(), skip_special_tokens=True)
+    return [tokenizer.decode(row) for row in rows.tolist()]
+
+
 def _cut(text: str, stop_sequences: Sequence[str]) -> str:
     for stop in stop_sequences:
         if stop:
@@ -284,9 +292,7 @@ def generate_text(
         def should_stop(generated_BxN: np.ndarray) -> np.ndarray:
             stopped = np.ones(len(generated_BxN), dtype=bool)  # filler rows never hold it up
             if stops:
-                texts = tokenizer.batch_decode(
-                    generated_BxN[:real_rows].tolist(), skip_special_tokens=True
-                )
+                texts = _decode_rows(tokenizer, generated_BxN[:real_rows])
                 stopped[:real_rows] = [any(stop in text for stop in stops) for text in texts]
             else:
                 stopped[:real_rows] = False
@@ -324,7 +330,7 @@ def generate_text(
             chunk_size=chunk_size,
             should_stop=stop_check(len(rows)),
         )
-        texts = tokenizer.batch_decode(generated[: len(rows)].tolist(), skip_special_tokens=True)
+        texts = _decode_rows(tokenizer, generated[: len(rows)])
         for i, text in zip(rows, texts, strict=True):
             results[i] = _cut(text, stops)
         bar.update(len(rows))
