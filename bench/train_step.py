@@ -65,7 +65,9 @@ def run_jax(args) -> dict:
     loss_cfg = ml_collections.ConfigDict({"kind": "tsld", "temperature": 10.0, "chunk_size": 128})
     optimizer, _ = train_step.make_optimizer(train_cfg, 1000)
     step = jax.jit(
-        train_step.make_train_step(model.spec, rules.default_rules(), loss_cfg, optimizer),
+        train_step.make_train_step(
+            model.spec, rules.default_rules(), loss_cfg, optimizer, remat=args.remat
+        ),
         donate_argnums=(0,),
     )
     teacher = model.params
@@ -153,6 +155,7 @@ def main():
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--impl", choices=["jax", "torch"], default=None)
+    parser.add_argument("--remat", action="store_true", help="jax: recompute blocks in backward")
     args = parser.parse_args()
     if args.impl:
         result = run_jax(args) if args.impl == "jax" else run_torch(args)
@@ -173,6 +176,7 @@ def main():
                 str(args.length),
                 "--steps",
                 str(args.steps),
+                *(["--remat"] if args.remat else []),
             ],
             capture_output=True,
             text=True,

@@ -83,3 +83,21 @@ def test_bfloat16_compute_keeps_fp32_latent_weights():
     state, metrics = _one_step(1, kind="tsld", dtype=jnp.bfloat16)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_remat_gives_the_same_step():
+    plain_state, plain_metrics = _one_step(1, kind="tsld")
+    teacher = decoder.init_params(jax.random.key(0), SPEC, std=0.3)
+    loss_cfg = ml_collections.ConfigDict({"kind": "tsld", "temperature": 10.0, "chunk_size": 0})
+    optimizer, _ = train_step.make_optimizer(TRAIN, 10)
+    step = jax.jit(
+        train_step.make_train_step(SPEC, rules.default_rules(), loss_cfg, optimizer, remat=True)
+    )
+    state = train_step.init_state(jax.tree.map(lambda x: x * 1.1, teacher), optimizer, 0)
+    remat_state, remat_metrics = step(state, _batch(), teacher)
+    np.testing.assert_allclose(remat_metrics["loss"], plain_metrics["loss"], rtol=1e-6)
+    np.testing.assert_allclose(remat_metrics["grad_norm"], plain_metrics["grad_norm"], rtol=1e-5)
+    for a, b in zip(
+        jax.tree.leaves(remat_state.params), jax.tree.leaves(plain_state.params), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -27,6 +27,7 @@ def qat_loss(
     *,
     temperature: float = losses.DEFAULT_TEMPERATURE,
     chunk_size: int | None = losses.DEFAULT_CHUNK_SIZE,
+    remat: bool = False,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """The loss of one QAT step, differentiable with respect to the student only.
 
@@ -46,6 +47,7 @@ def qat_loss(
       kind: "gt", "logit", "logit_gt", "l2l" or "tsld" (gt + L_tsld).
       temperature: tau of TSLD's token-scale softmax.
       chunk_size: tokens per chunk of the memory-lean loss pass; None for the naive one.
+      remat: recompute the student's blocks in the backward pass (see `decoder.forward`).
 
     Returns:
       (loss, parts) as `losses.distillation_loss` returns them.
@@ -62,14 +64,20 @@ def qat_loss(
     )
     collect = ("hidden", "attn_scores") if kind == "l2l" else ()
 
-    def run(params, quantizer):
+    def run(params, quantizer, remat=False):
         out = decoder.forward(
-            params, inputs_BxT, spec, mask_BxT=input_mask_BxT, quantizer=quantizer, collect=collect
+            params,
+            inputs_BxT,
+            spec,
+            mask_BxT=input_mask_BxT,
+            quantizer=quantizer,
+            collect=collect,
+            remat=remat,
         )
         return out if collect else (out, None)
 
     quantizer = None if rules is None else quant_rules.make_quantizer(rules)
-    student_logits, student_aux = run(student_params, quantizer)
+    student_logits, student_aux = run(student_params, quantizer, remat)
     teacher_logits = teacher_aux = None
     if kind != "gt":
         teacher_logits, teacher_aux = jax.lax.stop_gradient(

@@ -61,7 +61,7 @@ def init_state(params, optimizer, seed: int) -> TrainState:
     )
 
 
-def make_loss_fn(spec: ModelSpec, rules, loss_cfg, compute_dtype=jnp.float32):
+def make_loss_fn(spec: ModelSpec, rules, loss_cfg, compute_dtype=jnp.float32, remat=False):
     """loss_fn(params, teacher_params, batch) -> (loss, parts) for one (micro-)batch.
 
     The objective itself is `qat.qat_loss`; this binds the config and the compute dtype (bf16
@@ -83,16 +83,17 @@ def make_loss_fn(spec: ModelSpec, rules, loss_cfg, compute_dtype=jnp.float32):
             loss_cfg.kind,
             temperature=loss_cfg.temperature,
             chunk_size=loss_cfg.chunk_size or None,
+            remat=remat,
         )
 
     return loss_fn
 
 
 def make_train_step(
-    spec, rules, loss_cfg, optimizer, grad_accum: int = 1, compute_dtype=jnp.float32
+    spec, rules, loss_cfg, optimizer, grad_accum: int = 1, compute_dtype=jnp.float32, remat=False
 ):
     """step(state, batch, teacher_params) -> (state, metrics); pure, to be jitted by the caller."""
-    loss_fn = make_loss_fn(spec, rules, loss_cfg, compute_dtype)
+    loss_fn = make_loss_fn(spec, rules, loss_cfg, compute_dtype, remat)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch, teacher_params):

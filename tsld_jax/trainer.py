@@ -245,7 +245,13 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     compute_dtype = jnp.bfloat16 if cfg.train.dtype == "bfloat16" else jnp.float32
     step_fn = jax.jit(
         train_step.make_train_step(
-            student.spec, rules, cfg.loss, optimizer, cfg.train.grad_accum, compute_dtype
+            student.spec,
+            rules,
+            cfg.loss,
+            optimizer,
+            cfg.train.grad_accum,
+            compute_dtype,
+            cfg.train.remat,
         ),
         in_shardings=(state_shardings, batch_sharding, None),
         out_shardings=(state_shardings, None),
