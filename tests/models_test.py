@@ -80,23 +80,4 @@ def test_causality_via_gradients():
 
 
 def tiny_spec():
-    from tsld_jax.models.spec import ModelSpec
-
-    return ModelSpec(
-        family="llama",
-        vocab_size=16,
-        hidden_size=16,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=8,
-        mlp_size=24,
-        norm="rmsnorm",
-        activation="silu",
-        gated_mlp=True,
-        positional="rotary",
-        attn_bias=False,
-        attn_out_bias=False,
-        mlp_bias=False,
-        tie_embeddings=False,
-    )
+    return tiny_models.llama_spec()

@@ -5,30 +5,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import tiny_models
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tsld_jax import sharding, train_step
 from tsld_jax.models import decoder
-from tsld_jax.models.spec import ModelSpec
 from tsld_jax.quant import rules
 
-SPEC = ModelSpec(
-    family="llama",
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=4,
-    head_dim=8,
-    mlp_size=64,
-    norm="rmsnorm",
-    activation="silu",
-    gated_mlp=True,
-    positional="rotary",
-    attn_bias=False,
-    attn_out_bias=False,
-    mlp_bias=False,
-    tie_embeddings=False,
+SPEC = tiny_models.llama_spec(
+    vocab_size=64, hidden_size=32, num_heads=4, num_kv_heads=4, mlp_size=64
 )
 LOSS = ml_collections.ConfigDict({"kind": "tsld", "temperature": 10.0, "chunk_size": 8})
 

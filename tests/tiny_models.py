@@ -94,3 +94,29 @@ def save_word_tokenizer(directory: str, words: list[str]) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
     fast.save_pretrained(directory)
+
+
+def llama_spec(**overrides):
+    """A tiny LLaMA-family ModelSpec for JAX-only tests (no transformers model behind it)."""
+    from tsld_jax.models.spec import ModelSpec
+
+    fields = dict(
+        family="llama",
+        vocab_size=16,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        mlp_size=24,
+        norm="rmsnorm",
+        activation="silu",
+        gated_mlp=True,
+        positional="rotary",
+        attn_bias=False,
+        attn_out_bias=False,
+        mlp_bias=False,
+        tie_embeddings=False,
+    )
+    fields.update(overrides)
+    return ModelSpec(**fields)

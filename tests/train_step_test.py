@@ -4,29 +4,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tiny_models
 
 from tsld_jax import train_step
 from tsld_jax.models import decoder
-from tsld_jax.models.spec import ModelSpec
 from tsld_jax.quant import rules
 
-SPEC = ModelSpec(
-    family="llama",
-    vocab_size=32,
-    hidden_size=16,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=2,
-    head_dim=8,
-    mlp_size=32,
-    norm="rmsnorm",
-    activation="silu",
-    gated_mlp=True,
-    positional="rotary",
-    attn_bias=False,
-    attn_out_bias=False,
-    mlp_bias=False,
-)
+SPEC = tiny_models.llama_spec(vocab_size=32, num_layers=1, num_kv_heads=2, mlp_size=32)
 TRAIN = ml_collections.ConfigDict(
     {
         "lr": 1e-2,
