@@ -11,15 +11,14 @@ the answer only.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from tsld_jax.evaluation import perplexity
-from tsld_jax.evaluation.perplexity import DataError
+from tsld_jax.evaluation import perplexity, sources
+from tsld_jax.evaluation.sources import DataError
 
 Examples = dict[str, np.ndarray]
 
@@ -30,37 +29,16 @@ def lm_examples(blocks_NxT: np.ndarray) -> Examples:
     return {"tokens": blocks_NxT.astype(np.int32), "attention_mask": ones, "loss_mask": ones}
 
 
-def _read_lines(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
-    except OSError as error:
-        raise DataError(f"cannot read {path}: {error.strerror or error}") from None
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path} is not UTF-8 text ({error.reason})") from None
-
-
 def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict[str, Any]]:
-    """The records of a .jsonl file; a malformed line is an error naming the file and line."""
-    records = []
-    for number, line in enumerate(_read_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            records.append({field: record[field] for field in fields})
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(
-                f"{path}:{number}: not a JSON object with the fields {', '.join(fields)}"
-            ) from None
-    return records
+    """The `fields` of each record of a .jsonl file (malformed lines: an error naming the line)."""
+    return [{f: r[f] for f in fields} for r in sources.read_jsonl(path, fields)]
 
 
 def read_text_file(path: str, text_field: str = "text") -> list[str]:
     """Lines of a .txt file, or the `text_field` of each record of a .jsonl file."""
     if path.endswith(".jsonl"):
         return [str(r[text_field]) for r in read_jsonl(path, (text_field,))]
-    return _read_lines(path)
+    return sources.read_lines(path)
 
 
 def gsm8k_records(split: str, data_dir: str | None) -> list[dict[str, str]]:

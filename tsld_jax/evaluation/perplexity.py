@@ -18,13 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from tsld_jax.evaluation.sources import DataError, read_lines
 from tsld_jax.models import decoder
 from tsld_jax.models.spec import ModelSpec
-
-
-class DataError(ValueError):
-    """Missing, unreadable or too-short evaluation data."""
-
 
 # task -> (local file pattern under --data-dir, hub dataset args, text field).
 _SOURCES = {
@@ -42,14 +38,7 @@ def load_lines(task: str, split: str, data_dir: str | None) -> list[str]:
         raise DataError(f"unknown split {split!r}; expected validation, test or train")
     pattern, hub_args, field = _SOURCES[task]
     if data_dir is not None:
-        path = os.path.join(data_dir, pattern.format(split=_LOCAL_SPLITS[split]))
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read().splitlines()
-        except OSError as error:
-            raise DataError(f"cannot read {path}: {error.strerror or error}") from None
-        except UnicodeDecodeError as error:
-            raise DataError(f"{path} is not UTF-8 text ({error.reason})") from None
+        return read_lines(os.path.join(data_dir, pattern.format(split=_LOCAL_SPLITS[split])))
     import datasets
 
     hub_split = "validation" if split in ("valid", "validation") else split

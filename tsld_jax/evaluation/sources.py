@@ -13,7 +13,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from tsld_jax.evaluation.perplexity import DataError
+
+class DataError(ValueError):
+    """Missing, unreadable, malformed or too-short data."""
+
 
 __all__ = ["DataError", "hub_records", "mean_stderr", "read_jsonl", "read_lines", "read_tsv"]
 
