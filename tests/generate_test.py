@@ -76,7 +76,9 @@ def test_kv_cache_generation_equals_full_recomputation(name):
         assert out[row].tolist() == expected, (name, row)
 
 
-def test_chunked_prefill_matches_forward():
+@pytest.mark.parametrize("tile", [decoder.QUERY_TILE, 4])
+def test_chunked_prefill_matches_forward(tile, monkeypatch):
+    monkeypatch.setattr(decoder, "QUERY_TILE", tile)  # 4: query tiles over the cache's slots
     spec, params = _model("llama_gqa_untied")
     tokens, mask = _pad(_prompts(), "left")
 

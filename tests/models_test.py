@@ -43,6 +43,17 @@ def test_logits_match_transformers(tiny):
     np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
 
 
+def test_query_tiles_match_transformers(tiny, monkeypatch):
+    """Attention in query tiles (5, 5, 2 rows; keys cut at each tile's end) equals the model."""
+    name, directory, model = tiny
+    monkeypatch.setattr(decoder, "QUERY_TILE", 5)
+    tokens, mask = _tokens_and_mask()
+    loaded = load_model(directory, load_tokenizer=False)
+    ours = np.asarray(decoder.forward(loaded.params, tokens, loaded.spec, mask_BxT=mask))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], _torch_logits(model, tokens, mask)[real], atol=1e-4)
+
+
 def test_padding_does_not_change_real_logits(tiny):
     _, directory, _ = tiny
     tokens, mask = _tokens_and_mask()

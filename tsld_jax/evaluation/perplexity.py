@@ -75,12 +75,15 @@ def block_losses(
     With `loss_mask_BxT`, the mean runs over the positions whose mask is 1 (the prediction of
     token t from tokens < t counts where loss_mask[t] is 1); by default over all T - 1.
     """
-    logits_BxTxV = decoder.forward(
+    hidden_BxTxD, _ = decoder.hidden_states(
         params, blocks_BxT, spec, mask_BxT=attention_mask_BxT, quantizer=quantizer
     )
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
+    # The head only where a next token exists, and logsumexp - target logit rather than a full
+    # log_softmax: neither the (B, T, V) slice nor the normalised copy is ever written.
+    logits_BxTxV = decoder.unembed(params, hidden_BxTxD[:, :-1], spec).astype(jnp.float32)
     target_BxT = blocks_BxT[:, 1:]
-    nll_BxT = -jnp.take_along_axis(logp_BxTxV, target_BxT[..., None], axis=-1)[..., 0]
+    target_logit_BxT = jnp.take_along_axis(logits_BxTxV, target_BxT[..., None], axis=-1)[..., 0]
+    nll_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_logit_BxT
     if loss_mask_BxT is None:
         return nll_BxT.mean(axis=-1)
     weights_BxT = loss_mask_BxT[:, 1:].astype(jnp.float32)

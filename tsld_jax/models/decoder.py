@@ -111,6 +111,34 @@ def attention_mask(
     return allowed
 
 
+# Queries are processed in tiles of this many positions. Each tile's (T_tile, S) scores stay in
+# the CPU's cache, and without a KV cache a tile only needs the keys up to its own last position
+# (the later ones are all masked by causality), which skips ~3/8 of the attention arithmetic at
+# T = 512. Measured on a 2-core x86 CPU (SmolLM2 shapes, B = 4, T = 512): one attention layer
+# 4x faster than the single (T, T) pass, fwd+bwd 1.8x; 64 and 256 were both slower than 128.
+QUERY_TILE = 128
+
+
+def _attend(
+    q_BxNxGxTxK: jax.Array,
+    keys_BxNxSxK: jax.Array,
+    values_BxNxSxK: jax.Array,
+    allowed: jax.Array,
+    scale: bool,
+    value_dtype: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """softmax(q k^T [/ sqrt(K)], masked) v for one tile of queries; returns (out, scores)."""
+    scores_BxNxGxTxS = jnp.einsum(
+        "bngtk,bnsk->bngts", q_BxNxGxTxK.astype(jnp.float32), keys_BxNxSxK.astype(jnp.float32)
+    )
+    if scale:
+        scores_BxNxGxTxS = scores_BxNxGxTxS / jnp.sqrt(jnp.float32(q_BxNxGxTxK.shape[-1]))
+    masked = jnp.where(allowed, scores_BxNxGxTxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(masked, axis=-1).astype(value_dtype)
+    out_BxNxGxTxK = jnp.einsum("bngts,bnsk->bngtk", probs, values_BxNxSxK.astype(value_dtype))
+    return out_BxNxGxTxK, scores_BxNxGxTxS
+
+
 def _attention(
     p: Params,
     x_BxTxD: jax.Array,
@@ -119,10 +147,12 @@ def _attention(
     allowed: jax.Array,
     quantizer: Quantizer | None,
     cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+    want_scores: bool = False,
+) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array]]:
     """Self-attention; with `cache` = (keys_BxNxSxK, values_BxNxSxK, index) the new keys/values
     are written at slot `index` and the queries attend over all S slots (`allowed` is then
-    (B, 1, 1, T, S)). Returns (output, scores, (this chunk's keys, values), each (B, N, T, K)).
+    (B, 1, 1, T, S)). Returns (output, scores (B, H, T, S) if `want_scores` else None,
+    (this chunk's keys, values), each (B, N, T, K)).
 
     Keys and values are kept heads-first, (B, N, S, K), so that both einsums are plain batched
     matmuls over a cache that is never transposed (decoding reads all of it every step)."""
@@ -148,18 +178,28 @@ def _attention(
             cached_values, v_BxNxTxK.astype(cached_values.dtype), start
         )
     q_BxNxGxTxK = q.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
-    scores_BxNxGxTxS = jnp.einsum(
-        "bngtk,bnsk->bngts", q_BxNxGxTxK.astype(jnp.float32), keys_BxNxSxK.astype(jnp.float32)
-    )
-    if spec.scale_attention:
-        scores_BxNxGxTxS = scores_BxNxGxTxS / jnp.sqrt(jnp.float32(head_dim))
-    masked = jnp.where(allowed, scores_BxNxGxTxS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(masked, axis=-1).astype(v.dtype)
-    out_BxNxGxTxK = jnp.einsum("bngts,bnsk->bngtk", probs, values_BxNxSxK.astype(v.dtype))
+    slots = keys_BxNxSxK.shape[2]
+    tile = length if want_scores else QUERY_TILE
+    outs, scores = [], None
+    for start in range(0, length, tile):
+        end = min(start + tile, length)
+        # Without a cache, query t sees keys <= t only; with one, the slots are not positions.
+        limit = end if cache is None else slots
+        out, scores = _attend(
+            q_BxNxGxTxK[:, :, :, start:end],
+            keys_BxNxSxK[:, :, :limit],
+            values_BxNxSxK[:, :, :limit],
+            allowed[..., start:end, :limit],
+            spec.scale_attention,
+            v.dtype,
+        )
+        outs.append(out)
+    out_BxNxGxTxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     out_BxTxD = out_BxNxGxTxK.transpose(0, 3, 1, 2, 4).reshape(batch, length, -1)
     out = linear(p["o"], out_BxTxD, "attn/o", quantizer)
-    scores = scores_BxNxGxTxS.reshape(batch, spec.num_heads, length, keys_BxNxSxK.shape[2])
-    return out, scores, (k_BxNxTxK, v_BxNxTxK)
+    if want_scores:
+        scores = scores.reshape(batch, spec.num_heads, length, slots)
+    return out, scores if want_scores else None, (k_BxNxTxK, v_BxNxTxK)
 
 
 def _mlp(p: Params, x: jax.Array, spec: ModelSpec, quantizer: Quantizer | None) -> jax.Array:
@@ -179,7 +219,8 @@ def _block(
     allowed: jax.Array,
     quantizer: Quantizer | None,
     cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+    want_scores: bool = False,
+) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array]]:
     if spec.pre_norm:
         attn_out, scores, new_kv = _attention(
             layer["attn"],
@@ -189,12 +230,13 @@ def _block(
             allowed,
             quantizer,
             cache,
+            want_scores,
         )
         h = h + attn_out
         h = h + _mlp(layer["mlp"], _norm(layer["mlp_norm"], h, spec), spec, quantizer)
     else:  # OPT-350m: normalise after each residual add.
         attn_out, scores, new_kv = _attention(
-            layer["attn"], h, spec, positions_BxT, allowed, quantizer, cache
+            layer["attn"], h, spec, positions_BxT, allowed, quantizer, cache, want_scores
         )
         h = _norm(layer["attn_norm"], h + attn_out, spec)
         h = _norm(layer["mlp_norm"], h + _mlp(layer["mlp"], h, spec, quantizer), spec)
@@ -368,7 +410,14 @@ def _trunk(
         layer, window, cached = xs
         layer_cache = None if cached is None else (*cached, cache["index"])
         new_h, scores, new_kv = _block(
-            layer, h, spec, positions_BxT, make_mask(window), quantizer, layer_cache
+            layer,
+            h,
+            spec,
+            positions_BxT,
+            make_mask(window),
+            quantizer,
+            layer_cache,
+            want_scores="attn_scores" in collect,
         )
         outputs = {}
         if "hidden" in collect:
