@@ -155,7 +155,12 @@ def main():
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--impl", choices=["jax", "torch"], default=None)
-    parser.add_argument("--remat", action="store_true", help="jax: recompute blocks in backward")
+    parser.add_argument(
+        "--remat",
+        choices=["none", "dots", "full"],
+        default="dots",
+        help="jax: what the backward recomputes (config.train.remat; train.py's default: dots)",
+    )
     args = parser.parse_args()
     if args.impl:
         result = run_jax(args) if args.impl == "jax" else run_torch(args)
@@ -176,7 +181,8 @@ def main():
                 str(args.length),
                 "--steps",
                 str(args.steps),
-                *(["--remat"] if args.remat else []),
+                "--remat",
+                args.remat,
             ],
             capture_output=True,
             text=True,
@@ -186,7 +192,7 @@ def main():
     tokens = args.batch * args.length
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; batch {args.batch} x "
-        f"{args.length}; median of {args.steps} steps after one warm-up"
+        f"{args.length}; median of {args.steps} steps after one warm-up; remat={args.remat}"
     )
     for impl, r in results.items():
         print(

@@ -62,9 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
     # float32 (default) or bfloat16 compute. PAPER.md: bf16 QAT was clearly worse (OPT-1.3B PTB
     # W2 TSLD 13.24 in fp32 vs 14.81 in bf16), so latent weights and math stay fp32 by default.
     c.train.dtype = "float32"
-    # Recompute each block in the backward pass (jax.checkpoint on the layer scan): activation
-    # memory of one block instead of all L, for about a third more compute.
-    c.train.remat = False
+    # What the backward pass recomputes of each block (jax.checkpoint on the layer scan):
+    # "dots" keeps the matmul outputs and recomputes norms, activations and fake-quantized
+    # kernels (fastest and about half the memory of "none" on CPU, docs/benchmarks.md); "full"
+    # keeps only each block's input (least memory, about a third more compute); "none" keeps all.
+    c.train.remat = "dots"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "tsld"  # gt, logit, logit_gt, l2l or tsld.

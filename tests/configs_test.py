@@ -83,6 +83,7 @@ def _train(*flags):
         ("--config.quant.granularity=group", "quant.group_size"),
         ("--config.model.name_or_path=/no/such/model", "model.name_or_path"),
         ("--config.loss.kind=mse", "loss.kind"),
+        ("--config.train.remat=some", "train.remat"),
     ],
 )
 def test_bad_config_is_one_line_error(flag, field, tmp_path):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 import tiny_models
 
 from tsld_jax import train_step
@@ -69,13 +70,14 @@ def test_bfloat16_compute_keeps_fp32_latent_weights():
     assert np.isfinite(float(metrics["loss"]))
 
 
-def test_remat_gives_the_same_step():
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_gives_the_same_step(remat):
     plain_state, plain_metrics = _one_step(1, kind="tsld")
     teacher = decoder.init_params(jax.random.key(0), SPEC, std=0.3)
     loss_cfg = ml_collections.ConfigDict({"kind": "tsld", "temperature": 10.0, "chunk_size": 0})
     optimizer, _ = train_step.make_optimizer(TRAIN, 10)
     step = jax.jit(
-        train_step.make_train_step(SPEC, rules.default_rules(), loss_cfg, optimizer, remat=True)
+        train_step.make_train_step(SPEC, rules.default_rules(), loss_cfg, optimizer, remat=remat)
     )
     state = train_step.init_state(jax.tree.map(lambda x: x * 1.1, teacher), optimizer, 0)
     remat_state, remat_metrics = step(state, _batch(), teacher)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from tsld_jax.models.decoder import REMAT_MODES
+
 LOSS_KINDS = ("gt", "logit", "logit_gt", "l2l", "tsld")
 QUANT_METHODS = ("twn", "pact", "asym", "sym", "none")
 DATA_NAMES = ("auto", "ptb", "wikitext2", "gsm8k", "text", "generated")
@@ -89,6 +91,11 @@ def validate(config) -> None:
     _require(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _require(train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables)")
     _require(train.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {train.grad_accum}")
+    _require(
+        train.remat in REMAT_MODES,
+        "train.remat",
+        f"must be one of {REMAT_MODES}, got {train.remat!r}",
+    )
     _require(
         train.dtype in ("float32", "bfloat16"),
         "train.dtype",

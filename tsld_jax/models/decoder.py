@@ -280,7 +280,7 @@ def forward(
     positions_BxT: jax.Array | None = None,
     quantizer: Quantizer | None = None,
     collect: Sequence[str] = (),
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Runs the decoder.
 
@@ -293,8 +293,10 @@ def forward(
       quantizer: optional `quantizer(name, layer_params) -> kernel` applied in every linear().
       collect: any of "hidden" (the input of every block and the final block output,
         (L+1, B, T, D)) and "attn_scores" (pre-softmax scores, (L, B, H, T, T)).
-      remat: recompute each block in the backward pass instead of keeping its activations
-        (jax.checkpoint on the scanned block): training memory for ~1/3 more compute.
+      remat: what the backward pass recomputes of each block (jax.checkpoint on the scanned
+        block), one of REMAT_MODES: "none" (or False) keeps every activation; "dots" keeps only
+        the matmul outputs and recomputes the cheap rest (norms, activations, fake-quantized
+        kernels); "full" (or True) keeps only each block's input.
 
     Returns:
       logits (B, T, V), or (logits, aux) when `collect` is not empty.
@@ -368,6 +370,23 @@ def hidden_states(
     return h, new_cache
 
 
+REMAT_MODES = ("none", "dots", "full")
+
+
+def _rematerialised(step: Callable, remat: bool | str | None) -> Callable:
+    """The scan body under the `remat` mode of `forward`."""
+    mode = {False: "none", None: "none", True: "full"}.get(remat, remat)
+    if mode == "none":
+        return step
+    if mode == "full":
+        return jax.checkpoint(step)
+    if mode == "dots":
+        # Measured on SmolLM2-135M, one QAT-TSLD step on a 2-core CPU: 15% faster than keeping
+        # everything (XLA zero-fills and copies fewer stacked residuals) at half the temp memory.
+        return jax.checkpoint(step, policy=jax.checkpoint_policies.dots_saveable)
+    raise ValueError(f"remat must be one of {REMAT_MODES} (or a bool), got {remat!r}")
+
+
 def _trunk(
     params, tokens_BxT, spec, mask_BxT, positions_BxT, quantizer, collect, cache=None, remat=False
 ):
@@ -429,7 +448,7 @@ def _trunk(
         return new_h, outputs
 
     cached_L = None if cache is None else (cache["keys"], cache["values"])
-    body = jax.checkpoint(step) if remat else step
+    body = _rematerialised(step, remat)
     h, per_layer = lax.scan(body, h, (params["layers"], windows_L, cached_L))
     new_cache = None
     if cache is not None:
