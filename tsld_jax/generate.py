@@ -88,10 +88,13 @@ def _last_real_index(mask_BxT: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("spec", "quantizer", "cache_length"))
 def _prefill(params, tokens_BxT, mask_BxT, spec, quantizer, cache_length):
     dtype = params["embed"]["tokens"].dtype
-    cache = decoder.init_cache(spec, tokens_BxT.shape[0], cache_length, dtype)
+    # A cache of exactly the prompt's length first (its attention then skips the causal half,
+    # see decoder._attention), grown to its full length after.
+    cache = decoder.init_cache(spec, tokens_BxT.shape[0], tokens_BxT.shape[1], dtype)
     h_BxTxD, cache = decoder.hidden_states(
         params, tokens_BxT, spec, mask_BxT=mask_BxT, quantizer=quantizer, cache=cache
     )
+    cache = decoder.grow_cache(cache, cache_length)
     last_B = _last_real_index(mask_BxT)
     h_BxD = jnp.take_along_axis(h_BxTxD, last_B[:, None, None], axis=1)[:, 0]
     logits_BxV = decoder.unembed(params, h_BxD, spec).astype(jnp.float32)

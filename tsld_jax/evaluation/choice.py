@@ -317,10 +317,11 @@ def _score_shared(
     `owner_R`) then run against a copy of that cache."""
     batch, length = context_BxT.shape
     width = continuation_RxC.shape[1]
-    cache = decoder.init_cache(spec, batch, length + width, params["embed"]["tokens"].dtype)
+    cache = decoder.init_cache(spec, batch, length, params["embed"]["tokens"].dtype)
     h_BxTxD, cache = decoder.hidden_states(
         params, context_BxT, spec, mask_BxT=context_mask_BxT, quantizer=quantizer, cache=cache
     )
+    cache = decoder.grow_cache(cache, length + width)  # see generate._prefill
     last_B = jnp.max(jnp.where(context_mask_BxT > 0, jnp.arange(length)[None, :], 0), axis=-1)
     last_h_BxD = jnp.take_along_axis(h_BxTxD, last_B[:, None, None], axis=1)[:, 0]
     per_row = {

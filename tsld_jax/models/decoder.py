@@ -146,13 +146,13 @@ def _attention(
     positions_BxT: jax.Array,
     allowed: jax.Array,
     quantizer: Quantizer | None,
-    cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
     want_scores: bool = False,
-) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array]]:
-    """Self-attention; with `cache` = (keys_BxNxSxK, values_BxNxSxK, index) the new keys/values
-    are written at slot `index` and the queries attend over all S slots (`allowed` is then
-    (B, 1, 1, T, S)). Returns (output, scores (B, H, T, S) if `want_scores` else None,
-    (this chunk's keys, values), each (B, N, T, K)).
+) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array] | None]:
+    """Self-attention; with `cache` = (keys_LxBxNxSxK, values_LxBxNxSxK, layer, index) the new
+    keys/values are written into layer `layer`'s slots from `index` on, and the queries attend
+    over all S slots (`allowed` is then (B, 1, 1, T, S)). Returns (output, scores (B, H, T, S)
+    if `want_scores` else None, the updated (keys, values) stacks or None).
 
     Keys and values are kept heads-first, (B, N, S, K), so that both einsums are plain batched
     matmuls over a cache that is never transposed (decoding reads all of it every step)."""
@@ -167,24 +167,29 @@ def _attention(
         k = _rotary(k, positions_BxT, spec.rope_theta)
     k_BxNxTxK = k.transpose(0, 2, 1, 3)
     v_BxNxTxK = v.transpose(0, 2, 1, 3)
-    keys_BxNxSxK, values_BxNxSxK = k_BxNxTxK, v_BxNxTxK
+    keys_BxNxSxK, values_BxNxSxK, new_kv = k_BxNxTxK, v_BxNxTxK, None
     if cache is not None:
-        cached_keys, cached_values, index = cache
-        start = (0, 0, index, 0)
-        keys_BxNxSxK = lax.dynamic_update_slice(
-            cached_keys, k_BxNxTxK.astype(cached_keys.dtype), start
+        # The whole stack is updated in place (it is the scan's carry), then this layer's
+        # slots are read back: no copy of the stack per layer or per decoding step.
+        keys_L, values_L, layer_index, index = cache
+        start = (layer_index, 0, 0, index, 0)
+        keys_L = lax.dynamic_update_slice(keys_L, k_BxNxTxK[None].astype(keys_L.dtype), start)
+        values_L = lax.dynamic_update_slice(
+            values_L, v_BxNxTxK[None].astype(values_L.dtype), start
         )
-        values_BxNxSxK = lax.dynamic_update_slice(
-            cached_values, v_BxNxTxK.astype(cached_values.dtype), start
-        )
+        keys_BxNxSxK = lax.dynamic_index_in_dim(keys_L, layer_index, keepdims=False)
+        values_BxNxSxK = lax.dynamic_index_in_dim(values_L, layer_index, keepdims=False)
+        new_kv = (keys_L, values_L)
     q_BxNxGxTxK = q.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     slots = keys_BxNxSxK.shape[2]
     tile = length if want_scores else QUERY_TILE
     outs, scores = [], None
     for start in range(0, length, tile):
         end = min(start + tile, length)
-        # Without a cache, query t sees keys <= t only; with one, the slots are not positions.
-        limit = end if cache is None else slots
+        # Without a cache, query t sees keys <= t only, so the tile stops at its own end. So it
+        # does when this call fills every slot of a cache (it then starts writing at slot 0);
+        # otherwise slots are not positions and the tile reads them all.
+        limit = end if cache is None or slots == length else slots
         out, scores = _attend(
             q_BxNxGxTxK[:, :, :, start:end],
             keys_BxNxSxK[:, :, :limit],
@@ -199,7 +204,7 @@ def _attention(
     out = linear(p["o"], out_BxTxD, "attn/o", quantizer)
     if want_scores:
         scores = scores.reshape(batch, spec.num_heads, length, slots)
-    return out, scores if want_scores else None, (k_BxNxTxK, v_BxNxTxK)
+    return out, scores if want_scores else None, new_kv
 
 
 def _mlp(p: Params, x: jax.Array, spec: ModelSpec, quantizer: Quantizer | None) -> jax.Array:
@@ -218,9 +223,9 @@ def _block(
     positions_BxT: jax.Array,
     allowed: jax.Array,
     quantizer: Quantizer | None,
-    cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
     want_scores: bool = False,
-) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array]]:
+) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array] | None]:
     if spec.pre_norm:
         attn_out, scores, new_kv = _attention(
             layer["attn"],
@@ -334,6 +339,22 @@ def init_cache(spec: ModelSpec, batch: int, length: int, dtype: Any = jnp.float3
     }
 
 
+def grow_cache(cache: Params, length: int) -> Params:
+    """The same cache with empty slots appended up to `length` slots (a prefill can fill a
+    cache of exactly the prompt's length, which lets its attention skip the causal half)."""
+    extra = length - cache["mask"].shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot shrink a cache of {cache['mask'].shape[1]} slots to {length}")
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+    return {
+        **cache,
+        "keys": pad(cache["keys"], 3),
+        "values": pad(cache["values"], 3),
+        "mask": pad(cache["mask"], 1),
+        "positions": pad(cache["positions"], 1),
+    }
+
+
 def hidden_states(
     params: Params,
     tokens_BxT: jax.Array,
@@ -422,13 +443,14 @@ def _trunk(
 
     h = embed(params, tokens_BxT, positions_BxT, spec)
 
-    # The cache goes through the scan as per-layer inputs, and only this chunk's keys/values come
-    # out; they are written into the stacked cache once, after the scan. (Carrying the stacked
-    # cache and updating it inside the loop made XLA copy all of it for every layer.)
-    def step(h, xs):
-        layer, window, cached = xs
-        layer_cache = None if cached is None else (*cached, cache["index"])
-        new_h, scores, new_kv = _block(
+    # With a cache, the stacked keys/values ride in the scan's carry and each layer updates its
+    # own slots in place. (Passing them as per-layer inputs and writing the new slots after the
+    # scan made XLA copy the whole stack once more per call: 4x slower decoding on CPU.)
+    def step(carry, xs):
+        h, kv = carry
+        layer, window, layer_index = xs
+        layer_cache = None if kv is None else (*kv, layer_index, cache["index"])
+        new_h, scores, kv = _block(
             layer,
             h,
             spec,
@@ -443,24 +465,17 @@ def _trunk(
             outputs["hidden"] = h
         if "attn_scores" in collect:
             outputs["attn_scores"] = scores
-        if cache is not None:
-            outputs["kv"] = new_kv
-        return new_h, outputs
+        return (new_h, kv), outputs
 
-    cached_L = None if cache is None else (cache["keys"], cache["values"])
+    kv = None if cache is None else (cache["keys"], cache["values"])
+    layer_indices = jnp.arange(spec.num_layers, dtype=jnp.int32)
     body = _rematerialised(step, remat)
-    h, per_layer = lax.scan(body, h, (params["layers"], windows_L, cached_L))
+    (h, kv), per_layer = lax.scan(body, (h, kv), (params["layers"], windows_L, layer_indices))
     new_cache = None
     if cache is not None:
-        keys_L, values_L = per_layer.pop("kv")
-        start = (0, 0, 0, cache["index"], 0)
         new_cache = {
-            "keys": lax.dynamic_update_slice(
-                cache["keys"], keys_L.astype(cache["keys"].dtype), start
-            ),
-            "values": lax.dynamic_update_slice(
-                cache["values"], values_L.astype(cache["values"].dtype), start
-            ),
+            "keys": kv[0],
+            "values": kv[1],
             "mask": key_mask_BxS,
             "positions": key_positions_BxS,
             "index": cache["index"] + length,
