@@ -21,6 +21,8 @@ the kernel the forward pass uses.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,13 +52,54 @@ def linear(
     A packed model (`tsld_jax.quant.export`) holds a "packed" PackedWeight instead of "kernel";
     its product runs through `export.packed_matmul` (the Pallas kernel on a GPU).
     """
-    if "packed" in layer_params:
+    return linears([layer_params], x, [name], quantizer)[0]
+
+
+def linears(
+    layers_params: Sequence[Params],
+    x: jax.Array,
+    names: Sequence[str],
+    quantizer: Quantizer | None = None,
+) -> list[jax.Array]:
+    """`linear()` of several layers that read the same input (q/k/v; gate/up), as one matmul.
+
+    Each kernel is quantized on its own (so per-tensor statistics stay per layer), then the
+    kernels are joined along the output axis: one (in, sum of outs) matmul reads x once, and in
+    the backward pass the input gradient is one matmul and the weight gradient transposes x
+    once instead of once per layer (when x has at least FUSE_MIN_ROWS rows). Measured on
+    SmolLM2-135M, one QAT-TSLD step on a 2-core CPU (same process, interleaved): 11.9 s ->
+    11.3 s.
+    """
+    if any("packed" in p for p in layers_params):
         from tsld_jax.quant import export  # lazy: the float model never imports Pallas
 
-        y = export.packed_matmul(x, layer_params["packed"])
+        return [
+            _add_bias(p, export.packed_matmul(x, p["packed"]))
+            if "packed" in p
+            else linears([p], x, [name], quantizer)[0]
+            for p, name in zip(layers_params, names, strict=True)
+        ]
+    kernels = [
+        p["kernel"] if quantizer is None else quantizer(name, p)
+        for p, name in zip(layers_params, names, strict=True)
+    ]
+    rows = math.prod(x.shape[:-1])
+    if len(kernels) == 1 or rows < FUSE_MIN_ROWS:
+        ys = [jnp.einsum("...i,io->...o", x, k.astype(x.dtype)) for k in kernels]
     else:
-        kernel = layer_params["kernel"] if quantizer is None else quantizer(name, layer_params)
-        y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+        kernel = jnp.concatenate([k.astype(x.dtype) for k in kernels], axis=-1)
+        y = jnp.einsum("...i,io->...o", x, kernel)
+        bounds = list(itertools.accumulate(k.shape[-1] for k in kernels))[:-1]
+        ys = jnp.split(y, bounds, axis=-1)
+    return [_add_bias(p, y) for p, y in zip(layers_params, ys, strict=True)]
+
+
+# Joining kernels copies them once per call: worth it when many rows share that copy (training,
+# prefill), not when decoding a token or a few, where reading the weights is the whole cost.
+FUSE_MIN_ROWS = 64
+
+
+def _add_bias(layer_params: Params, y: jax.Array) -> jax.Array:
     if "bias" in layer_params:
         y = y + _trailing(layer_params["bias"].astype(y.dtype), y.ndim)
     return y
@@ -159,9 +202,10 @@ def _attention(
     batch, length, _ = x_BxTxD.shape
     kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
     groups = spec.num_heads // kv_heads
-    q = linear(p["q"], x_BxTxD, "attn/q", quantizer).reshape(batch, length, spec.num_heads, -1)
-    k = linear(p["k"], x_BxTxD, "attn/k", quantizer).reshape(batch, length, kv_heads, head_dim)
-    v = linear(p["v"], x_BxTxD, "attn/v", quantizer).reshape(batch, length, kv_heads, head_dim)
+    q, k, v = linears([p["q"], p["k"], p["v"]], x_BxTxD, ["attn/q", "attn/k", "attn/v"], quantizer)
+    q = q.reshape(batch, length, spec.num_heads, -1)
+    k = k.reshape(batch, length, kv_heads, head_dim)
+    v = v.reshape(batch, length, kv_heads, head_dim)
     if spec.positional == "rotary":
         q = _rotary(q, positions_BxT, spec.rope_theta)
         k = _rotary(k, positions_BxT, spec.rope_theta)
@@ -174,9 +218,7 @@ def _attention(
         keys_L, values_L, layer_index, index = cache
         start = (layer_index, 0, 0, index, 0)
         keys_L = lax.dynamic_update_slice(keys_L, k_BxNxTxK[None].astype(keys_L.dtype), start)
-        values_L = lax.dynamic_update_slice(
-            values_L, v_BxNxTxK[None].astype(values_L.dtype), start
-        )
+        values_L = lax.dynamic_update_slice(values_L, v_BxNxTxK[None].astype(values_L.dtype), start)
         keys_BxNxSxK = lax.dynamic_index_in_dim(keys_L, layer_index, keepdims=False)
         values_BxNxSxK = lax.dynamic_index_in_dim(values_L, layer_index, keepdims=False)
         new_kv = (keys_L, values_L)
@@ -208,10 +250,11 @@ def _attention(
 
 
 def _mlp(p: Params, x: jax.Array, spec: ModelSpec, quantizer: Quantizer | None) -> jax.Array:
-    up = linear(p["up"], x, "mlp/up", quantizer)
     if spec.gated_mlp:
-        hidden = _activation(linear(p["gate"], x, "mlp/gate", quantizer), spec.activation) * up
+        gate, up = linears([p["gate"], p["up"]], x, ["mlp/gate", "mlp/up"], quantizer)
+        hidden = _activation(gate, spec.activation) * up
     else:
+        up = linear(p["up"], x, "mlp/up", quantizer)
         hidden = _activation(up, spec.activation)
     return linear(p["down"], hidden, "mlp/down", quantizer)
 
