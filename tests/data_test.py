@@ -56,7 +56,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 def test_empty_text_file_is_an_error(tmp_path):
     path = tmp_path / "empty.txt"
     path.write_text("")
-    cfg = ml_collections.ConfigDict({"name": "text", "path": str(path), "text_field": "text",
-                                     "block_size": 8, "dir": ""})
+    cfg = ml_collections.ConfigDict(
+        {"name": "text", "path": str(path), "text_field": "text", "block_size": 8, "dir": ""}
+    )
     with pytest.raises(DataError, match="less than one block"):
         data.load_examples(cfg, trainer.ByteTokenizer())
