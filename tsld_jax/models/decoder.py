@@ -14,9 +14,10 @@ Parameter layout (every kernel in Flax layout, (in_features, out_features)):
     project_out/kernel           (D, E)          OPT-350m only
     lm_head/kernel               (E, V)          untied heads only
 
-Every linear layer of a block goes through `linear()`, the one place where quantization hooks in:
-a `quantizer(name, layer_params) -> kernel` callable (names like "attn/q", "mlp/down") returns
-the kernel the forward pass uses.
+Every linear layer of a block goes through `linear()` (or `linears()`, which joins layers that
+read the same input into one matmul); both fetch the kernel in one place, where quantization
+hooks in: a `quantizer(name, layer_params) -> kernel` callable (names like "attn/q",
+"mlp/down") returns the kernel the forward pass uses.
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ def _trailing(v: jax.Array, ndim: int) -> jax.Array:
     return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
+# Joining kernels (`linears`) copies them once per call: worth it when many rows share that copy
+# (training, scoring, prefill), not when decoding a token or a few, where reading the weights is
+# the whole cost.
+FUSE_MIN_ROWS = 64
+
+
+def _kernel(layer_params: Params, name: str, quantizer: Quantizer | None) -> jax.Array:
+    return layer_params["kernel"] if quantizer is None else quantizer(name, layer_params)
+
+
+def _add_bias(layer_params: Params, y: jax.Array) -> jax.Array:
+    if "bias" in layer_params:
+        y = y + _trailing(layer_params["bias"].astype(y.dtype), y.ndim)
+    return y
+
+
 def linear(
     layer_params: Params, x: jax.Array, name: str, quantizer: Quantizer | None = None
 ) -> jax.Array:
@@ -52,7 +69,13 @@ def linear(
     A packed model (`tsld_jax.quant.export`) holds a "packed" PackedWeight instead of "kernel";
     its product runs through `export.packed_matmul` (the Pallas kernel on a GPU).
     """
-    return linears([layer_params], x, [name], quantizer)[0]
+    if "packed" in layer_params:
+        from tsld_jax.quant import export  # lazy: the float model never imports Pallas
+
+        y = export.packed_matmul(x, layer_params["packed"])
+    else:
+        y = jnp.einsum("...i,io->...o", x, _kernel(layer_params, name, quantizer).astype(x.dtype))
+    return _add_bias(layer_params, y)
 
 
 def linears(
@@ -66,43 +89,18 @@ def linears(
     Each kernel is quantized on its own (so per-tensor statistics stay per layer), then the
     kernels are joined along the output axis: one (in, sum of outs) matmul reads x once, and in
     the backward pass the input gradient is one matmul and the weight gradient transposes x
-    once instead of once per layer (when x has at least FUSE_MIN_ROWS rows). Measured on
-    SmolLM2-135M, one QAT-TSLD step on a 2-core CPU (same process, interleaved): 11.9 s ->
-    11.3 s.
+    once instead of once per layer. Measured on SmolLM2-135M, one QAT-TSLD step on a 2-core
+    CPU (same process, interleaved): 11.9 s -> 11.3 s. Below FUSE_MIN_ROWS rows, and for
+    packed layers, each layer runs through `linear()` on its own.
     """
-    if any("packed" in p for p in layers_params):
-        from tsld_jax.quant import export  # lazy: the float model never imports Pallas
-
-        return [
-            _add_bias(p, export.packed_matmul(x, p["packed"]))
-            if "packed" in p
-            else linears([p], x, [name], quantizer)[0]
-            for p, name in zip(layers_params, names, strict=True)
-        ]
-    kernels = [
-        p["kernel"] if quantizer is None else quantizer(name, p)
-        for p, name in zip(layers_params, names, strict=True)
-    ]
-    rows = math.prod(x.shape[:-1])
-    if len(kernels) == 1 or rows < FUSE_MIN_ROWS:
-        ys = [jnp.einsum("...i,io->...o", x, k.astype(x.dtype)) for k in kernels]
-    else:
-        kernel = jnp.concatenate([k.astype(x.dtype) for k in kernels], axis=-1)
-        y = jnp.einsum("...i,io->...o", x, kernel)
-        bounds = list(itertools.accumulate(k.shape[-1] for k in kernels))[:-1]
-        ys = jnp.split(y, bounds, axis=-1)
-    return [_add_bias(p, y) for p, y in zip(layers_params, ys, strict=True)]
-
-
-# Joining kernels copies them once per call: worth it when many rows share that copy (training,
-# prefill), not when decoding a token or a few, where reading the weights is the whole cost.
-FUSE_MIN_ROWS = 64
-
-
-def _add_bias(layer_params: Params, y: jax.Array) -> jax.Array:
-    if "bias" in layer_params:
-        y = y + _trailing(layer_params["bias"].astype(y.dtype), y.ndim)
-    return y
+    pairs = list(zip(layers_params, names, strict=True))
+    if math.prod(x.shape[:-1]) < FUSE_MIN_ROWS or any("packed" in p for p in layers_params):
+        return [linear(p, x, name, quantizer) for p, name in pairs]
+    kernels = [_kernel(p, name, quantizer).astype(x.dtype) for p, name in pairs]
+    y = jnp.einsum("...i,io->...o", x, jnp.concatenate(kernels, axis=-1))
+    bounds = list(itertools.accumulate(k.shape[-1] for k in kernels))[:-1]
+    parts = jnp.split(y, bounds, axis=-1)
+    return [_add_bias(p, part) for p, part in zip(layers_params, parts, strict=True)]
 
 
 def _norm(p: Params, x: jax.Array, spec: ModelSpec) -> jax.Array:
