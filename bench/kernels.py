@@ -21,7 +21,6 @@ symmetric int8 per channel; activations bf16.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -34,10 +33,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from pallas import quantized_matmul as qmm  # noqa: E402
 from tsld_jax.quant import qtensor  # noqa: E402
 from tsld_jax.quant.quantizers import QuantSpec  # noqa: E402
-
-qmm = importlib.import_module("pallas.quantized_matmul")
 
 FORMATS = {
     "w2a16": QuantSpec("twn", 2, "channel"),

@@ -34,10 +34,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from pallas import quantized_matmul as qmm  # noqa: E402
 from tsld_jax.quant import qtensor  # noqa: E402
 from tsld_jax.quant.quantizers import QuantSpec  # noqa: E402
-
-qmm = importlib.import_module("pallas.quantized_matmul")
 
 FORMATS = {
     "w2a16": QuantSpec("twn", 2, "channel"),

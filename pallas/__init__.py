@@ -1,5 +1,5 @@
-"""Pallas kernels, one file per op, each beside its pure-jnp `*_reference`."""
+"""Pallas kernels, one module per op, each beside its pure-jnp `*_reference`.
 
-from pallas.quantized_matmul import quantized_matmul, quantized_matmul_reference
-
-__all__ = ["quantized_matmul", "quantized_matmul_reference"]
+Import the op's module (`from pallas import quantized_matmul`); the package re-exports no
+function, so that a function never hides the module of the same name.
+"""

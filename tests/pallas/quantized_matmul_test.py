@@ -3,18 +3,14 @@
 The kernels run natively on a GPU and in Pallas interpret mode elsewhere (CPU CI).
 """
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas import quantized_matmul as qmm
 from tsld_jax.quant import qtensor
 from tsld_jax.quant.quantizers import QuantSpec
-
-# The module itself: `pallas.quantized_matmul` as an attribute is the re-exported function.
-qmm = importlib.import_module("pallas.quantized_matmul")
 
 INTERPRET = jax.default_backend() != "gpu"
 # Eager dispatch would compile every op of pack/unpack for every shape; jit compiles once.

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -77,9 +76,10 @@ def use_kernel(name: str) -> Iterator[None]:
 
 
 def _pallas_module():
-    # Imported lazily: the float model never needs Pallas. (`pallas.quantized_matmul` as an
-    # attribute is the re-exported function, hence import_module.)
-    return importlib.import_module("pallas.quantized_matmul")
+    # Imported lazily: the float model never needs Pallas.
+    from pallas import quantized_matmul
+
+    return quantized_matmul
 
 
 def packed_matmul(x: jax.Array, packed: PackedWeight) -> jax.Array:
