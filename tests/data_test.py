@@ -6,8 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tsld_jax import data, trainer
+from tsld_jax import data
 from tsld_jax.evaluation.perplexity import DataError
+from tsld_jax.models import named
 
 
 def _examples(n=10, length=4):
@@ -36,7 +37,7 @@ def test_fewer_examples_than_a_batch_is_an_error():
 
 def test_gsm8k_loss_mask_covers_the_answer_only(shared_data):
     records = data.gsm8k_records("train", str(shared_data))[:3]
-    tokenizer = trainer.ByteTokenizer()
+    tokenizer = named.ByteTokenizer()
     examples = data.gsm8k_examples(records, tokenizer, length=1024)
     for i, record in enumerate(records):
         prompt = f"Question: {record['question']}\nAnswer:".encode()
@@ -60,4 +61,4 @@ def test_empty_text_file_is_an_error(tmp_path):
         {"name": "text", "path": str(path), "text_field": "text", "block_size": 8, "dir": ""}
     )
     with pytest.raises(DataError, match="less than one block"):
-        data.load_examples(cfg, trainer.ByteTokenizer())
+        data.load_examples(cfg, named.ByteTokenizer())

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tsld_jax import trainer
+from tsld_jax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "tsld_jax_test_jit")
@@ -63,7 +63,7 @@ def _train(workdir, shared_data, *flags):
 def _final_params(workdir):
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    params, _, _, step = trainer.restore_params(config, str(workdir))
+    params, _, _, step = checkpoint.restore_params(config, str(workdir))
     return params, step
 
 

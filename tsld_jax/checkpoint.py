@@ -23,6 +23,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from tsld_jax import recipe
+
 
 class Checkpointer:
     """Saves every `every_steps`, keeps `keep`, restores the newest readable checkpoint."""
@@ -98,6 +100,24 @@ class Checkpointer:
         self.manager.close()
 
 
+def restore_params(cfg, workdir: str, step: int | None = None):
+    """(params, student LoadedModel, quantizer, step) of a run's checkpoint, for evaluation."""
+    student, _ = recipe.load_models(cfg, teacher=False)
+    rules = recipe.quant_rules(cfg)
+    params = recipe.initial_student_params(student.params, rules, cfg)
+    # The optimizer's state shapes do not depend on the number of steps.
+    abstract, _, _ = recipe.abstract_state(cfg, params, cfg.train.steps)
+    checkpointer = Checkpointer(workdir, cfg.checkpoint.keep)
+    try:
+        restored = checkpointer.restore(abstract, step)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir} holds no readable checkpoint")
+    state, _ = restored
+    return state.params, student, recipe.make_quantizer(rules), int(state.step)
+
+
 def read_config(workdir: str) -> dict[str, Any]:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -119,10 +139,8 @@ def restore_for_eval(workdir: str, step: int | None = None) -> dict[str, Any]:
     """
     import ml_collections
 
-    from tsld_jax import trainer
-
     config = ml_collections.ConfigDict(read_config(workdir))
-    params, student, quantizer, found_step = trainer.restore_params(config, workdir, step)
+    params, student, quantizer, found_step = restore_params(config, workdir, step)
     last_eval = None
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(metrics_path):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 
+from tsld_jax.models import named
 from tsld_jax.models.decoder import REMAT_MODES
 
 LOSS_KINDS = ("gt", "logit", "logit_gt", "l2l", "tsld")
 QUANT_METHODS = ("twn", "pact", "asym", "sym", "none")
 DATA_NAMES = ("auto", "ptb", "wikitext2", "gsm8k", "text", "generated")
-SPECIAL_MODELS = ("smollm2-135m", "random")
 
 
 class ConfigError(ValueError):
@@ -22,7 +22,7 @@ def _require(condition: bool, field: str, message: str) -> None:
 
 
 def _check_model_path(field: str, value: str) -> None:
-    if value in SPECIAL_MODELS:
+    if value in named.NAMES:
         return
     looks_local = (
         value.startswith((".", "/", "~")) or value.endswith(".gguf") or (value.count("/") > 1)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from tsld_jax import generated_data
 from tsld_jax.evaluation import perplexity, sources
 from tsld_jax.evaluation.sources import DataError
 
@@ -101,9 +102,9 @@ def load_examples(cfg, tokenizer: Any, split: str = "train", teacher=None, workd
     elif name == "gsm8k":
         examples = gsm8k_examples(gsm8k_records(split, data_dir), tokenizer, cfg.block_size)
     elif name == "generated":
-        from tsld_jax import generated_data
-
-        examples = generated_data.load_or_sample(cfg, tokenizer, teacher, workdir, split)
+        examples = lm_examples(
+            generated_data.load_or_sample(cfg, tokenizer, teacher, workdir, split)
+        )
     else:
         raise DataError(f"unknown data set {name!r}")
     count = len(examples["tokens"])

