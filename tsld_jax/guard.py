@@ -61,7 +61,8 @@ class DivergenceGuard:
         found = {}
         if gt > self.start_loss + self.loss_rise:
             found["rise"] = (
-                f"the cross-entropy rose to {gt:.3f} from {self.start_loss:.3f} at the start"
+                f"the cross-entropy ({gt:.3f}) is more than {self.loss_rise} nats above the "
+                f"first step's ({self.start_loss:.3f})"
             )
         near_uniform = abs(gt - self.uniform_loss) <= self.collapse_tolerance
         if near_uniform and self.start_loss < self.uniform_loss - 1.0:

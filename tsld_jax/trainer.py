@@ -216,7 +216,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
         if verdict is not None and cfg.guard.action == "stop":
             # Metrics of step s describe checkpoint s - 1 (see guard.py).
             raise TrainingError(
-                f"training diverged at step {step}: {verdict.reason} since step {verdict.since} "
+                f"training diverged at step {step}: {verdict.reason}, since step {verdict.since} "
                 f"(guard.patience={cfg.guard.patience}); "
                 f"{last_good_checkpoint(verdict.since - 1)}"
             )
