@@ -30,9 +30,15 @@ def _check_model_path(field: str, value: str) -> None:
         value.startswith((".", "/", "~")) or value.endswith(".gguf") or (value.count("/") > 1)
     )
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if looks_local or offline:
+    if looks_local:
         _require(
             os.path.exists(os.path.expanduser(value)), field, f"model path {value!r} does not exist"
+        )
+    elif offline:
+        _require(
+            os.path.exists(value),
+            field,
+            f"{value!r} is not a local path and HF_HUB_OFFLINE is set; download it first",
         )
 
 
@@ -186,7 +192,13 @@ def validate(config) -> None:
         _require(os.path.isdir(data.dir), "data.dir", f"{data.dir!r} is not a directory")
     if data.name == "text":
         _require(bool(data.path), "data.path", "must name a .txt or .jsonl file for data.name=text")
-        _require(os.path.isfile(data.path), "data.path", f"{data.path!r} does not exist")
+        _require(
+            os.path.isfile(data.path),
+            "data.path",
+            f"{data.path!r} is a directory, not a file"
+            if os.path.isdir(data.path)
+            else f"{data.path!r} does not exist",
+        )
     _require(data.eval_blocks >= 0, "data.eval_blocks", "must be >= 0 (0: all)")
     _require(
         data.generated_temperature >= 0,

@@ -160,6 +160,12 @@ def load_eval_model(args: argparse.Namespace) -> EvalModel:
             restored = checkpoint.restore_for_eval(args.checkpoint, args.step)
         except (FileNotFoundError, ValueError, KeyError) as error:
             raise LoadError(f"--checkpoint {args.checkpoint}: {error}") from None
+        except AttributeError as error:  # e.g. a HF model directory: its config.json is not ours
+            raise LoadError(
+                f"--checkpoint {args.checkpoint}: its config.json is not a train.py config "
+                f"(no field {str(error).strip(chr(34) + chr(39))!r}); pass a train.py workdir, "
+                "or use --model for a model folder"
+            ) from None
         if restored.get("tokenizer") is None:
             raise LoadError(f"--checkpoint {args.checkpoint}: the run has no tokenizer")
         name = f"{args.checkpoint}@{restored.get('step')}"
@@ -281,7 +287,8 @@ def load_tokenizer(name_or_path: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as error:  # transformers raises OSError, ValueError, EnvironmentError...
-        raise LoadError(f"--tokenizer {name_or_path}: cannot load a tokenizer ({error})") from None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LoadError(f"--tokenizer {name_or_path}: cannot load a tokenizer ({first})") from None
 
 
 def _from_loaded(loaded: Any, name: str, args: argparse.Namespace) -> EvalModel:
