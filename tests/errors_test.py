@@ -244,3 +244,77 @@ def test_checkpoint_with_a_wrongly_shaped_tensor(tiny_dir, shared_data, tmp_path
     assert cli.main(_eval_args(str(bad), shared_data)) == 2
     error = _one_error(capsys)
     assert f"tensor {name!r} has shape (32, 100)" in error and "implies (32, 128)" in error
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("checkpoint_on_a_model_folder", "its config.json is not a train.py config"),
+        ("tokenizer_folder_without_one", "cannot load a tokenizer"),
+        ("corrupt_safetensors", "unreadable safetensors file"),
+        ("truncated_gguf", "unreadable GGUF file"),
+        ("weights_missing", "no *.safetensors or pytorch_model*.bin weight file"),
+    ],
+)
+def test_more_bad_eval_inputs(case, expected, tiny_dir, shared_data, tmp_path, capsys):
+    args = _eval_args(tiny_dir, shared_data)[2:]
+    if case == "checkpoint_on_a_model_folder":
+        source = ["--checkpoint", tiny_dir]
+    elif case == "tokenizer_folder_without_one":
+        from tsld_jax.models import load_model
+        from tsld_jax.quant import export
+
+        loaded = load_model(tiny_dir, load_tokenizer=False)
+        path = str(tmp_path / "packed.safetensors")
+        export.save_packed(path, loaded.params, loaded.spec)
+        source = ["--packed", path, "--tokenizer", str(tmp_path)]
+    elif case == "truncated_gguf":
+        (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 10)
+        source = ["--model", str(tmp_path / "m.gguf")]
+    else:
+        model = tmp_path / "model"
+        shutil.copytree(tiny_dir, model)
+        if case == "corrupt_safetensors":
+            (model / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"garbage")
+        else:
+            (model / "model.safetensors").unlink()
+        source = ["--model", str(model)]
+    assert cli.main([*source, *args]) == 2
+    assert expected in _one_error(capsys)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--config.data.name=text", "--config.data.path={tmp}"], "is a directory, not a file"),
+        (["--config.model.name_or_path=gpt2"], "not a local path and HF_HUB_OFFLINE is set"),
+        (["--config.checkpoint.keep=0"], "config.checkpoint.keep"),
+        (["--config.profile.steps=3"], "config.profile.steps"),
+    ],
+)
+def test_more_bad_train_inputs(flags, expected, tmp_path, old_run, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = _snapshot(old_run)
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert train.main(["train.py", "--config", SMOKE, "--workdir", str(old_run), *flags]) == 2
+    assert expected in _one_error(capsys)
+    assert _snapshot(old_run) == before
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_teacher_sampling_bar_obeys_log_progress(progress, tmp_path, capsys):
+    import jax
+
+    from configs import smoke
+    from tsld_jax import data
+    from tsld_jax.models import decoder, named
+
+    cfg = smoke.get_config()
+    cfg.data.block_size, cfg.data.generated_sequences = 8, 4
+    spec = named.random_spec(cfg.model.random)
+    params = decoder.init_params(jax.random.key(0), spec, std=0.2)
+    examples = data.load_examples(
+        cfg.data, named.ByteTokenizer(), "train", (params, spec), str(tmp_path), progress=progress
+    )
+    assert examples["tokens"].shape == (4, 8)
+    assert ("sampling teacher data" in capsys.readouterr().err) == progress
