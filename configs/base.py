@@ -100,9 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Divergence guard: symptoms read from the metrics every step already returns (the gt
     # cross-entropy in nats, whatever loss.kind is, and the global gradient norm). A symptom must
-    # last `patience` consecutive steps; while one lasts, periodic checkpoints are skipped so that
-    # the kept ones predate it. Then "stop" ends the run with exit 2 naming the step and the last
-    # checkpoint from before it, "warn" prints one warning line and goes on, "off" ignores it.
+    # last `patience` consecutive steps. "stop" then ends the run with exit 2 naming the step and
+    # the last checkpoint from before it (and skips periodic checkpoints while a symptom lasts,
+    # so that the kept ones predate it); "warn" prints one warning line per symptom and goes on;
+    # "off" ignores them.
     c.guard = ml_collections.ConfigDict()
     c.guard.action = "stop"
     c.guard.patience = 20  # Consecutive steps a symptom must last.

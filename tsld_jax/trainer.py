@@ -196,7 +196,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     pending: tuple[int, dict, float] | None = None
     tokens_per_step = cfg.data.batch_size * cfg.data.block_size
     last_time = time.perf_counter()
-    warned: set[str] = set()
+    warned: set[int] = set()  # the first steps of the symptoms already warned about
 
     def last_good_checkpoint(before: int) -> str:
         good = [s for s in checkpointer.steps() if s < before]
@@ -220,8 +220,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
                 f"(guard.patience={cfg.guard.patience}); "
                 f"{last_good_checkpoint(verdict.since - 1)}"
             )
-        if verdict is not None and cfg.guard.action == "warn" and verdict.reason not in warned:
-            warned.add(verdict.reason)
+        if verdict is not None and cfg.guard.action == "warn" and verdict.since not in warned:
+            warned.add(verdict.since)
             print(
                 f"warning: step {step}: {verdict.reason} since step {verdict.since}",
                 file=sys.stderr,
@@ -254,7 +254,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
                 if save or stop.signal is not None:
                     handle(*pending)  # Never save a state whose loss is not finite.
                     pending = None
-                    suspect = cfg.guard.action != "off" and divergence.suspect_since is not None
+                    # Only a run that the guard may stop holds its checkpoints back.
+                    suspect = cfg.guard.action == "stop" and divergence.suspect_since is not None
                     if suspect and step != total_steps and stop.signal is None:
                         # Keep the kept checkpoints from before a symptom (see config.guard).
                         logging.warning(
