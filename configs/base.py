@@ -98,6 +98,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.log.every_steps = 10  # Metrics to metrics.jsonl / TensorBoard every N steps.
     c.log.progress = True  # tqdm progress bar.
 
+    # Divergence guard: symptoms read from the metrics every step already returns (the gt
+    # cross-entropy in nats, whatever loss.kind is, and the global gradient norm). A symptom must
+    # last `patience` consecutive steps. "stop" then ends the run with exit 2 naming the step and
+    # the last checkpoint from before it (and skips periodic checkpoints while a symptom lasts,
+    # so that the kept ones predate it); "warn" prints one warning line per symptom and goes on;
+    # "off" ignores them.
+    c.guard = ml_collections.ConfigDict()
+    c.guard.action = "stop"
+    c.guard.patience = 20  # Consecutive steps a symptom must last.
+    c.guard.loss_rise = 3.0  # Symptom: gt cross-entropy this many nats above the first step's.
+    # Symptom: gt within this many nats of log(vocab size), i.e. uniform predictions, for a model
+    # whose first step was at least 1 nat below it.
+    c.guard.collapse_tolerance = 0.01
+    c.guard.zero_grad_norm = 0.0  # Symptom: the global gradient norm at or below this.
+    # Highest train.lr accepted: AdamW moves each weight by about lr per step, so lr > 1 wipes
+    # out any pre-trained model (lr=1e6 collapsed to uniform predictions). Raise it on purpose.
+    c.guard.max_lr = 1.0
+
     c.profile = ml_collections.ConfigDict()
     c.profile.steps = ""  # "a,b": jax.profiler trace of steps a..b into WORKDIR/profile.
 

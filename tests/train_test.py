@@ -119,6 +119,7 @@ def test_nan_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path, shared_dat
         tmp_path,
         shared_data,
         "--config.train.lr=1e30",
+        "--config.guard.max_lr=1e31",  # absurd on purpose
         "--config.train.grad_clip=0",
         "--config.train.warmup_steps=0",
     )
@@ -130,7 +131,8 @@ def test_nan_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path, shared_dat
     assert all(s < bad_step for s in saved)
 
 
-def test_sigterm_saves_a_checkpoint(tmp_path, shared_data):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_and_exits_128_plus_signal(sig, tmp_path, shared_data):
     process = subprocess.Popen(
         _command(
             tmp_path,
@@ -150,12 +152,38 @@ def test_sigterm_saves_a_checkpoint(tmp_path, shared_data):
         metrics.exists() and metrics.read_text().count("\n") >= 3
     ):
         time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sig)
     out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
-    assert "stopped by signal" in out
+    # The shell's convention (143, 130), so that `train.py && eval.py` stops here.
+    assert process.returncode == 128 + sig, err[-3000:]
+    assert f"stopped by {sig.name} at step" in err and "Traceback" not in err
     steps = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
     assert steps and max(steps) >= 3
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_checkpoint_before_it(tmp_path, shared_data):
+    # lr=1e3 (allowed on purpose) after one warm-up step at lr 0: the cross-entropy jumps from
+    # 6.3 to millions at step 3 and stays there; the guard stops the run after 4 such steps.
+    result = _train(
+        tmp_path,
+        shared_data,
+        "--config.train.steps=30",
+        "--config.checkpoint.every_steps=1",
+        "--config.train.lr=1e3",
+        "--config.guard.max_lr=1e4",
+        "--config.train.warmup_steps=2",
+        "--config.guard.patience=4",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "training diverged at step 6" in error[0], result.stderr[-3000:]
+    assert "since step 3" in error[0] and "the last checkpoint from before it is step 1" in error[0]
+    # Step 2's checkpoint was saved before anything showed; none was saved during the streak.
+    steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert steps == [1, 2]
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_profile_trace_is_written(tmp_path, shared_data):

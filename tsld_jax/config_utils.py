@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from tsld_jax.models import named
@@ -10,6 +11,7 @@ from tsld_jax.models.decoder import REMAT_MODES
 LOSS_KINDS = ("gt", "logit", "logit_gt", "l2l", "tsld")
 QUANT_METHODS = ("twn", "pact", "asym", "sym", "none")
 DATA_NAMES = ("auto", "ptb", "wikitext2", "gsm8k", "text", "generated")
+GUARD_ACTIONS = ("stop", "warn", "off")
 
 
 class ConfigError(ValueError):
@@ -28,14 +30,96 @@ def _check_model_path(field: str, value: str) -> None:
         value.startswith((".", "/", "~")) or value.endswith(".gguf") or (value.count("/") > 1)
     )
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if looks_local or offline:
+    if looks_local:
         _require(
             os.path.exists(os.path.expanduser(value)), field, f"model path {value!r} does not exist"
         )
+    elif offline:
+        _require(
+            os.path.exists(value),
+            field,
+            f"{value!r} is not a local path and HF_HUB_OFFLINE is set; download it first",
+        )
+
+
+def _float_fields(config, prefix: str = ""):
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            yield from _float_fields(value, name + ".")
+        elif isinstance(value, float):
+            yield name, value
+
+
+def _check_finite(config) -> None:
+    # `--config.train.lr=inf` and `nan` parse as floats, and NaN slips through every `> 0` test
+    # below with a misleading message; no float of a run may be non-finite.
+    for name, value in _float_fields(config):
+        _require(math.isfinite(value), name, f"must be a finite number, got {value}")
+
+
+def _check_optimizer(train, guard) -> None:
+    _require(train.lr > 0, "train.lr", f"must be > 0, got {train.lr}")
+    # AdamW moves every weight by about lr per step whatever the gradient's size, so lr > 1
+    # rewrites weights of size ~0.02-1 wholesale in one step: the model collapses to uniform
+    # predictions with a finite loss (lr=1e6 did, exiting 0). Allowed on purpose by raising
+    # guard.max_lr.
+    _require(
+        train.lr <= guard.max_lr,
+        "train.lr",
+        f"{train.lr} is above guard.max_lr={guard.max_lr} (AdamW moves each weight by about lr "
+        "per step); raise config.guard.max_lr to run it anyway",
+    )
+    for field in ("b1", "b2"):
+        value = train[field]
+        _require(0 <= value < 1, f"train.{field}", f"must be in [0, 1), got {value}")
+    _require(train.eps > 0, "train.eps", f"must be > 0, got {train.eps}")
+    _require(train.steps >= 0, "train.steps", f"must be >= 0, got {train.steps}")
+    _require(
+        train.steps > 0 or train.epochs > 0,
+        "train.epochs",
+        f"must be > 0 when train.steps is 0, got {train.epochs}",
+    )
+    _require(
+        train.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {train.warmup_steps}"
+    )
+    if train.steps > 0:
+        _require(
+            train.warmup_steps <= train.steps,
+            "train.warmup_steps",
+            f"{train.warmup_steps} is more than train.steps={train.steps}: the learning rate "
+            "would never reach train.lr",
+        )
+    _require(
+        train.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {train.weight_decay}"
+    )
+    _require(train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables)")
+
+
+def _check_guard(guard) -> None:
+    _require(
+        guard.action in GUARD_ACTIONS,
+        "guard.action",
+        f"must be one of {GUARD_ACTIONS}, got {guard.action!r}",
+    )
+    _require(guard.max_lr > 0, "guard.max_lr", f"must be > 0, got {guard.max_lr}")
+    _require(guard.patience >= 1, "guard.patience", f"must be >= 1, got {guard.patience}")
+    _require(guard.loss_rise > 0, "guard.loss_rise", f"must be > 0, got {guard.loss_rise}")
+    _require(
+        guard.collapse_tolerance >= 0,
+        "guard.collapse_tolerance",
+        f"must be >= 0, got {guard.collapse_tolerance}",
+    )
+    _require(
+        guard.zero_grad_norm >= 0,
+        "guard.zero_grad_norm",
+        f"must be >= 0, got {guard.zero_grad_norm}",
+    )
 
 
 def validate(config) -> None:
     """Raises ConfigError naming the first bad field of a train config."""
+    _check_finite(config)
     _require(config.stage in ("fp", "qat"), "stage", f"must be 'fp' or 'qat', got {config.stage!r}")
     _require(bool(config.model.name_or_path), "model.name_or_path", "must be set")
     _check_model_path("model.name_or_path", config.model.name_or_path)
@@ -80,16 +164,8 @@ def validate(config) -> None:
         )
         _require(quant.init_scale > 0, "quant.init_scale", f"must be > 0, got {quant.init_scale}")
 
-    _require(train.lr > 0, "train.lr", f"must be > 0, got {train.lr}")
-    _require(train.steps >= 0, "train.steps", f"must be >= 0, got {train.steps}")
-    _require(
-        train.steps > 0 or train.epochs > 0,
-        "train.epochs",
-        f"must be > 0 when train.steps is 0, got {train.epochs}",
-    )
-    _require(train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _require(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _require(train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables)")
+    _check_guard(config.guard)
+    _check_optimizer(train, config.guard)
     _require(train.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {train.grad_accum}")
     _require(
         train.remat in REMAT_MODES,
@@ -116,13 +192,39 @@ def validate(config) -> None:
         _require(os.path.isdir(data.dir), "data.dir", f"{data.dir!r} is not a directory")
     if data.name == "text":
         _require(bool(data.path), "data.path", "must name a .txt or .jsonl file for data.name=text")
-        _require(os.path.isfile(data.path), "data.path", f"{data.path!r} does not exist")
+        _require(
+            os.path.isfile(data.path),
+            "data.path",
+            f"{data.path!r} is a directory, not a file"
+            if os.path.isdir(data.path)
+            else f"{data.path!r} does not exist",
+        )
     _require(data.eval_blocks >= 0, "data.eval_blocks", "must be >= 0 (0: all)")
+    _require(
+        data.generated_temperature >= 0,
+        "data.generated_temperature",
+        f"must be >= 0 (0: greedy), got {data.generated_temperature}",
+    )
     _require(
         data.generated_sequences >= data.batch_size,
         "data.generated_sequences",
         f"must be >= data.batch_size={data.batch_size}",
     )
+
+    if config.model.name_or_path == named.RANDOM:
+        random = config.model.random
+        for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+            _require(
+                random[field] >= 1, f"model.random.{field}", f"must be >= 1, got {random[field]}"
+            )
+        _require(
+            random.hidden_size % random.num_heads == 0,
+            "model.random.num_heads",
+            f"must divide model.random.hidden_size={random.hidden_size}, got {random.num_heads}",
+        )
+        _require(
+            random.init_std > 0, "model.random.init_std", f"must be > 0, got {random.init_std}"
+        )
 
     _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     _require(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
@@ -140,6 +242,36 @@ def validate(config) -> None:
             "profile.steps",
             f"must be 'a,b' with a <= b, got {config.profile.steps!r}",
         )
+
+
+def validate_mesh(config, device_count: int) -> None:
+    """Raises ConfigError when the mesh does not fit `device_count` devices or the batch does not
+    split over it; needs no compilation, so the trainer calls it before loading anything."""
+    sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    free = [axis for axis, size in sizes.items() if size == -1]
+    _require(len(free) <= 1, f"mesh.{free[-1] if free else 'data'}", "only one axis may be -1")
+    _require(
+        device_count % fixed == 0,
+        "mesh",
+        f"data x fsdp x tensor = {fixed} does not divide the {device_count} devices",
+    )
+    for axis in free:
+        sizes[axis] = device_count // fixed
+    _require(
+        math.prod(sizes.values()) == device_count,
+        "mesh",
+        f"data x fsdp x tensor = {math.prod(sizes.values())} but there are {device_count} devices",
+    )
+    data, train = config.data, config.train
+    micro = data.batch_size // train.grad_accum
+    ways = sizes["data"] * sizes["fsdp"]
+    _require(
+        micro % ways == 0,
+        "data.batch_size",
+        f"{data.batch_size} (per micro-batch {micro}) must divide over the {ways} data x fsdp "
+        "devices of the mesh",
+    )
 
 
 def profile_range(config) -> tuple[int, int] | None:

@@ -81,7 +81,9 @@ def gsm8k_examples(records: list[dict[str, str]], tokenizer: Any, length: int) -
     return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}
 
 
-def load_examples(cfg, tokenizer: Any, split: str = "train", teacher=None, workdir=None):
+def load_examples(
+    cfg, tokenizer: Any, split: str = "train", teacher=None, workdir=None, progress: bool = True
+):
     """The examples a data config names (see configs/base.py, `data.*`).
 
     Args:
@@ -90,6 +92,7 @@ def load_examples(cfg, tokenizer: Any, split: str = "train", teacher=None, workd
       split: "train" or the held-out split.
       teacher: (params, spec) of the teacher, for generated data.
       workdir: where generated data are cached.
+      progress: a progress bar while the teacher's data are sampled.
     """
     name = resolve_name(cfg)
     data_dir = cfg.dir or None
@@ -103,7 +106,9 @@ def load_examples(cfg, tokenizer: Any, split: str = "train", teacher=None, workd
         examples = gsm8k_examples(gsm8k_records(split, data_dir), tokenizer, cfg.block_size)
     elif name == "generated":
         examples = lm_examples(
-            generated_data.load_or_sample(cfg, tokenizer, teacher, workdir, split)
+            generated_data.load_or_sample(
+                cfg, tokenizer, teacher, workdir, split, progress=progress
+            )
         )
     else:
         raise DataError(f"unknown data set {name!r}")

@@ -58,7 +58,9 @@ def sample(
     return np.concatenate(out).astype(np.int32)
 
 
-def load_or_sample(cfg, tokenizer, teacher, workdir, split: str) -> np.ndarray:
+def load_or_sample(
+    cfg, tokenizer, teacher, workdir, split: str, progress: bool = True
+) -> np.ndarray:
     """The generated token blocks (N, T) of `split`, from the workdir cache or freshly sampled."""
     if teacher is None:
         raise DataError("generated data needs the teacher model")
@@ -73,7 +75,16 @@ def load_or_sample(cfg, tokenizer, teacher, workdir, split: str) -> np.ndarray:
     if first is None:
         first = 0
     seed = 1000 + (0 if split == "train" else 1)
-    tokens = sample(params, spec, count, cfg.block_size, cfg.generated_temperature, seed, first)
+    tokens = sample(
+        params,
+        spec,
+        count,
+        cfg.block_size,
+        cfg.generated_temperature,
+        seed,
+        first,
+        progress=progress,
+    )
     if path:
         tmp = path + ".tmp.npz"
         np.savez(tmp, tokens=tokens)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -14,14 +15,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsld_jax import checkpoint as checkpoint_lib
-from tsld_jax import config_utils, data, logging_utils, recipe, sharding, train_step
+from tsld_jax import config_utils, data, guard, logging_utils, recipe, sharding, train_step
 from tsld_jax.evaluation import perplexity
 from tsld_jax.models import hf, named
 from tsld_jax.quant import rules as rules_lib
 
 
 class TrainingError(RuntimeError):
-    """A run that had to stop: a non-finite loss, bad data found during training."""
+    """A run that had to stop: a non-finite loss, a diverged run, bad data found in training."""
+
+
+def check_positions(cfg, *models) -> None:
+    """data.block_size must fit every model's learned position table (checked before sampling
+    or compiling; past the table the positions clamp and every perplexity is NaN or wrong)."""
+    for model in models:
+        if model is None:
+            continue
+        limit = model.spec.position_limit
+        if limit is not None and cfg.data.block_size > limit:
+            raise config_utils.ConfigError(
+                f"config.data.block_size: {cfg.data.block_size} is longer than the "
+                f"{limit} positions of {model.source}"
+            )
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -82,36 +97,42 @@ def _device_batch(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax
 def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) the training run a config describes; returns the final results."""
     config_utils.validate(cfg)
+    # Before anything is loaded, sampled or compiled (jax.device_count() compiles nothing).
+    config_utils.validate_mesh(cfg, jax.device_count())
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(cfg.to_json(indent=2))
 
     student, teacher = recipe.load_models(cfg)
+    check_positions(cfg, student, teacher)
     rules = recipe.quant_rules(cfg)
     quantizer = recipe.make_quantizer(rules)
     params = recipe.initial_student_params(student.params, rules, cfg)
     teacher_pair = (teacher.params, teacher.spec) if teacher is not None else None
     gen_teacher = teacher_pair or (student.params, student.spec)
-    train_examples = data.load_examples(cfg.data, student.tokenizer, "train", gen_teacher, workdir)
+    train_examples = data.load_examples(
+        cfg.data, student.tokenizer, "train", gen_teacher, workdir, progress=cfg.log.progress
+    )
     eval_examples = data.load_examples(
-        cfg.data, student.tokenizer, cfg.data.eval_split, gen_teacher, workdir
+        cfg.data,
+        student.tokenizer,
+        cfg.data.eval_split,
+        gen_teacher,
+        workdir,
+        progress=cfg.log.progress,
     )
     if cfg.data.eval_blocks:
         eval_examples = {k: v[: cfg.data.eval_blocks] for k, v in eval_examples.items()}
     batches = data.BatchIterator(train_examples, cfg.data.batch_size, cfg.seed)
     total_steps = cfg.train.steps or cfg.train.epochs * batches.batches_per_epoch
-
-    try:
-        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    except ValueError as error:
-        raise config_utils.ConfigError(f"config.mesh: {error}") from None
-    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (cfg.data.batch_size // cfg.train.grad_accum) % data_ways:
+    if cfg.train.warmup_steps > total_steps:
         raise config_utils.ConfigError(
-            f"config.data.batch_size: {cfg.data.batch_size} (per micro-batch "
-            f"{cfg.data.batch_size // cfg.train.grad_accum}) must divide over the "
-            f"{data_ways} data x fsdp devices of the mesh"
+            f"config.train.warmup_steps: {cfg.train.warmup_steps} is more than the run's "
+            f"{total_steps} steps ({cfg.train.epochs} epochs): the learning rate would never "
+            "reach train.lr"
         )
+
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     abstract_state, optimizer, schedule = recipe.abstract_state(cfg, params, total_steps)
     state_shardings = sharding.state_shardings(abstract_state, optimizer, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -140,9 +161,17 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     restored = checkpointer.restore(abstract_with_shardings)
     writer = logging_utils.MetricsWriter(workdir)
     results: dict[str, Any] = {}
+    divergence = guard.DivergenceGuard(
+        student.spec.vocab_size,
+        patience=cfg.guard.patience,
+        loss_rise=cfg.guard.loss_rise,
+        collapse_tolerance=cfg.guard.collapse_tolerance,
+        zero_grad_norm=cfg.guard.zero_grad_norm,
+    )
     if restored is not None:
         state, meta = restored
         batches.restore(meta["data"])
+        divergence.start_loss = meta.get("guard", {}).get("start_loss")
         print(f"resuming from step {int(state.step)} in {workdir}")
     else:
         state = jax.jit(
@@ -167,6 +196,13 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     pending: tuple[int, dict, float] | None = None
     tokens_per_step = cfg.data.batch_size * cfg.data.block_size
     last_time = time.perf_counter()
+    warned: set[int] = set()  # the first steps of the symptoms already warned about
+
+    def last_good_checkpoint(before: int) -> str:
+        good = [s for s in checkpointer.steps() if s < before]
+        if not good:
+            return f"no checkpoint in {checkpointer.directory} predates it"
+        return f"the last checkpoint from before it is step {good[-1]} in {checkpointer.directory}"
 
     def handle(step: int, metrics: dict, started: float) -> None:
         nonlocal last_time
@@ -175,6 +211,20 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
             raise TrainingError(
                 f"non-finite loss ({values['loss']}) at step {step}; the last good checkpoint "
                 f"is kept in {checkpointer.directory}"
+            )
+        verdict = divergence.update(step, values["gt"], values.get("grad_norm"))
+        if verdict is not None and cfg.guard.action == "stop":
+            # Metrics of step s describe checkpoint s - 1 (see guard.py).
+            raise TrainingError(
+                f"training diverged at step {step}: {verdict.reason}, since step {verdict.since} "
+                f"(guard.patience={cfg.guard.patience}); "
+                f"{last_good_checkpoint(verdict.since - 1)}"
+            )
+        if verdict is not None and cfg.guard.action == "warn" and verdict.since not in warned:
+            warned.add(verdict.since)
+            print(
+                f"warning: step {step}: {verdict.reason} since step {verdict.since}",
+                file=sys.stderr,
             )
         now = time.perf_counter()
         progress.set_postfix(loss=f"{values['loss']:.4f}")
@@ -204,7 +254,19 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
                 if save or stop.signal is not None:
                     handle(*pending)  # Never save a state whose loss is not finite.
                     pending = None
-                    checkpointer.save(step, state, {"data": batches.state(), "step": step})
+                    # Only a run that the guard may stop holds its checkpoints back.
+                    suspect = cfg.guard.action == "stop" and divergence.suspect_since is not None
+                    if suspect and step != total_steps and stop.signal is None:
+                        # Keep the kept checkpoints from before a symptom (see config.guard).
+                        logging.warning(
+                            "step %d: not checkpointing while the divergence guard watches a "
+                            "symptom seen since step %d",
+                            step,
+                            divergence.suspect_since,
+                        )
+                    else:
+                        meta = {"data": batches.state(), "step": step, "guard": divergence.state()}
+                        checkpointer.save(step, state, meta)
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
                     ppl = heldout_ppl(
                         state.params, student.spec, eval_examples, cfg.eval.batch_size, quantizer
@@ -223,8 +285,13 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
         checkpointer.close()
     if stopped_by is not None:
         writer.close()
-        print(f"stopped by signal {stopped_by} at step {int(state.step)}; checkpoint saved")
-        return {"stopped": True, "step": int(state.step)}
+        name = signal.Signals(stopped_by).name
+        print(
+            f"stopped by {name} at step {int(state.step)}; checkpoint {int(state.step)} saved in "
+            f"{checkpointer.directory}; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return {"stopped": True, "signal": int(stopped_by), "step": int(state.step)}
 
     final_step = int(state.step)
     results["step"] = final_step

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -159,6 +160,12 @@ def load_eval_model(args: argparse.Namespace) -> EvalModel:
             restored = checkpoint.restore_for_eval(args.checkpoint, args.step)
         except (FileNotFoundError, ValueError, KeyError) as error:
             raise LoadError(f"--checkpoint {args.checkpoint}: {error}") from None
+        except AttributeError as error:  # e.g. a HF model directory: its config.json is not ours
+            raise LoadError(
+                f"--checkpoint {args.checkpoint}: its config.json is not a train.py config "
+                f"(no field {str(error).strip(chr(34) + chr(39))!r}); pass a train.py workdir, "
+                "or use --model for a model folder"
+            ) from None
         if restored.get("tokenizer") is None:
             raise LoadError(f"--checkpoint {args.checkpoint}: the run has no tokenizer")
         name = f"{args.checkpoint}@{restored.get('step')}"
@@ -198,6 +205,76 @@ def load_eval_model(args: argparse.Namespace) -> EvalModel:
     return model
 
 
+def _tokenizer_size(tokenizer: Any) -> int | None:
+    try:
+        return len(tokenizer)  # HF tokenizers: the base vocabulary plus added tokens
+    except TypeError:
+        return getattr(tokenizer, "vocab_size", None)
+
+
+def check_model(model: EvalModel, args: argparse.Namespace, tasks: Sequence[str]) -> None:
+    """What a loaded model cannot do, found before anything is compiled.
+
+    Raises:
+      UsageError: a tokenizer whose ids run past the model's embedding (gathers would clamp:
+        silently wrong scores), or a length past a learned position table (NaN perplexities).
+    """
+    vocab, size = model.spec.vocab_size, _tokenizer_size(model.tokenizer)
+    # Embeddings are often padded past the tokenizer (OPT: 50265 tokens, 50272 rows; Qwen:
+    # 151665 and 151936), so only a tokenizer larger than the model, or far smaller, is wrong.
+    if size is not None and (size > vocab or size < vocab - max(256, vocab // 100)):
+        source = f"--tokenizer {args.tokenizer}" if args.tokenizer else "the tokenizer"
+        raise UsageError(
+            f"{source} has {size} tokens but the model {model.name} has a vocabulary of {vocab}: "
+            "they do not belong together"
+        )
+    limit = model.spec.position_limit
+    if limit is None:
+        return
+    if args.max_length is not None and args.max_length > limit:
+        raise UsageError(
+            f"--max-length {args.max_length} is longer than the model's {limit} positions"
+        )
+    if any(TASKS[task] is _run_perplexity for task in tasks) and args.block_size > limit:
+        raise UsageError(
+            f"--block-size {args.block_size} is longer than the model's {limit} positions"
+        )
+
+
+def check_output(path: str | None) -> None:
+    """Makes sure results can be written to `path` before any work: creates missing folders,
+    refuses a directory or an unwritable place.
+
+    Raises:
+      UsageError: naming --output.
+    """
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"--output {path} is a directory; name a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        # A real write, not os.access: as root, access() says yes to a read-only file system.
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".eval-output-", delete=True)
+        probe.close()
+        if os.path.exists(path):
+            with open(path, "a"):
+                pass
+    except OSError as error:
+        raise UsageError(
+            f"--output {path}: cannot write there ({error.strerror or error})"
+        ) from None
+
+
+def write_output(path: str, payload: Any) -> None:
+    """Writes the results JSON atomically (a temporary file renamed into place)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".eval-output-", delete=False) as f:
+        json.dump(payload, f, indent=2)
+    os.replace(f.name, path)
+
+
 def load_tokenizer(name_or_path: str) -> Any:
     """The tokenizer of a HF model directory or hub id, or the one in a GGUF file's metadata."""
     from tsld_jax.models import gguf, loading
@@ -210,7 +287,8 @@ def load_tokenizer(name_or_path: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as error:  # transformers raises OSError, ValueError, EnvironmentError...
-        raise LoadError(f"--tokenizer {name_or_path}: cannot load a tokenizer ({error})") from None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LoadError(f"--tokenizer {name_or_path}: cannot load a tokenizer ({first})") from None
 
 
 def _from_loaded(loaded: Any, name: str, args: argparse.Namespace) -> EvalModel:
@@ -378,7 +456,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         tasks = check_args(args)
+        check_output(args.output)
         model = load_eval_model(args)
+        check_model(model, args, tasks)
         results = []
         for task in tasks:
             start = time.perf_counter()
@@ -396,6 +476,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(results_table(results))
     if args.output:
         payload = results[0] if len(results) == 1 else {"model": model.name, "results": results}
-        with open(args.output, "w") as f:
-            json.dump(payload, f, indent=2)
+        try:
+            write_output(args.output, payload)
+        except OSError as error:
+            # Checked at the start, but the place may have changed since: the results are not
+            # lost, they go to stdout.
+            print(json.dumps(payload, indent=2))
+            print(
+                f"error: --output {args.output}: cannot write ({error.strerror or error}); "
+                "the results JSON is on stdout above",
+                file=sys.stderr,
+            )
+            return 2
     return 0

@@ -146,6 +146,11 @@ def _split_gpt2_qkv(tensors: dict[str, np.ndarray], num_layers: int) -> None:
             fused = tensors.pop(base + "c_attn." + suffix, None)
             if fused is None:
                 continue
+            if fused.shape[-1] % 3:
+                raise LoadError(
+                    f"tensor {base + 'c_attn.' + suffix!r} has shape {tuple(fused.shape)}; its "
+                    "last axis must hold q, k and v (a multiple of 3)"
+                )
             for part, name in zip(np.split(fused, 3, axis=-1), "qkv", strict=True):
                 tensors[base + name + "." + suffix] = part
 
@@ -175,6 +180,7 @@ def params_from_hf_tensors(tensors: dict[str, np.ndarray], spec: ModelSpec, dtyp
     if spec.family == "gpt2":
         _split_gpt2_qkv(tensors, spec.num_layers)
     params: dict[str, Any] = {}
+    expected_shapes = decoder.param_shapes(spec)
     for path, name, transpose, per_layer in _leaf_entries(spec):
         names = [name.format(i=i) for i in range(spec.num_layers)] if per_layer else [name]
         missing = [n for n in names if n not in tensors]
@@ -182,6 +188,14 @@ def params_from_hf_tensors(tensors: dict[str, np.ndarray], spec: ModelSpec, dtyp
             raise LoadError(
                 f"checkpoint has no tensor {missing[0]!r} (needed for {'/'.join(path)})"
             )
+        want = tuple(_get(expected_shapes, path))[1 if per_layer else 0 :]
+        want = want[::-1] if transpose else want  # as the checkpoint stores it
+        for n in names:
+            if tuple(tensors[n].shape) != want:
+                raise LoadError(
+                    f"tensor {n!r} has shape {tuple(tensors[n].shape)} but the model's "
+                    f"config.json implies {want}"
+                )
         arrays = [np.asarray(tensors[n], dtype=dtype) for n in names]
         if transpose:
             arrays = [a.T for a in arrays]

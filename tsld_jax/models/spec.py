@@ -91,6 +91,14 @@ class ModelSpec:
             raise ConfigError("attention_layers must name one kind per layer")
 
     @property
+    def position_limit(self) -> int | None:
+        """The longest sequence a learned position table covers; None when positions are rotary
+        (longer inputs would index past the table: JAX clamps, so the result is silently wrong)."""
+        if self.positional != "learned" or not self.max_positions:
+            return None
+        return self.max_positions - self.position_offset
+
+    @property
     def embed_dim(self) -> int:
         """Width of the token embedding (differs from hidden_size only with OPT's projections)."""
         return self.embed_proj_dim or self.hidden_size

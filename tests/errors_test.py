@@ -1,0 +1,320 @@
+"""Bad input to train.py and eval.py: one `error: ...` line on stderr, exit 2, no traceback,
+and nothing on disk lost (docs/errors.md lists the cases)."""
+
+import collections
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import tiny_models
+
+from tsld_jax.evaluation import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+
+SMOKE = os.path.join(ROOT, "configs", "smoke.py")
+
+
+def _snapshot(directory):
+    """{relative path: sha256} of every file under `directory`."""
+    out = {}
+    for folder, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def old_run(tmp_path):
+    """A workdir holding another run's checkpoint and results, which no error may touch."""
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "4").mkdir(parents=True)
+    (workdir / "checkpoints" / "4" / "state").write_bytes(b"weights")
+    (workdir / "results.json").write_text('{"qat_ppl": 12.5}')
+    (workdir / "config.json").write_text("{}")
+    return workdir
+
+
+def _one_error(capsys):
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "the config file does not exist"),
+        ("directory", "the config file is a directory"),
+        ("syntax", "syntax error at line 1"),
+        ("no_get_config", "the file defines no get_config()"),
+        ("raises", "ValueError: boom"),
+        ("returns_int", "get_config() returned int, not a ConfigDict"),
+        ("bad_arg", "TypeError: get_config() takes 0 positional arguments"),
+        ("unknown_field", "--config.train.no_such=1: the config has no field 'no_such'"),
+        ("unknown_section", "--config.nosuch.x=1: the config has no field 'nosuch'"),
+        ("wrong_type", "--config.train.steps=2.5: invalid literal for int()"),
+    ],
+)
+def test_bad_config_file(case, expected, tmp_path, old_run, capsys):
+    config, flags = SMOKE, []
+    if case == "missing":
+        config = str(tmp_path / "nope.py")
+    elif case == "directory":
+        config = str(tmp_path)
+    elif case == "syntax":
+        config = _write(tmp_path, "c.py", "def get_config(:\n")
+    elif case == "no_get_config":
+        config = _write(tmp_path, "c.py", "x = 1\n")
+    elif case == "raises":
+        config = _write(tmp_path, "c.py", "def get_config():\n    raise ValueError('boom')\n")
+    elif case == "returns_int":
+        config = _write(tmp_path, "c.py", "def get_config():\n    return 5\n")
+    elif case == "bad_arg":
+        config = SMOKE + ":small"
+    elif case == "unknown_field":
+        flags = ["--config.train.no_such=1"]
+    elif case == "unknown_section":
+        flags = ["--config.nosuch.x=1"]
+    elif case == "wrong_type":
+        flags = ["--config.train.steps=2.5"]
+    before = _snapshot(old_run)
+    assert train.main(["train.py", "--config", config, "--workdir", str(old_run), *flags]) == 2
+    assert expected in _one_error(capsys)
+    assert _snapshot(old_run) == before
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--config.train.lr=inf", "config.train.lr: must be a finite number, got inf"),
+        ("--config.train.lr=nan", "config.train.lr: must be a finite number, got nan"),
+        ("--config.train.lr=1e6", "above guard.max_lr=1.0"),
+        ("--config.loss.temperature=-1", "config.loss.temperature: must be > 0"),
+        ("--config.loss.temperature=nan", "config.loss.temperature: must be a finite number"),
+        ("--config.train.warmup_steps=100", "config.train.warmup_steps: 100 is more than"),
+        ("--config.train.grad_clip=nan", "config.train.grad_clip: must be a finite number"),
+        ("--config.train.b1=1", "config.train.b1: must be in [0, 1)"),
+        ("--config.train.b2=-0.1", "config.train.b2: must be in [0, 1)"),
+        ("--config.train.eps=0", "config.train.eps: must be > 0"),
+        ("--config.train.weight_decay=inf", "config.train.weight_decay: must be a finite"),
+        ("--config.data.generated_temperature=-1", "config.data.generated_temperature"),
+        ("--config.model.random.num_heads=5", "config.model.random.num_heads: must divide"),
+        ("--config.guard.action=ignore", "config.guard.action"),
+        # Eight fake CPU devices in the tests (conftest.py).
+        ("--config.mesh.tensor=3", "config.mesh: data x fsdp x tensor = 3 does not divide"),
+        ("--config.mesh.data=-1 --config.mesh.fsdp=-1", "only one axis may be -1"),
+        ("--config.data.batch_size=4", "config.data.batch_size: 4 (per micro-batch 4) must"),
+    ],
+)
+def test_bad_hyper_parameter_or_mesh(flag, expected, old_run, capsys):
+    before = _snapshot(old_run)
+    argv = ["train.py", "--config", SMOKE, "--workdir", str(old_run), *flag.split()]
+    assert train.main(argv) == 2
+    assert expected in _one_error(capsys)
+    # Stopped before the teacher was sampled or anything was written.
+    assert _snapshot(old_run) == before
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, shared_data):
+    """A GPT-2 with 64 learned positions and a 97-word tokenizer."""
+    directory = tmp_path_factory.mktemp("gpt2_errors")
+    tiny_models.build("gpt2", str(directory))
+    text = (shared_data / "ptb" / "ptb.valid.txt").read_text().split()[:20000]
+    words = [w for w, _ in collections.Counter(text).most_common(tiny_models.VOCAB - 1)]
+    tiny_models.save_word_tokenizer(str(directory), words)
+    return str(directory)
+
+
+def test_train_block_size_beyond_learned_positions(tiny_dir, shared_data, tmp_path, capsys):
+    argv = [
+        "train.py",
+        "--config",
+        SMOKE,
+        "--workdir",
+        str(tmp_path),
+        f"--config.model.name_or_path={tiny_dir}",
+        "--config.data.name=ptb",
+        f"--config.data.dir={shared_data}",
+        "--config.data.block_size=128",
+        "--config.data.batch_size=8",
+    ]
+    assert train.main(argv) == 2
+    error = _one_error(capsys)
+    assert "config.data.block_size: 128 is longer than the 64 positions of" in error
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def _eval_args(tiny_dir, shared_data, *extra):
+    return [
+        "--model",
+        tiny_dir,
+        "--task",
+        "ptb",
+        "--data-dir",
+        str(shared_data),
+        "--block-size",
+        "16",
+        "--max-blocks",
+        "1",
+        "--quiet",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--block-size", "128"], "--block-size 128 is longer than the model's 64 positions"),
+        (["--max-length", "100"], "--max-length 100 is longer than the model's 64 positions"),
+    ],
+)
+def test_eval_length_beyond_learned_positions(extra, expected, tiny_dir, shared_data, capsys):
+    assert cli.main(_eval_args(tiny_dir, shared_data, *extra)) == 2
+    assert expected in _one_error(capsys)
+
+
+def test_eval_output_in_a_missing_folder_is_created(tiny_dir, shared_data, tmp_path):
+    out = tmp_path / "new" / "deeper" / "ppl.json"
+    assert cli.main(_eval_args(tiny_dir, shared_data, "--output", str(out))) == 0
+    assert json.loads(out.read_text())["blocks"] == 1
+    assert [p.name for p in out.parent.iterdir()] == ["ppl.json"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("case", ["directory", "under_a_file"])
+def test_eval_output_that_cannot_be_written_is_refused_first(
+    case, tiny_dir, shared_data, tmp_path, capsys, monkeypatch
+):
+    loaded = []
+    monkeypatch.setattr(cli, "load_eval_model", lambda args: loaded.append(args))
+    (tmp_path / "file").write_text("keep")
+    out = tmp_path if case == "directory" else tmp_path / "file" / "ppl.json"
+    assert cli.main(_eval_args(tiny_dir, shared_data, "--output", str(out))) == 2
+    error = _one_error(capsys)
+    assert error.startswith(f"error: --output {out}") and not loaded
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_packed_model_with_another_tokenizer(tiny_dir, shared_data, tmp_path, capsys):
+    from tsld_jax import quant
+    from tsld_jax.models import load_model
+    from tsld_jax.quant import export
+
+    loaded = load_model(tiny_dir, load_tokenizer=False)
+    path = str(tmp_path / "packed.safetensors")
+    export.save_packed(
+        path, export.export_packed(loaded.params, quant.preset_rules("twn")), loaded.spec
+    )
+    other = tmp_path / "other_tokenizer"
+    words = (shared_data / "ptb" / "ptb.valid.txt").read_text().split()
+    tiny_models.save_word_tokenizer(str(other), sorted(set(words))[:500])
+    args = _eval_args(tiny_dir, shared_data)[2:]
+    assert cli.main(["--packed", path, "--tokenizer", str(other), *args]) == 2
+    error = _one_error(capsys)
+    assert f"--tokenizer {other} has 500 tokens" in error and "vocabulary of 97" in error
+
+
+def test_checkpoint_with_a_wrongly_shaped_tensor(tiny_dir, shared_data, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    bad = tmp_path / "bad_model"
+    shutil.copytree(tiny_dir, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    name = "transformer.h.1.mlp.c_fc.weight"
+    tensors[name] = np.zeros((32, 100), np.float32)
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    assert cli.main(_eval_args(str(bad), shared_data)) == 2
+    error = _one_error(capsys)
+    assert f"tensor {name!r} has shape (32, 100)" in error and "implies (32, 128)" in error
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("checkpoint_on_a_model_folder", "its config.json is not a train.py config"),
+        ("tokenizer_folder_without_one", "cannot load a tokenizer"),
+        ("corrupt_safetensors", "unreadable safetensors file"),
+        ("truncated_gguf", "unreadable GGUF file"),
+        ("weights_missing", "no *.safetensors or pytorch_model*.bin weight file"),
+    ],
+)
+def test_more_bad_eval_inputs(case, expected, tiny_dir, shared_data, tmp_path, capsys):
+    args = _eval_args(tiny_dir, shared_data)[2:]
+    if case == "checkpoint_on_a_model_folder":
+        source = ["--checkpoint", tiny_dir]
+    elif case == "tokenizer_folder_without_one":
+        from tsld_jax.models import load_model
+        from tsld_jax.quant import export
+
+        loaded = load_model(tiny_dir, load_tokenizer=False)
+        path = str(tmp_path / "packed.safetensors")
+        export.save_packed(path, loaded.params, loaded.spec)
+        source = ["--packed", path, "--tokenizer", str(tmp_path)]
+    elif case == "truncated_gguf":
+        (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 10)
+        source = ["--model", str(tmp_path / "m.gguf")]
+    else:
+        model = tmp_path / "model"
+        shutil.copytree(tiny_dir, model)
+        if case == "corrupt_safetensors":
+            (model / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"garbage")
+        else:
+            (model / "model.safetensors").unlink()
+        source = ["--model", str(model)]
+    assert cli.main([*source, *args]) == 2
+    assert expected in _one_error(capsys)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--config.data.name=text", "--config.data.path={tmp}"], "is a directory, not a file"),
+        (["--config.model.name_or_path=gpt2"], "not a local path and HF_HUB_OFFLINE is set"),
+        (["--config.checkpoint.keep=0"], "config.checkpoint.keep"),
+        (["--config.profile.steps=3"], "config.profile.steps"),
+    ],
+)
+def test_more_bad_train_inputs(flags, expected, tmp_path, old_run, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = _snapshot(old_run)
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert train.main(["train.py", "--config", SMOKE, "--workdir", str(old_run), *flags]) == 2
+    assert expected in _one_error(capsys)
+    assert _snapshot(old_run) == before
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_teacher_sampling_bar_obeys_log_progress(progress, tmp_path, capsys):
+    import jax
+
+    from configs import smoke
+    from tsld_jax import data
+    from tsld_jax.models import decoder, named
+
+    cfg = smoke.get_config()
+    cfg.data.block_size, cfg.data.generated_sequences = 8, 4
+    spec = named.random_spec(cfg.model.random)
+    params = decoder.init_params(jax.random.key(0), spec, std=0.2)
+    examples = data.load_examples(
+        cfg.data, named.ByteTokenizer(), "train", (params, spec), str(tmp_path), progress=progress
+    )
+    assert examples["tokens"].shape == (4, 8)
+    assert ("sampling teacher data" in capsys.readouterr().err) == progress
