@@ -13,7 +13,7 @@ class Outcome:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    from tsld_jax import config_utils, trainer
+    from tsld_jax import config_utils, trainer, workdir
     from tsld_jax.evaluation.perplexity import DataError
     from tsld_jax.models.errors import LoadError
     from tsld_jax.models.spec import ConfigError
@@ -24,6 +24,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         LoadError,
         DataError,
         trainer.TrainingError,
+        workdir.WorkdirError,
         FileNotFoundError,
     )
 
