@@ -157,10 +157,42 @@ def _restore_args(abstract_state: Any):
     )
 
 
+class _NoOrbaxTracebacks(logging.Filter):
+    """Orbax logs each failed background write with a traceback; keep its one-line message.
+
+    A failed save (a workdir gone read-only) is reported by the run as one line naming the
+    last checkpoint kept; a traceback per orbax thread would bury it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_NO_ORBAX_TRACEBACKS = _NoOrbaxTracebacks()
+
+
+def _quiet_closed_loops(previous):
+    # After a failed async save, tensorstore's completion callbacks may still post to the
+    # asyncio loop orbax has closed; each reports "Event loop is closed" as unraisable.
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.quiet_closed_loops = True
+    return hook
+
+
 class Checkpointer:
     """The training run's checkpoints: saves every `every_steps`, keeps `keep`, resumes."""
 
     def __init__(self, workdir: str, keep: int = 3):
+        logging.getLogger("absl").addFilter(_NO_ORBAX_TRACEBACKS)  # Adding twice is a no-op.
+        if not getattr(sys.unraisablehook, "quiet_closed_loops", False):
+            sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
         self.workdir = workdir
         self.directory = checkpoint_dir(workdir)
         self.manager = ocp.CheckpointManager(
@@ -168,27 +200,39 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
 
-    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Saves asynchronously; a workdir that went read-only is one WorkdirError."""
-        # Probe first: orbax, handed a read-only directory, logs a traceback per thread and
-        # then waits minutes for signals that never come before it raises.
+    def _check_writable(self) -> None:
         probe = os.path.join(self.directory, f".write_test.{os.getpid()}")
         try:
             with open(probe, "w"):
                 pass
             os.remove(probe)
         except OSError as error:
-            raise write_failure(self.workdir, error) from None
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+            failure = OSError(error.errno, error.strerror, self.directory)
+            raise write_failure(self.workdir, failure) from None
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Saves asynchronously; a workdir that stopped taking writes is one WorkdirError."""
+        # Probe first: orbax, handed a read-only directory, waits minutes for signals from its
+        # failed threads before it raises.
+        self._check_writable()
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        except Exception:
+            self._check_writable()  # The previous save failed on a read-only workdir.
+            raise
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception:
+            self._check_writable()
+            raise
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -238,7 +282,7 @@ class Checkpointer:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 
