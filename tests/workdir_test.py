@@ -53,6 +53,23 @@ def test_a_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path, capsys
     assert "taking over the lock" in capsys.readouterr().err
 
 
+def test_without_flock_a_live_pid_on_this_host_holds(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    _write_holder(tmp_path, host=workdir._host(), pid=os.getppid())
+    with pytest.raises(workdir.WorkdirError, match=f"in use .*pid {os.getppid()}"):
+        workdir.acquire(str(tmp_path))
+    _write_holder(tmp_path, host=workdir._host(), pid=2**22 + 7)  # above pid_max: not alive
+    with workdir.acquire(str(tmp_path)):
+        pass
+    assert "taking over the lock" in capsys.readouterr().err
+
+
 def test_the_heartbeat_touches_the_lock(tmp_path):
     with workdir.acquire(str(tmp_path), heartbeat_s=0.05):
         os.utime(tmp_path / LOCK, (0, 0))

@@ -3,7 +3,7 @@
 The lock is `WORKDIR/train.lock`. The run holds an exclusive `flock` on it for its whole life
 and writes into it who holds it: `{"pid", "host", "started"}`. A new run decides so:
 
-- `flock` fails: a live run holds the lock (the kernel, or on NFS the lock server, says so):
+- `flock` is refused: a live run holds the lock (the kernel, or on NFS the lock server, says so):
   refuse at once with one line naming the holder.
 - `flock` succeeds and the file names a holder on this host: that process is gone (the kernel
   drops a dead process's `flock`), so the lock is stale: take it over with a warning.
@@ -12,6 +12,7 @@ and writes into it who holds it: `{"pid", "host", "started"}`. A new run decides
   touches the file every `HEARTBEAT_S`). Older than `STALE_AFTER_S`: stale, taken over with a
   warning; fresher: refuse, with the hint to remove the file if that run is truly gone.
 
+On a filesystem without `flock` at all, a holder on this host is alive while its pid is.
 The file is never deleted (deleting a locked file lets two runs lock two different inodes); a
 run that ends empties it, and an empty file is a free lock. Its content is written only by the
 process that holds the `flock`; a reader that catches a half-written file reads it again.
@@ -69,6 +70,18 @@ def prepare(workdir: str) -> None:
 
 def _host() -> str:
     return socket.gethostname()
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _describe(holder: dict) -> str:
@@ -140,12 +153,19 @@ def acquire(
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = False
         except BlockingIOError:
+            held = True
+        except OSError:
+            # A filesystem without flock: judge by the holder's pid (this host) or heartbeat.
+            holder = _read_holder(fd) or {}
+            held = holder.get("host") == _host() and _pid_alive(holder.get("pid"))
+        if held:
             holder = _read_holder(fd) or {}
             raise WorkdirError(
                 f"--workdir {workdir} is in use by another train.py run ({_describe(holder)}); "
                 "one workdir, one run: wait for it, stop it, or pass another --workdir"
-            ) from None
+            )
         holder = _read_holder(fd)
         if holder is not None:
             age = time.time() - os.fstat(fd).st_mtime
