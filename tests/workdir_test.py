@@ -236,3 +236,16 @@ def test_workdir_goes_read_only_mid_run(target, tmp_path, shared_data):
     _, step = train_test._final_params(tmp_path)
     assert step == kept
     assert all(json.loads(line) for line in open(tmp_path / "metrics.jsonl"))
+
+
+def test_write_failures_are_told_from_other_errors(tmp_path):
+    import errno
+
+    inside = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "metrics.jsonl"))
+    assert workdir.is_write_failure(inside, str(tmp_path))
+    outside = OSError(errno.EACCES, "Permission denied", "/elsewhere/ptb.train.txt")
+    assert not workdir.is_write_failure(outside, str(tmp_path))
+    missing = FileNotFoundError(errno.ENOENT, "No such file", str(tmp_path / "x"))
+    assert not workdir.is_write_failure(missing, str(tmp_path))
+    message = str(checkpoint.write_failure(str(tmp_path), inside))
+    assert "(Read-only file system: " in message and "no checkpoint was saved yet" in message

@@ -139,10 +139,15 @@ def last_kept(workdir: str) -> str:
 
 def write_failure(workdir: str, error: OSError) -> workdir_lib.WorkdirError:
     """The one-line error of a workdir that stopped taking writes mid-run."""
+    kept = last_kept(workdir)
+    then = (
+        f"the last checkpoint kept is {kept}; the run resumes from it once the workdir is "
+        "writable again"
+        if kept != "none"
+        else "no checkpoint was saved yet"
+    )
     return workdir_lib.WorkdirError(
-        f"--workdir {workdir} is no longer writable ({error.strerror}: {error.filename}); the "
-        f"last checkpoint kept is {last_kept(workdir)}; the run resumes from it once the "
-        "workdir is writable again"
+        f"--workdir {workdir} is no longer writable ({error.strerror}: {error.filename}); {then}"
     )
 
 
