@@ -33,6 +33,7 @@ SKIPPED = (
 SHRINK = {
     "train.py": [
         "--config.train.steps=2",
+        "--config.train.warmup_steps=0",
         "--config.data.batch_size=2",
         "--config.data.block_size=32",
         "--config.data.generated_sequences=2",

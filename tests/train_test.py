@@ -103,8 +103,12 @@ def test_sigkill_and_corrupt_checkpoint_resume_bit_exact(uninterrupted, tmp_path
                 f.write(b"garbage")
     resumed = _train(tmp_path, shared_data)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "unreadable" in resumed.stdout + resumed.stderr
+    assert "checkpoint 4 does not restore" in resumed.stderr
+    assert "falling back to checkpoint 4" not in resumed.stderr
+    assert "falling back to checkpoint 2" in resumed.stderr
     assert "resuming from step 2" in resumed.stdout
+    # Only the training run sets a corrupt checkpoint aside (moved, never deleted).
+    assert [p.split("-")[0] for p in os.listdir(tmp_path / "unreadable_checkpoints")] == ["4"]
     expected, step = _final_params(workdir)
     got, got_step = _final_params(tmp_path)
     assert step == got_step == 8

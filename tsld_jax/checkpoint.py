@@ -2,13 +2,21 @@
 
 Layout of a workdir:
 
-    config.json            the resolved config (written at start)
+    config.json            the resolved config of the run (compared with the new one on resume)
+    train.lock             who runs in this workdir now (tsld_jax/workdir.py)
     checkpoints/<step>/    orbax: "state" (TrainState: step, params, opt_state, rng) and
                            "meta" (JSON: data-iterator position, step, loss)
-    metrics.jsonl, events.out.tfevents.*, export/ (FP stage), profile/
+    unreadable_checkpoints/<step>-<time>/   newest checkpoints that did not restore, set aside
+    generated_<split>.npz  teacher samples (data.name == "generated"), keyed by what made them
+    metrics.jsonl, events.out.tfevents.*, results.json, export/ (FP stage), profile/
 
-Resume order: `train.py` opens the manager, tries the latest step, and on any failure to read it
-warns and falls back to the next older one; with none readable it starts from scratch. The
+Resume order (`train.py`): take the workdir lock; compare config.json with the new config
+(`check_resume`: fields in `RESUMABLE_FIELDS` may change, any other difference stops the run);
+open the manager and try the newest step, then older ones. Newer checkpoints that did not
+restore are moved to unreadable_checkpoints/ (never deleted) and the run says which step it
+resumed from; when none restores the run stops and leaves them all in place. Only the training
+run moves checkpoints: readers (`restore_params`, `restore_for_eval`, eval.py) never write into
+a run, so they work on a read-only copy and beside a live run that deletes old steps. The
 teacher is never saved: it is an input, rebuilt from the config.
 """
 
@@ -18,71 +26,255 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
 import orbax.checkpoint as ocp
 
 from tsld_jax import recipe
+from tsld_jax import workdir as workdir_lib
+
+# Config fields that may change between a run and its resume; every other field (model,
+# quant, loss, data, seed, stage, the optimizer and train.dtype, ...) is part of what the
+# checkpoints mean and must match. An entry ending in "." covers a whole section. Fields not
+# listed are identity fields by default, so that a field added later is safe until judged.
+RESUMABLE_FIELDS = (
+    "train.steps",  # How long the run goes (the lr schedule stretches to the new total).
+    "train.epochs",
+    "train.remat",  # What the backward recomputes: memory and speed, the same maths.
+    "data.eval_split",  # What is evaluated, and when.
+    "data.eval_blocks",
+    "eval.",
+    "checkpoint.",  # Save cadence and how many are kept.
+    "log.",
+    "profile.",
+    "mesh.",  # How the same state is laid out on devices; orbax restores onto any mesh.
+    "debug.",
+    "guard.",  # When a diverging run stops or warns: watching, not training.
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def is_resumable_field(name: str) -> bool:
+    return any(name == f or (f.endswith(".") and name.startswith(f)) for f in RESUMABLE_FIELDS)
+
+
+def config_changes(
+    stored: dict[str, Any], new: dict[str, Any]
+) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """(identity changes, resumable changes) between two configs, each [(field, old, new)]."""
+    old_flat, new_flat = _flatten(stored), _flatten(new)
+    missing = "<absent>"
+    identity, resumable = [], []
+    for name in sorted(set(old_flat) | set(new_flat)):
+        old, value = old_flat.get(name, missing), new_flat.get(name, missing)
+        if old != value:
+            (resumable if is_resumable_field(name) else identity).append((name, old, value))
+    return identity, resumable
+
+
+def _show(changes: list[tuple[str, Any, Any]]) -> str:
+    return ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in changes)
+
+
+def check_resume(cfg, workdir: str) -> None:
+    """Compares a workdir's stored config with the new one, then stores the new one.
+
+    With no checkpoint in the workdir yet any config is accepted (nothing to mismatch).
+
+    Raises:
+      workdir_lib.WorkdirError: the workdir holds checkpoints of a run with another identity.
+    """
+    new = json.loads(cfg.to_json())
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path) and saved_steps(workdir):
+        with open(path) as f:
+            stored = json.load(f)
+        identity, resumable = config_changes(stored, new)
+        if identity:
+            raise workdir_lib.WorkdirError(
+                f"--workdir {workdir} holds checkpoints of another run; these fields differ: "
+                f"{_show(identity)}. To keep that run, drop these changes; to start a new one, "
+                "pass a new --workdir (or move this one aside)"
+            )
+        if resumable:
+            print(f"resuming with changed settings: {_show(resumable)}")
+            logging.info("resuming with changed settings: %s", _show(resumable))
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(cfg.to_json(indent=2))
+    os.replace(tmp, path)
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The finalized checkpoint steps of a workdir, oldest first (orbax's tmp dirs excluded)."""
+    directory = checkpoint_dir(workdir)
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(f"{directory}/{n}"))
+
+
+def last_kept(workdir: str) -> str:
+    """'step N (PATH)' of a workdir's newest finalized checkpoint, or 'none'."""
+    steps = saved_steps(workdir)
+    if not steps:
+        return "none"
+    return f"step {steps[-1]} ({os.path.join(checkpoint_dir(workdir), str(steps[-1]))})"
+
+
+def write_failure(workdir: str, error: OSError) -> workdir_lib.WorkdirError:
+    """The one-line error of a workdir that stopped taking writes mid-run."""
+    kept = last_kept(workdir)
+    then = (
+        f"the last checkpoint kept is {kept}; the run resumes from it once the workdir is "
+        "writable again"
+        if kept != "none"
+        else "no checkpoint was saved yet"
+    )
+    return workdir_lib.WorkdirError(
+        f"--workdir {workdir} is no longer writable ({error.strerror}: {error.filename}); {then}"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _restore_args(abstract_state: Any):
+    return ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+    )
+
+
+class _NoOrbaxTracebacks(logging.Filter):
+    """Orbax logs each failed background write with a traceback; keep its one-line message.
+
+    A failed save (a workdir gone read-only) is reported by the run as one line naming the
+    last checkpoint kept; a traceback per orbax thread would bury it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_NO_ORBAX_TRACEBACKS = _NoOrbaxTracebacks()
+
+
+def _quiet_closed_loops(previous):
+    # After a failed async save, tensorstore's completion callbacks may still post to the
+    # asyncio loop orbax has closed; each reports "Event loop is closed" as unraisable.
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.quiet_closed_loops = True
+    return hook
 
 
 class Checkpointer:
-    """Saves every `every_steps`, keeps `keep`, restores the newest readable checkpoint."""
+    """The training run's checkpoints: saves every `every_steps`, keeps `keep`, resumes."""
 
     def __init__(self, workdir: str, keep: int = 3):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        logging.getLogger("absl").addFilter(_NO_ORBAX_TRACEBACKS)  # Adding twice is a no-op.
+        if not getattr(sys.unraisablehook, "quiet_closed_loops", False):
+            sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
+        self.workdir = workdir
+        self.directory = checkpoint_dir(workdir)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
 
+    def _check_writable(self) -> None:
+        probe = os.path.join(self.directory, f".write_test.{os.getpid()}")
+        try:
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as error:
+            failure = OSError(error.errno, error.strerror, self.directory)
+            raise write_failure(self.workdir, failure) from None
+
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        """Saves asynchronously; a workdir that stopped taking writes is one WorkdirError."""
+        # Probe first: orbax, handed a read-only directory, waits minutes for signals from its
+        # failed threads before it raises.
+        self._check_writable()
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        except Exception:
+            self._check_writable()  # The previous save failed on a read-only workdir.
+            raise
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception:
+            self._check_writable()
+            raise
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def restore(self, abstract_state: Any, step: int | None = None):
-        """(state, meta) of `step`, or of the newest readable checkpoint; None if there is none."""
-        candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+    def restore(self, abstract_state: Any):
+        """(state, meta) of the newest checkpoint that restores; None if there is none.
+
+        Newer checkpoints that do not restore are moved to unreadable_checkpoints/, so that the
+        run can save those steps again; if none restores, all are left in place and this raises.
+        """
+        steps = sorted(self.steps(), reverse=True)
         unreadable = []
-        for candidate in candidates:
+        for step in steps:
             try:
-                restored = self.manager.restore(
-                    candidate,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        meta=ocp.args.JsonRestore(),
-                    ),
-                )
-                self._quarantine(unreadable)
-                return restored["state"], restored["meta"]
+                restored = self.manager.restore(step, args=_restore_args(abstract_state))
             except Exception as error:  # orbax/tensorstore raise many types for a bad file.
-                if step is not None:
-                    raise
-                logging.warning(
-                    "checkpoint %d in %s is unreadable (%s); falling back to an older one",
-                    candidate,
-                    self.directory,
-                    str(error).splitlines()[0] if str(error) else error,
-                )
-                print(f"warning: checkpoint {candidate} is unreadable; trying an older one")
-                unreadable.append(candidate)
-        self._quarantine(unreadable)
+                message = f"checkpoint {step} does not restore ({_first_line(error)})"
+                print(f"warning: {message}", file=sys.stderr)
+                unreadable.append((step, error))
+                continue
+            self._set_aside([s for s, _ in unreadable])
+            if unreadable:
+                print(f"warning: falling back to checkpoint {step}", file=sys.stderr)
+            return restored["state"], restored["meta"]
+        if unreadable:
+            newest, error = unreadable[0]
+            raise workdir_lib.WorkdirError(
+                f"none of the {len(steps)} checkpoints in {self.directory} restores (newest, "
+                f"{newest}: {_first_line(error)}); they are left in place. If the code changed, "
+                "use the code that wrote them; to start a new run, pass a new --workdir"
+            )
         return None
 
-    def _quarantine(self, steps: list[int]) -> None:
-        # Move unreadable checkpoints aside (never delete a user's files) so that the resumed
-        # run can save those steps again.
+    def _set_aside(self, steps: list[int]) -> None:
+        # Move (never delete: they are a user's files) so the resumed run can save these steps
+        # again; only the training run does this, never a reader.
         if not steps:
             return
         target = os.path.join(os.path.dirname(self.directory), "unreadable_checkpoints")
@@ -96,8 +288,47 @@ class Checkpointer:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def read_checkpoint(workdir: str, abstract_state: Any, step: int | None = None):
+    """(state, meta) of `step`, or of the newest checkpoint that restores; without writing.
+
+    A reader of a run never writes into it (no orbax manager, which creates directories and
+    cleans up): it lists the step directories itself and restores each with a plain orbax
+    Checkpointer, newest first. A checkpoint that does not restore (corrupt, or deleted by the
+    live run between the listing and the read) is skipped with a warning naming the step used.
+
+    Raises:
+      FileNotFoundError: no checkpoint restores (or `step` does not).
+    """
+    directory = checkpoint_dir(workdir)
+    steps = [step] if step is not None else sorted(saved_steps(workdir), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"{workdir} holds no checkpoint")
+    skipped = []
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as reader:
+        for candidate in steps:
+            try:
+                restored = reader.restore(
+                    os.path.join(directory, str(candidate)), args=_restore_args(abstract_state)
+                )
+            except Exception as error:  # orbax/tensorstore raise many types for a bad file.
+                if step is not None:
+                    raise FileNotFoundError(
+                        f"checkpoint {step} in {directory} does not restore ({_first_line(error)})"
+                    ) from None
+                skipped.append(f"{candidate} ({_first_line(error)})")
+                continue
+            if skipped:
+                message = (
+                    f"checkpoint {', '.join(skipped)} of {workdir} does not restore; "
+                    f"using step {candidate}"
+                )
+                print(f"warning: {message}", file=sys.stderr)
+            return restored["state"], restored["meta"]
+    raise FileNotFoundError(f"{workdir} holds no readable checkpoint ({'; '.join(skipped)})")
 
 
 def restore_params(cfg, workdir: str, step: int | None = None):
@@ -107,14 +338,7 @@ def restore_params(cfg, workdir: str, step: int | None = None):
     params = recipe.initial_student_params(student.params, rules, cfg)
     # The optimizer's state shapes do not depend on the number of steps.
     abstract, _, _ = recipe.abstract_state(cfg, params, cfg.train.steps)
-    checkpointer = Checkpointer(workdir, cfg.checkpoint.keep)
-    try:
-        restored = checkpointer.restore(abstract, step)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"{workdir} holds no readable checkpoint")
-    state, _ = restored
+    state, _ = read_checkpoint(workdir, abstract, step)
     return state.params, student, recipe.make_quantizer(rules), int(state.step)
 
 

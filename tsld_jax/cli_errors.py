@@ -18,7 +18,7 @@ class Outcome:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    from tsld_jax import config_utils, trainer
+    from tsld_jax import config_utils, trainer, workdir
     from tsld_jax.evaluation.perplexity import DataError
     from tsld_jax.models.errors import LoadError
     from tsld_jax.models.spec import ConfigError
@@ -30,6 +30,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         LoadError,
         DataError,
         trainer.TrainingError,
+        workdir.WorkdirError,
         FileNotFoundError,
     )
 

@@ -1,11 +1,16 @@
 """Data-free distillation data (as in LLM-QAT): sequences sampled from the teacher once, cached.
 
 The cache lives in WORKDIR/generated_<split>.npz, so a resumed run trains on the very same
-sequences; sampling is seeded from the config seed and the split.
+sequences; sampling is seeded from the split. The cache stores the key of what produced it (a
+fingerprint of the teacher's weights and architecture, the first token, count, length,
+temperature, seed) and is sampled afresh when the key differs: another teacher, or the same
+path holding new weights, never reuses old samples.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import jax
@@ -58,6 +63,57 @@ def sample(
     return np.concatenate(out).astype(np.int32)
 
 
+def teacher_fingerprint(params, spec) -> str:
+    """A short hash of a model's architecture and weights, cheap even for a large model.
+
+    It hashes every tensor's path, shape and dtype and up to 1024 evenly strided values of each
+    (exact values, no reduction, so it is the same on every backend): any fine-tune or another
+    checkpoint changes it, without reading every weight back from the device.
+    """
+    digest = hashlib.sha256(repr(spec).encode())
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        flat = leaf.reshape(-1)
+        stride = max(1, flat.shape[0] // 1024)
+        digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
+        digest.update(np.ascontiguousarray(jax.device_get(flat[::stride])).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _cache_key(teacher, first: int, count: int, length: int, temperature: float, seed: int):
+    params, spec = teacher
+    return {
+        "teacher": teacher_fingerprint(params, spec),
+        "first_token": int(first),
+        "count": int(count),
+        "length": int(length),
+        "temperature": float(temperature),
+        "seed": int(seed),
+        "sampler": 1,  # Bump when the sampling code changes what it draws.
+    }
+
+
+def _read_cache(path: str, key: dict) -> np.ndarray | None:
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path) as cached:
+            stored = json.loads(str(cached["key"])) if "key" in cached else None
+            tokens = cached["tokens"]
+    except (OSError, ValueError, KeyError):
+        stored, tokens = "unreadable", None
+    if stored == key:
+        return tokens
+    changed = (
+        ", ".join(f"{k} {stored.get(k)!r} -> {v!r}" for k, v in key.items() if stored.get(k) != v)
+        if isinstance(stored, dict)
+        else "made before caches were keyed"
+        if stored is None
+        else "unreadable"
+    )
+    print(f"note: {path} was made by other settings ({changed}); sampling afresh")
+    return None
+
+
 def load_or_sample(
     cfg, tokenizer, teacher, workdir, split: str, progress: bool = True
 ) -> np.ndarray:
@@ -65,16 +121,17 @@ def load_or_sample(
     if teacher is None:
         raise DataError("generated data needs the teacher model")
     count = cfg.generated_sequences if split == "train" else max(cfg.eval_blocks, 1)
-    path = os.path.join(workdir, f"generated_{split}.npz") if workdir else None
-    if path and os.path.exists(path):
-        cached = np.load(path)["tokens"]
-        if cached.shape == (count, cfg.block_size):
-            return cached
-    params, spec = teacher
     first = getattr(tokenizer, "bos_token_id", None)
     if first is None:
         first = 0
     seed = 1000 + (0 if split == "train" else 1)
+    key = _cache_key(teacher, first, count, cfg.block_size, cfg.generated_temperature, seed)
+    path = os.path.join(workdir, f"generated_{split}.npz") if workdir else None
+    if path:
+        cached = _read_cache(path, key)
+        if cached is not None:
+            return cached
+    params, spec = teacher
     tokens = sample(
         params,
         spec,
@@ -86,7 +143,7 @@ def load_or_sample(
         progress=progress,
     )
     if path:
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, tokens=tokens)
+        tmp = f"{path}.tmp.{os.getpid()}.npz"
+        np.savez(tmp, tokens=tokens, key=json.dumps(key, sort_keys=True))
         os.replace(tmp, path)
     return tokens

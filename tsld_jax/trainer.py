@@ -16,6 +16,7 @@ import numpy as np
 
 from tsld_jax import checkpoint as checkpoint_lib
 from tsld_jax import config_utils, data, guard, logging_utils, recipe, sharding, train_step
+from tsld_jax import workdir as workdir_lib
 from tsld_jax.evaluation import perplexity
 from tsld_jax.models import hf, named
 from tsld_jax.quant import rules as rules_lib
@@ -95,14 +96,25 @@ def _device_batch(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax
 
 
 def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) the training run a config describes; returns the final results."""
+    """Runs (or resumes) the training run a config describes; returns the final results.
+
+    The workdir is checked and locked (one workdir, one run) and the config compared with the
+    stored one (resume means the same run) before any model is loaded or anything compiled.
+    """
     config_utils.validate(cfg)
     # Before anything is loaded, sampled or compiled (jax.device_count() compiles nothing).
     config_utils.validate_mesh(cfg, jax.device_count())
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json(indent=2))
+    with workdir_lib.hold(workdir):
+        checkpoint_lib.check_resume(cfg, workdir)
+        try:
+            return _train(cfg, workdir)
+        except OSError as error:
+            if not workdir_lib.is_write_failure(error, workdir):
+                raise
+            raise checkpoint_lib.write_failure(workdir, error) from None
 
+
+def _train(cfg, workdir: str) -> dict[str, Any]:
     student, teacher = recipe.load_models(cfg)
     check_positions(cfg, student, teacher)
     rules = recipe.quant_rules(cfg)
