@@ -212,6 +212,13 @@ def test_token_losses_match_numpy_on_single_tokens(jit, dtype):
             np.testing.assert_allclose(float(field), value, rtol=2e-6, err_msg=name)
 
 
+def test_a_label_outside_the_vocabulary_reads_nan_not_a_clamped_logit():
+    student, teacher, _ = _data()
+    got = losses.token_losses(student[0, 0], teacher[0, 0], jnp.asarray(V, jnp.int32))
+    assert np.isnan(float(got.student_ce)) and np.isnan(float(got.teacher_ce))
+    assert np.isfinite(float(got.soft_ce))
+
+
 def test_tsld_from_the_vmapped_token_function_matches_numpy():
     # The design in one line: TSLD = token scales of the teacher's c_t times CE_t, with both
     # read from `token_losses` mapped over every token.

@@ -70,8 +70,11 @@ def _token_forward(
     p_teacher_V = jnp.exp(teacher_V - teacher_lse)
     # CE_t = -sum_v p_t[v] * log q[v]  (PAPER.md, `logit`).
     soft_ce = -jnp.sum(p_teacher_V * (student_V - student_lse))
-    # c_t = CE(z_t[t], y_t) (PAPER.md, `tsld` step 1) and the student's own `gt` term.
-    stats = TokenLosses(soft_ce, student_lse - student_V[label], teacher_lse - teacher_V[label])
+    # c_t = CE(z_t[t], y_t) (PAPER.md, `tsld` step 1) and the student's own `gt` term. A label
+    # outside the vocabulary reads NaN (loud), where plain indexing would clamp it silently.
+    student_label = student_V.at[label].get(mode="fill", fill_value=jnp.nan)
+    teacher_label = teacher_V.at[label].get(mode="fill", fill_value=jnp.nan)
+    stats = TokenLosses(soft_ce, student_lse - student_label, teacher_lse - teacher_label)
     return stats, _Residuals(student_lse, teacher_lse, jnp.sum(p_teacher_V))
 
 
@@ -80,9 +83,9 @@ def token_losses(
 ) -> TokenLosses:
     """The per-token pass: one token's (student logits, teacher logits, label) to its losses.
 
-    Every loss of this module reduces the (B, T, V) logits through this function alone, mapped
-    with `jax.vmap` over the tokens of each chunk; it is public so that it can be read, tested
-    and reused on its own.
+    Every loss of this module but `gt` reduces the (B, T, V) logits through this function alone,
+    mapped with `jax.vmap` over the tokens of each chunk; it is public so that it can be read,
+    tested and reused on its own.
 
     Args:
       student_logits: (V,) the student's logits at one position, any float dtype.
