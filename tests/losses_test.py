@@ -190,6 +190,73 @@ def test_teacher_receives_no_gradient(kind):
         np.testing.assert_array_equal(np.asarray(grad), 0.0)
 
 
+# ----------------------------------------------------------------------------- per-token function
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_token_losses_match_numpy_on_single_tokens(jit, dtype):
+    student, teacher, labels = _data(dtype, seed=4)
+    token_losses = jax.jit(losses.token_losses) if jit else losses.token_losses
+    s, t, y = _np(student), _np(teacher), np.asarray(labels)
+    for b, position in [(0, 0), (1, 3), (2, T - 1)]:
+        got = token_losses(student[b, position], teacher[b, position], labels[b, position])
+        # PAPER.md: CE_t = -sum_v p_t[v] log q[v]; c_t = CE(z_t[t], y_t); gt = CE(z_s[t], y_t).
+        log_q, p = np_log_softmax(s[b, position]), np_softmax(t[b, position])
+        expected = {
+            "soft_ce": -(p * log_q).sum(),
+            "student_ce": -log_q[y[b, position]],
+            "teacher_ce": -np_log_softmax(t[b, position])[y[b, position]],
+        }
+        for name, value in expected.items():
+            field = getattr(got, name)
+            assert field.dtype == jnp.float32 and field.shape == (), name
+            np.testing.assert_allclose(float(field), value, rtol=2e-6, err_msg=name)
+
+
+def test_a_label_outside_the_vocabulary_reads_nan_not_a_clamped_logit():
+    student, teacher, _ = _data()
+    got = losses.token_losses(student[0, 0], teacher[0, 0], jnp.asarray(V, jnp.int32))
+    assert np.isnan(float(got.student_ce)) and np.isnan(float(got.teacher_ce))
+    assert np.isfinite(float(got.soft_ce))
+
+
+def test_tsld_from_the_vmapped_token_function_matches_numpy():
+    # The design in one line: TSLD = token scales of the teacher's c_t times CE_t, with both
+    # read from `token_losses` mapped over every token.
+    student, teacher, labels = _data()
+    mask = _mask(True)
+    stats = jax.vmap(jax.vmap(losses.token_losses))(student, teacher, labels)
+    scales = losses.token_scales(stats.teacher_ce, jnp.asarray(mask), TAU)
+    got = jnp.sum(jnp.where(jnp.asarray(mask) > 0, scales * stats.soft_ce, 0.0))
+    expected = np_tsld(_np(student), _np(teacher), np.asarray(labels), mask)
+    np.testing.assert_allclose(float(got), expected, rtol=2e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 6, 64])
+def test_chunked_backward_matches_autodiff_of_the_token_function(chunk):
+    # Arbitrary cotangents on each output: the hand-written, chunked backward against plain
+    # autodiff through the vmapped per-token function (the unchunked reference).
+    student, teacher, labels = _data(seed=5)
+    rng = np.random.default_rng(6)
+    weights = [jnp.asarray(rng.normal(size=(B, T)), jnp.float32) for _ in range(3)]
+
+    def objective(x, chunk_size):
+        stats = losses._token_stats(x, teacher, labels, chunk_size=chunk_size)
+        return sum(jnp.sum(w * field) for w, field in zip(weights, stats, strict=True))
+
+    def reference(x):
+        stats = jax.vmap(jax.vmap(losses.token_losses))(x, teacher, labels)
+        # The teacher's c_t is a constant: no gradient through it even though it reads only z_t.
+        return jnp.sum(weights[0] * stats.soft_ce) + jnp.sum(weights[1] * stats.student_ce)
+
+    expected = jax.grad(reference)(student)
+    for chunk_size in (chunk, None):
+        got = jax.jit(jax.grad(objective), static_argnums=1)(student, chunk_size)
+        scale = np.abs(np.asarray(expected)).max()
+        np.testing.assert_allclose(
+            np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6 * scale
+        )
+
+
 # ----------------------------------------------------------------------------- masks
 def test_masked_positions_take_part_in_nothing():
     student, teacher, labels = _data()

@@ -112,6 +112,39 @@ def test_matches_numpy(method, bits, granularity, group_size, shape, jit):
     )
 
 
+LEVEL_RANGES = {"twn": lambda b: (-1, 1), "pact": lambda b: (1 - 2 ** (b - 1), 2 ** (b - 1) - 1)}
+LEVEL_RANGES["sym"] = LEVEL_RANGES["pact"]
+LEVEL_RANGES["asym"] = lambda b: (0, 2**b - 1)
+
+
+@pytest.mark.parametrize("method,bits", METHOD_BITS)
+@pytest.mark.parametrize("granularity,group_size", GRANULARITIES)
+def test_levels_are_integers_in_range_and_dequantize_to_fake_quantize(
+    method, bits, granularity, group_size
+):
+    spec = QuantSpec(method, bits, granularity, group_size)
+    shape = SHAPES[1]
+    w = jnp.asarray(_weights(shape))
+    gamma = jnp.asarray(_gamma(spec, shape)) if method == "pact" else None
+
+    @jax.jit
+    def both(w, gamma):
+        grouped = quantizers.to_groups(w, spec)
+        group_gamma = None if gamma is None else quantizers.scale_to_groups(gamma, spec, shape)
+        levels, scales, zeros = quantizers.quantize_levels(grouped, spec, group_gamma)
+        q = quantizers.dequantize_levels(levels, scales, zeros, spec).reshape(shape)
+        return levels, scales, zeros, q, quantizers.fake_quantize(w, spec, gamma)
+
+    levels, scales, zeros, q, expected = both(w, gamma)
+    levels = np.asarray(levels)
+    low, high = LEVEL_RANGES[method](bits)
+    np.testing.assert_array_equal(levels, np.round(levels))
+    assert low <= levels.min() and levels.max() <= high
+    assert scales.shape[-2] == 1 and (zeros is None) == (method != "asym")
+    np.testing.assert_array_equal(np.asarray(quantizers.to_groups(w, spec)).reshape(shape), w)
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(expected))
+
+
 def test_pact_default_scale_is_one():
     spec = QuantSpec("pact", 2, "channel")
     w = _weights((8, 4))

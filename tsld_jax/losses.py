@@ -5,22 +5,29 @@ scored against the label at position t (callers shift). `mask` is 1 (or True) wh
 counts; masked positions take part in no sum, mean or softmax. Logits may be bfloat16; every loss
 computes in float32. The teacher is a constant: its logits pass through `stop_gradient`.
 
+The per-token pass. Every loss that reads the teacher's logits reduces them through one function
+of a single token, `token_losses(student logits, teacher logits, label)`, which returns the
+token's soft cross-entropy to the teacher and the student's and the teacher's cross-entropy with
+the label; it is mapped with `jax.vmap` over the tokens (B, C) of each chunk, and the whole pass
+is jitted.
+
 Memory. A naive TSLD keeps several float32 (B, T, V) arrays alive for the backward pass (both
-softmaxes and log-softmaxes). Here every loss that reads logits goes through one fused per-token
-pass, `_token_stats`, that reduces each token's row to a few scalars (the soft cross-entropy to
-the teacher, the student's and the teacher's cross-entropy with the label). With `chunk_size` set,
-that pass runs over chunks of positions (the whole batch at once, about `chunk_size` tokens per
-chunk) inside a `fori_loop`, under a `custom_vjp` whose backward recomputes the softmaxes chunk by
-chunk, so the loss's own working memory grows with chunk_size x V instead of B x T x V. TSLD then
-costs the same as logit distillation: the teacher's cross-entropy (the token scales' input) is a
-by-product of the same pass. Chunks cut the token axis and keep the batch whole, so that under a
-batch-sharded mesh every device slices only its own data.
+softmaxes and log-softmaxes). With `chunk_size` set, the vmapped per-token function runs over
+chunks of positions (the whole batch at once, about `chunk_size` tokens per chunk) inside a
+`fori_loop`, under a `custom_vjp` whose backward, again one per-token function vmapped over a
+chunk, recomputes the softmaxes from three saved scalars a token, so the loss's own working
+memory grows with chunk_size x V instead of B x T x V. TSLD then costs the same as logit
+distillation: the teacher's cross-entropy (the token scales' input) is a by-product of the same
+pass. Chunks cut the token axis and keep the batch whole, so that under a batch-sharded mesh every
+device slices only its own data; the loop writes each chunk's results in place into (B, T)
+buffers (and the gradient into one (B, T, V) buffer), so no stacked per-chunk copy is made.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,34 +45,82 @@ Scalar = Float[Array, ""]
 
 
 # ----------------------------------------------------------------------------- per-token pass
-def _chunk_stats(student_BxCxV, teacher_BxCxV, labels_BxC):
-    """Per-token soft CE to the teacher, student CE, teacher CE, plus backward residuals."""
-    student = student_BxCxV.astype(jnp.float32)
-    teacher = teacher_BxCxV.astype(jnp.float32)
-    student_lse_BxC = jax.nn.logsumexp(student, axis=-1)
-    teacher_lse_BxC = jax.nn.logsumexp(teacher, axis=-1)
-    p_teacher = jnp.exp(teacher - teacher_lse_BxC[..., None])
+class TokenLosses(NamedTuple):
+    """What every loss needs from one token's logits (each a float32 scalar per token)."""
+
+    soft_ce: Float[Array, "*tokens"]  # CE_t = -sum_v p_t[v] log q[v], to the teacher
+    student_ce: Float[Array, "*tokens"]  # the student's cross-entropy with the label (`gt`)
+    teacher_ce: Float[Array, "*tokens"]  # c_t, the teacher's, input of TSLD's token scales
+
+
+class _Residuals(NamedTuple):
+    # What the hand-written backward keeps of the forward: three scalars a token, no V-vector.
+    student_lse: Float[Array, "*tokens"]
+    teacher_lse: Float[Array, "*tokens"]
+    sum_p: Float[Array, "*tokens"]  # sum_v p_t[v]: 1 up to rounding, kept so the gradient is exact
+
+
+def _token_forward(
+    student_V: Float[Array, " V"], teacher_V: Float[Array, " V"], label: Int[Array, ""]
+) -> tuple[TokenLosses, _Residuals]:
+    student_V = student_V.astype(jnp.float32)
+    teacher_V = teacher_V.astype(jnp.float32)
+    student_lse = jax.nn.logsumexp(student_V)
+    teacher_lse = jax.nn.logsumexp(teacher_V)
+    p_teacher_V = jnp.exp(teacher_V - teacher_lse)
     # CE_t = -sum_v p_t[v] * log q[v]  (PAPER.md, `logit`).
-    soft_ce_BxC = -jnp.sum(p_teacher * (student - student_lse_BxC[..., None]), axis=-1)
-    label_index = labels_BxC[..., None]
-    student_ce_BxC = student_lse_BxC - jnp.take_along_axis(student, label_index, axis=-1)[..., 0]
-    teacher_ce_BxC = teacher_lse_BxC - jnp.take_along_axis(teacher, label_index, axis=-1)[..., 0]
-    sum_p_BxC = jnp.sum(p_teacher, axis=-1)
-    stats = (soft_ce_BxC, student_ce_BxC, teacher_ce_BxC)
-    return stats, (student_lse_BxC, teacher_lse_BxC, sum_p_BxC)
+    soft_ce = -jnp.sum(p_teacher_V * (student_V - student_lse))
+    # c_t = CE(z_t[t], y_t) (PAPER.md, `tsld` step 1) and the student's own `gt` term. A label
+    # outside the vocabulary reads NaN (loud), where plain indexing would clamp it silently.
+    student_label = student_V.at[label].get(mode="fill", fill_value=jnp.nan)
+    teacher_label = teacher_V.at[label].get(mode="fill", fill_value=jnp.nan)
+    stats = TokenLosses(soft_ce, student_lse - student_label, teacher_lse - teacher_label)
+    return stats, _Residuals(student_lse, teacher_lse, jnp.sum(p_teacher_V))
 
 
-def _chunk_grad(student_BxCxV, teacher_BxCxV, labels_BxC, residuals, soft_ce_grad, student_ce_grad):
-    student_lse_BxC, teacher_lse_BxC, sum_p_BxC = residuals
-    student = student_BxCxV.astype(jnp.float32)
-    q_student = jnp.exp(student - student_lse_BxC[..., None])
-    p_teacher = jnp.exp(teacher_BxCxV.astype(jnp.float32) - teacher_lse_BxC[..., None])
-    vocab_index = lax.broadcasted_iota(jnp.int32, student.shape, 2)
-    one_hot = (vocab_index == labels_BxC[..., None]).astype(jnp.float32)
-    # d soft_ce / d z_s = q * sum(p) - p;  d student_ce / d z_s = q - onehot(y).
-    grad = soft_ce_grad[..., None] * (q_student * sum_p_BxC[..., None] - p_teacher)
-    grad = grad + student_ce_grad[..., None] * (q_student - one_hot)
-    return grad.astype(student_BxCxV.dtype)
+def token_losses(
+    student_logits: Float[Array, " V"], teacher_logits: Float[Array, " V"], label: Int[Array, ""]
+) -> TokenLosses:
+    """The per-token pass: one token's (student logits, teacher logits, label) to its losses.
+
+    Every loss of this module but `gt` reduces the (B, T, V) logits through this function alone,
+    mapped with `jax.vmap` over the tokens of each chunk; it is public so that it can be read,
+    tested and reused on its own.
+
+    Args:
+      student_logits: (V,) the student's logits at one position, any float dtype.
+      teacher_logits: (V,) the teacher's logits at the same position.
+      label: the int next token y_t.
+
+    Returns:
+      TokenLosses(soft_ce, student_ce, teacher_ce), float32 scalars: the soft cross-entropy to
+      the teacher CE_t, the student's cross-entropy with the label, and the teacher's c_t.
+    """
+    return _token_forward(student_logits, teacher_logits, label)[0]
+
+
+def _token_backward(
+    student_V: Float[Array, " V"],
+    teacher_V: Float[Array, " V"],
+    label: Int[Array, ""],
+    residuals: _Residuals,
+    soft_ce_grad: Float[Array, ""],
+    student_ce_grad: Float[Array, ""],
+) -> Float[Array, " V"]:
+    # Written by hand, rather than autodiff of `_token_forward` under the chunk loop, so that it
+    # needs only the three saved scalars: d soft_ce / d z_s = q * sum(p) - p and
+    # d student_ce / d z_s = q - onehot(y); the teacher's CE takes no gradient.
+    q_student_V = jnp.exp(student_V.astype(jnp.float32) - residuals.student_lse)
+    p_teacher_V = jnp.exp(teacher_V.astype(jnp.float32) - residuals.teacher_lse)
+    one_hot_V = (jnp.arange(student_V.shape[-1]) == label).astype(jnp.float32)
+    grad_V = soft_ce_grad * (q_student_V * residuals.sum_p - p_teacher_V)
+    grad_V = grad_V + student_ce_grad * (q_student_V - one_hot_V)
+    return grad_V.astype(student_V.dtype)
+
+
+def _over_tokens(token_fn):
+    """Maps a per-token function over the (B, C) tokens of a chunk (or of the whole batch)."""
+    return jax.vmap(jax.vmap(token_fn))
 
 
 def _positions_per_chunk(batch: int, length: int, chunk_size: int) -> int:
@@ -84,45 +139,49 @@ def _chunk_loop(length, positions, body, init):
     return lax.fori_loop(0, -(-length // positions), step, init)
 
 
+def _cutter(positions):
+    return lambda x, start: lax.dynamic_slice_in_dim(x, start, positions, axis=1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked_stats(student_BxTxV, teacher_BxTxV, labels_BxT, chunk_size):
-    return _chunked_stats_fwd(student_BxTxV, teacher_BxTxV, labels_BxT, chunk_size)[0]
+def _chunked_token_losses(student_BxTxV, teacher_BxTxV, labels_BxT, chunk_size) -> TokenLosses:
+    return _chunked_token_losses_fwd(student_BxTxV, teacher_BxTxV, labels_BxT, chunk_size)[0]
 
 
-def _chunked_stats_fwd(student_BxTxV, teacher_BxTxV, labels_BxT, chunk_size):
+def _chunked_token_losses_fwd(student_BxTxV, teacher_BxTxV, labels_BxT, chunk_size):
     batch, length, _ = student_BxTxV.shape
     positions = _positions_per_chunk(batch, length, chunk_size)
-    cut = lambda x, start: lax.dynamic_slice_in_dim(x, start, positions, axis=1)
+    cut = _cutter(positions)
 
-    def body(start, outputs):
-        stats, residuals = _chunk_stats(
+    def body(start, outputs_BxT):
+        stats_BxC, residuals_BxC = _over_tokens(_token_forward)(
             cut(student_BxTxV, start), cut(teacher_BxTxV, start), cut(labels_BxT, start)
         )
         return tuple(
             lax.dynamic_update_slice_in_dim(buffer, value, start, axis=1)
-            for buffer, value in zip(outputs, (*stats, *residuals), strict=True)
+            for buffer, value in zip(outputs_BxT, (*stats_BxC, *residuals_BxC), strict=True)
         )
 
-    zeros = tuple(jnp.zeros_like(labels_BxT, jnp.float32) for _ in range(6))  # keeps sharding
-    outputs = _chunk_loop(length, positions, body, zeros)
-    return outputs[:3], (student_BxTxV, teacher_BxTxV, labels_BxT, outputs[3:])
+    zeros_BxT = tuple(jnp.zeros_like(labels_BxT, jnp.float32) for _ in range(6))  # keeps sharding
+    outputs_BxT = _chunk_loop(length, positions, body, zeros_BxT)
+    residuals_BxT = _Residuals(*outputs_BxT[3:])
+    return TokenLosses(*outputs_BxT[:3]), (student_BxTxV, teacher_BxTxV, labels_BxT, residuals_BxT)
 
 
-def _chunked_stats_bwd(chunk_size, saved, cotangents):
-    student_BxTxV, teacher_BxTxV, labels_BxT, residuals = saved
-    soft_ce_grad_BxT, student_ce_grad_BxT, _ = cotangents  # the teacher's CE has no gradient
+def _chunked_token_losses_bwd(chunk_size, saved, cotangents: TokenLosses):
+    student_BxTxV, teacher_BxTxV, labels_BxT, residuals_BxT = saved
     batch, length, _ = student_BxTxV.shape
     positions = _positions_per_chunk(batch, length, chunk_size)
-    cut = lambda x, start: lax.dynamic_slice_in_dim(x, start, positions, axis=1)
+    cut = _cutter(positions)
 
     def body(start, grad_BxTxV):
-        grad_BxCxV = _chunk_grad(
+        grad_BxCxV = _over_tokens(_token_backward)(
             cut(student_BxTxV, start),
             cut(teacher_BxTxV, start),
             cut(labels_BxT, start),
-            tuple(cut(r, start) for r in residuals),
-            cut(soft_ce_grad_BxT, start),
-            cut(student_ce_grad_BxT, start),
+            _Residuals(*(cut(r, start) for r in residuals_BxT)),
+            cut(cotangents.soft_ce, start),
+            cut(cotangents.student_ce, start),
         )
         return lax.dynamic_update_slice_in_dim(grad_BxTxV, grad_BxCxV, start, axis=1)
 
@@ -130,19 +189,21 @@ def _chunked_stats_bwd(chunk_size, saved, cotangents):
     return grad_BxTxV, None, None
 
 
-_chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
+_chunked_token_losses.defvjp(_chunked_token_losses_fwd, _chunked_token_losses_bwd)
 
 
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
 def _token_stats(
     student_BxTxV: jax.Array,
     teacher_BxTxV: jax.Array,
     labels_BxT: jax.Array,
     chunk_size: int | None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(soft CE to the teacher, student CE, teacher CE), each (B, T) float32.
+) -> TokenLosses:
+    """`token_losses` of every token, each field (B, T) float32.
 
-    Only the first two carry gradients (to the student's logits); the teacher is a constant.
-    `chunk_size=None` is the naive pass (plain autodiff over the whole (B, T, V) arrays).
+    Only soft_ce and student_ce carry gradients (to the student's logits); the teacher is a
+    constant. `chunk_size=None` is the naive pass: the same vmapped per-token function over the
+    whole (B, T, V) arrays, with plain autodiff.
     """
     if teacher_BxTxV.shape != student_BxTxV.shape:
         raise ValueError(
@@ -153,14 +214,12 @@ def _token_stats(
     teacher_BxTxV = lax.stop_gradient(teacher_BxTxV)
     labels_BxT = labels_BxT.astype(jnp.int32)
     if chunk_size is None:
-        soft_ce, student_ce, teacher_ce = _chunk_stats(student_BxTxV, teacher_BxTxV, labels_BxT)[0]
+        stats = _over_tokens(token_losses)(student_BxTxV, teacher_BxTxV, labels_BxT)
     else:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
-        soft_ce, student_ce, teacher_ce = _chunked_stats(
-            student_BxTxV, teacher_BxTxV, labels_BxT, int(chunk_size)
-        )
-    return soft_ce, student_ce, lax.stop_gradient(teacher_ce)
+        stats = _chunked_token_losses(student_BxTxV, teacher_BxTxV, labels_BxT, int(chunk_size))
+    return stats._replace(teacher_ce=lax.stop_gradient(stats.teacher_ce))
 
 
 # ----------------------------------------------------------------------------- reductions

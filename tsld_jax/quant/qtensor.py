@@ -137,55 +137,20 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def _to_groups(w: jax.Array, spec: QuantSpec) -> jax.Array:
-    # The very grouping view of quantizers.py: identical shapes give identical reductions, which
-    # is what makes unpack(pack(w)) bit-identical to fake_quantize(w).
-    return quantizers._to_groups(w, spec)
-
-
 def _levels_and_scales(
     w: jax.Array, spec: QuantSpec, scale: jax.Array | None
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Integer values (as float, group view), scales and zero points, in quantizers.py's order."""
-    w_NxGxO = _to_groups(w.astype(jnp.float32), spec)
-    if spec.method == "twn":
-        abs_w = jnp.abs(w_NxGxO)
-        delta = 0.7 * jnp.mean(abs_w, axis=-2, keepdims=True)
-        mask = (abs_w > delta).astype(w_NxGxO.dtype)
-        count = jnp.maximum(jnp.sum(mask, axis=-2, keepdims=True), 1.0)
-        alpha = jnp.sum(abs_w * mask, axis=-2, keepdims=True) / count
-        return jnp.sign(w_NxGxO) * mask, alpha, None
-    if spec.method == "asym":
-        top = 2.0**spec.bits - 1.0
-        low = jnp.min(w_NxGxO, axis=-2, keepdims=True)
-        high = jnp.max(w_NxGxO, axis=-2, keepdims=True)
-        step = jnp.maximum(high - low, 1e-5) / top
-        zero = jnp.clip(-jnp.round(low / step), 0.0, top)
-        return jnp.clip(jnp.round(w_NxGxO / step) + zero, 0.0, top), step, zero
-    if spec.method == "sym":
-        max_abs = jnp.max(jnp.abs(w_NxGxO), axis=-2, keepdims=True)
-        s = (2.0 ** (spec.bits - 1) - 1.0) / jnp.maximum(max_abs, quantizers._TINY)
-        return jnp.round(w_NxGxO * s), s, None
-    # PACT+: the learned gamma (default 1.0, as fake_quantize) scales mean|w| into the clip.
-    n = 2.0 ** (spec.bits - 1) - 1.0
-    if scale is None:
-        scale = jnp.ones(quantizers.scale_shape(spec, w.shape), jnp.float32)
-    gamma = quantizers._scale_to_groups(jnp.asarray(scale).astype(jnp.float32), spec, w.shape)
-    clip = jnp.maximum(gamma * jnp.mean(jnp.abs(w_NxGxO), axis=-2, keepdims=True), quantizers._TINY)
-    u = jnp.clip(w_NxGxO, -clip, clip) / clip
-    return jnp.round(u * n), clip, None
-
-
-def _dequantize(values_NxGxO: jax.Array, scales_Nx1xO: jax.Array, zeros, spec: QuantSpec):
-    """The quantizers' final expression, applied to stored integers (same op order, same bits)."""
-    if spec.method == "twn":
-        return scales_Nx1xO * values_NxGxO  # alpha * sign(w) * mask with sign * mask stored
-    if spec.method == "asym":
-        return (values_NxGxO - zeros) * scales_Nx1xO
-    if spec.method == "sym":
-        return values_NxGxO / scales_Nx1xO
-    n = 2.0 ** (spec.bits - 1) - 1.0
-    return values_NxGxO / n * scales_Nx1xO
+    # The very grouping view and formulas of the fake-quantizer (`quantizers.quantize_levels`):
+    # identical shapes give identical reductions, which is what makes unpack(pack(w))
+    # bit-identical to fake_quantize(w).
+    gamma = None
+    if spec.method == "pact":  # the learned gamma, 1.0 by default as in fake_quantize
+        if scale is None:
+            scale = jnp.ones(quantizers.scale_shape(spec, w.shape), jnp.float32)
+        gamma = quantizers.scale_to_groups(jnp.asarray(scale).astype(jnp.float32), spec, w.shape)
+    return quantizers.quantize_levels(
+        quantizers.to_groups(w.astype(jnp.float32), spec), spec, gamma
+    )
 
 
 def _squeeze_group_axis(stat: jax.Array) -> jax.Array:
@@ -292,12 +257,12 @@ def unpack(packed: PackedWeight) -> Float[Array, "*lead n_in n_out"]:
     k, n = packed.shape
     spec = packed.spec
     values = unpack_ints(packed)[..., :k, :n].astype(jnp.float32)
-    values_NxGxO = _to_groups(values, spec)
+    values_NxGxO = quantizers.to_groups(values, spec)
     scales = _unpadded_stats(packed.scales, packed)
     zeros = None
     if packed.zeros is not None:
         zeros = _unpadded_stats(packed.zeros, packed).astype(jnp.float32)
-    out = _dequantize(values_NxGxO, scales, zeros, spec)
+    out = quantizers.dequantize_levels(values_NxGxO, scales, zeros, spec)
     return out.reshape(*values.shape).astype(packed.dtype)
 
 

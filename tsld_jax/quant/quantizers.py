@@ -12,9 +12,13 @@ Internally a kernel is viewed as `(..., N, G, O)` and every statistic is reduced
 (N groups along the input axis, G elements per group, O output columns; "tensor" views the whole
 matrix as N = O = 1). This one view serves all four quantizers and all three granularities.
 
-Each quantizer is a `jax.custom_vjp` function. TWN, asym and sym pass the upstream gradient to the
-latent weight unchanged (the straight-through estimator). PACT+ passes gradients straight through
-the rounding only; the clamp and the scale are differentiated normally, so gamma is learned.
+Every formula lives in one public pair, `quantize_levels` (each weight's integer level and each
+group's scale and zero point) and `dequantize_levels` (the weight they stand for); `fake_quantize`
+composes them for QAT and `qtensor.pack` stores their output for export, so the two cannot drift.
+TWN, asym and sym run under one `jax.custom_vjp` that passes the upstream gradient to the latent
+weight unchanged (the straight-through estimator). PACT+ passes gradients straight through the
+rounding only (`round_ste`); the clamp and the scale are differentiated normally, so gamma is
+learned.
 """
 
 from __future__ import annotations
@@ -118,7 +122,22 @@ def scale_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(lead)
 
 
-def _to_groups(w: jax.Array, spec: QuantSpec) -> jax.Array:
+def to_groups(
+    w: Float[Array, "*lead n_in n_out"], spec: QuantSpec
+) -> Float[Array, "*lead n_groups group_size n_out"]:
+    """Views a kernel as `(..., N, G, O)`, the layout every quantizer statistic reduces over.
+
+    Axis -2 holds the G weights of one group: "channel" gives (..., 1, in, out), "group" gives
+    (..., in // group_size, group_size, out) and "tensor" gives (..., 1, in * out, 1). A reshape
+    only, so `to_groups(w, spec).reshape(w.shape)` is `w`.
+
+    Args:
+      w: a kernel `(..., in_features, out_features)`, already checked by `check_shape`.
+      spec: the quantizer, whose granularity picks the grouping.
+
+    Returns:
+      The same values in the group view.
+    """
     *lead, n_in, n_out = w.shape
     if spec.granularity == "channel":
         return w.reshape(*lead, 1, n_in, n_out)
@@ -127,7 +146,22 @@ def _to_groups(w: jax.Array, spec: QuantSpec) -> jax.Array:
     return w.reshape(*lead, 1, n_in * n_out, 1)
 
 
-def _scale_to_groups(scale: jax.Array, spec: QuantSpec, shape: tuple[int, ...]) -> jax.Array:
+def scale_to_groups(
+    scale: Float[Array, "..."], spec: QuantSpec, shape: tuple[int, ...]
+) -> Float[Array, "*lead n_groups 1 n_out"]:
+    """Broadcasts PACT+'s learned gamma against `to_groups` of a kernel of `shape`.
+
+    Args:
+      scale: gamma, of shape `scale_shape(spec, shape)`.
+      spec: the quantizer.
+      shape: the kernel's shape `(..., in_features, out_features)`.
+
+    Returns:
+      gamma with a singleton group axis: `(..., N, 1, O)` ("tensor": `(..., 1, 1, 1)`).
+
+    Raises:
+      ValueError: `scale` does not have the shape `scale_shape(spec, shape)`.
+    """
     expected = scale_shape(spec, shape)
     if scale.shape != expected:
         raise ValueError(
@@ -141,67 +175,6 @@ def _scale_to_groups(scale: jax.Array, spec: QuantSpec, shape: tuple[int, ...]) 
     return scale[..., None, None, None]
 
 
-def _twn_forward(w_NxGxO: jax.Array) -> jax.Array:
-    # PAPER.md, quantizer 1: delta = 0.7 mean|w|, alpha = mean of the |w| above delta.
-    abs_w = jnp.abs(w_NxGxO)
-    delta = 0.7 * jnp.mean(abs_w, axis=-2, keepdims=True)
-    mask = (abs_w > delta).astype(w_NxGxO.dtype)
-    count = jnp.maximum(jnp.sum(mask, axis=-2, keepdims=True), 1.0)  # 0 only for all-zero groups
-    alpha = jnp.sum(abs_w * mask, axis=-2, keepdims=True) / count
-    return alpha * jnp.sign(w_NxGxO) * mask
-
-
-def _asym_forward(w_NxGxO: jax.Array, bits: int) -> jax.Array:
-    # PAPER.md, quantizer 3: min-max scale and an integer zero point in [0, 2^b - 1].
-    top = 2.0**bits - 1.0
-    low = jnp.min(w_NxGxO, axis=-2, keepdims=True)
-    high = jnp.max(w_NxGxO, axis=-2, keepdims=True)
-    scale = jnp.maximum(high - low, 1e-5) / top
-    zero = jnp.clip(-jnp.round(low / scale), 0.0, top)
-    return (jnp.clip(jnp.round(w_NxGxO / scale) + zero, 0.0, top) - zero) * scale
-
-
-def _sym_forward(w_NxGxO: jax.Array, bits: int) -> jax.Array:
-    # PAPER.md, quantizer 4: s = (2^(b-1) - 1) / max|w|.
-    max_abs = jnp.max(jnp.abs(w_NxGxO), axis=-2, keepdims=True)
-    s = (2.0 ** (bits - 1) - 1.0) / jnp.maximum(max_abs, _TINY)
-    return jnp.round(w_NxGxO * s) / s
-
-
-def _quantize_groups(w: jax.Array, spec: QuantSpec, forward) -> jax.Array:
-    w32 = _to_groups(w.astype(jnp.float32), spec)
-    return forward(w32).reshape(w.shape).astype(w.dtype)
-
-
-def _straight_through(forward):
-    """Wraps a (w, spec) -> q(w) function into a custom_vjp whose backward is the identity."""
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-    def quantize(w, spec):
-        return forward(w, spec)
-
-    def fwd(w, spec):
-        return forward(w, spec), None
-
-    def bwd(spec, _, g):
-        return (g,)
-
-    quantize.defvjp(fwd, bwd)
-    return quantize
-
-
-twn = _straight_through(lambda w, spec: _quantize_groups(w, spec, _twn_forward))
-twn.__doc__ = "Ternary TWN quantizer, q(w) in {-alpha, 0, alpha}; straight-through backward."
-asym = _straight_through(
-    lambda w, spec: _quantize_groups(w, spec, functools.partial(_asym_forward, bits=spec.bits))
-)
-asym.__doc__ = "Asymmetric min-max quantizer with a zero point; straight-through backward."
-sym = _straight_through(
-    lambda w, spec: _quantize_groups(w, spec, functools.partial(_sym_forward, bits=spec.bits))
-)
-sym.__doc__ = "Symmetric max-abs quantizer; straight-through backward."
-
-
 @jax.custom_vjp
 def round_ste(x: jax.Array) -> jax.Array:
     """round(x) forward, identity backward (the straight-through estimator of the rounding)."""
@@ -209,6 +182,116 @@ def round_ste(x: jax.Array) -> jax.Array:
 
 
 round_ste.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
+
+
+GroupStat = Float[Array, "*lead n_groups 1 n_out"]
+
+
+def quantize_levels(
+    w_groups: Float[Array, "*lead n_groups group_size n_out"],
+    spec: QuantSpec,
+    gamma: GroupStat | None = None,
+) -> tuple[Float[Array, "*lead n_groups group_size n_out"], GroupStat, GroupStat | None]:
+    """Each weight's integer level and each group's statistics: the "how" of every quantizer.
+
+    `dequantize_levels(*quantize_levels(w_groups, spec, gamma), spec)` is the quantized image
+    q(w) of PAPER.md's formulas; the fake-quantizers below compute exactly that, and
+    `qtensor.pack` stores the same levels and statistics, which is why an exported weight
+    unpacks to the QAT forward's weight bit for bit.
+
+    | method | level                      | scale (per group)          | weight                 |
+    |--------|----------------------------|----------------------------|------------------------|
+    | twn    | sign(w) * (abs(w) > delta) | alpha                      | scale * level          |
+    | asym   | 0 .. top                   | max(max - min, 1e-5) / top | (level - zero) * scale |
+    | sym    | -n .. n                    | s = n / max abs(w)         | level / s              |
+    | pact   | -n .. n (round_ste)        | clip = gamma * mean abs(w) | level / n * clip       |
+
+    with n = 2^(bits-1) - 1 and top = 2^bits - 1.
+
+    Args:
+      w_groups: float32 weights in the `to_groups` view.
+      spec: the quantizer.
+      gamma: PACT+'s learned scale from `scale_to_groups` (required for "pact", else unused).
+
+    Returns:
+      (levels, scales, zeros): the levels as floats in the group view, the per-group scale
+      `(..., N, 1, O)`, and asym's integer zero points (as floats, same shape) or None.
+      PACT+'s levels pass gradients straight through the rounding, so its clip and gamma are
+      differentiable; the other methods are meant to sit under a straight-through custom_vjp.
+    """
+    if spec.method == "twn":
+        # PAPER.md, quantizer 1: delta = 0.7 mean|w|, alpha = mean of the |w| above delta.
+        abs_w = jnp.abs(w_groups)
+        delta = 0.7 * jnp.mean(abs_w, axis=-2, keepdims=True)
+        mask = (abs_w > delta).astype(w_groups.dtype)
+        count = jnp.maximum(jnp.sum(mask, axis=-2, keepdims=True), 1.0)  # 0: all-zero group
+        alpha = jnp.sum(abs_w * mask, axis=-2, keepdims=True) / count
+        return jnp.sign(w_groups) * mask, alpha, None
+    if spec.method == "asym":
+        # PAPER.md, quantizer 3: min-max scale and an integer zero point in [0, 2^b - 1].
+        top = 2.0**spec.bits - 1.0
+        low = jnp.min(w_groups, axis=-2, keepdims=True)
+        high = jnp.max(w_groups, axis=-2, keepdims=True)
+        step = jnp.maximum(high - low, 1e-5) / top
+        zero = jnp.clip(-jnp.round(low / step), 0.0, top)
+        return jnp.clip(jnp.round(w_groups / step) + zero, 0.0, top), step, zero
+    if spec.method == "sym":
+        # PAPER.md, quantizer 4: s = (2^(b-1) - 1) / max|w|.
+        max_abs = jnp.max(jnp.abs(w_groups), axis=-2, keepdims=True)
+        s = (2.0 ** (spec.bits - 1) - 1.0) / jnp.maximum(max_abs, _TINY)
+        return jnp.round(w_groups * s), s, None
+    if gamma is None:
+        raise ValueError("method 'pact' needs its learned scale gamma")
+    # PAPER.md, quantizer 2: clip = gamma mean|w|, u = clamp(w, -clip, clip) / clip.
+    n = 2.0 ** (spec.bits - 1) - 1.0
+    clip = jnp.maximum(gamma * jnp.mean(jnp.abs(w_groups), axis=-2, keepdims=True), _TINY)
+    u = jnp.clip(w_groups, -clip, clip) / clip
+    return round_ste(u * n), clip, None
+
+
+def dequantize_levels(
+    levels: Float[Array, "*lead n_groups group_size n_out"],
+    scales: GroupStat,
+    zeros: GroupStat | None,
+    spec: QuantSpec,
+) -> Float[Array, "*lead n_groups group_size n_out"]:
+    """The weights that `quantize_levels`' levels and statistics stand for (its table's last
+    column, in the same operation order, so the result is the same to the bit).
+
+    Args:
+      levels: integer levels as floats, in the group view.
+      scales: the per-group scale.
+      zeros: asym's zero points, else None.
+      spec: the quantizer.
+
+    Returns:
+      The quantized weights, in the group view.
+    """
+    if spec.method == "twn":
+        return scales * levels
+    if spec.method == "asym":
+        return (levels - zeros) * scales
+    if spec.method == "sym":
+        return levels / scales
+    n = 2.0 ** (spec.bits - 1) - 1.0
+    return levels / n * scales
+
+
+def _fake_quantize_groups(w: jax.Array, spec: QuantSpec, gamma=None) -> jax.Array:
+    w_groups = to_groups(w.astype(jnp.float32), spec)
+    q = dequantize_levels(*quantize_levels(w_groups, spec, gamma), spec)
+    return q.reshape(w.shape).astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _straight_through(w: jax.Array, spec: QuantSpec) -> jax.Array:
+    # TWN, asym and sym: q(w) forward, the upstream gradient passed to w unchanged backward.
+    return _fake_quantize_groups(w, spec)
+
+
+_straight_through.defvjp(
+    lambda w, spec: (_fake_quantize_groups(w, spec), None), lambda spec, _, g: (g,)
+)
 
 
 def pact(w: jax.Array, spec: QuantSpec, scale: jax.Array) -> jax.Array:
@@ -219,13 +302,8 @@ def pact(w: jax.Array, spec: QuantSpec, scale: jax.Array) -> jax.Array:
     straight-through (`round_ste`, a custom_vjp); the rest is differentiated normally, so both the
     latent weight and gamma receive gradients.
     """
-    n = 2.0 ** (spec.bits - 1) - 1.0
-    w_NxGxO = _to_groups(w.astype(jnp.float32), spec)
-    gamma = _scale_to_groups(scale.astype(jnp.float32), spec, w.shape)
-    clip = jnp.maximum(gamma * jnp.mean(jnp.abs(w_NxGxO), axis=-2, keepdims=True), _TINY)
-    u = jnp.clip(w_NxGxO, -clip, clip) / clip
-    q = round_ste(u * n) / n * clip
-    return q.reshape(w.shape).astype(w.dtype)
+    gamma = scale_to_groups(scale.astype(jnp.float32), spec, w.shape)
+    return _fake_quantize_groups(w, spec, gamma)
 
 
 def fake_quantize(
@@ -252,8 +330,4 @@ def fake_quantize(
         return pact(w, spec, jnp.asarray(scale))
     if scale is not None:
         raise ValueError(f"a scale is only learned by method 'pact', not {spec.method!r}")
-    if spec.method == "twn":
-        return twn(w, spec)
-    if spec.method == "asym":
-        return asym(w, spec)
-    return sym(w, spec)
+    return _straight_through(w, spec)
