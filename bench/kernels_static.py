@@ -35,6 +35,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pallas import quantized_matmul as qmm  # noqa: E402
+from pallas import targets  # noqa: E402
 from tsld_jax.quant import qtensor  # noqa: E402
 from tsld_jax.quant.quantizers import QuantSpec  # noqa: E402
 
@@ -46,8 +47,8 @@ FORMATS = {
 _OPS = ("HGMMA", "HMMA", "I2F", "LDGSTS", "LDG", "LDS", "STS", "LOP3", "SHF")
 
 
-def triton_ir(x_shape, packed, blocks, dtype=jnp.bfloat16) -> str:
-    """The Triton IR text of one launch, captured while cross-lowering for CUDA."""
+def triton_ir(x_shape, packed, blocks, dtype=jnp.bfloat16, arch: int = 90) -> str:
+    """The Triton IR text of one launch, captured while cross-lowering for CUDA sm_<arch>."""
     try:
         registration = importlib.import_module("jax._src.pallas.triton.pallas_call_registration")
         lower = registration.lowering.lower_jaxpr_to_triton_module
@@ -63,11 +64,15 @@ def triton_ir(x_shape, packed, blocks, dtype=jnp.bfloat16) -> str:
     registration.lowering.lower_jaxpr_to_triton_module = wrapped
     try:
         fn = jax.jit(lambda x, p: qmm.quantized_matmul(x, p, block_sizes=blocks))
-        jax.export.export(
-            fn,
-            platforms=("cuda",),
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(jax.ShapeDtypeStruct(x_shape, dtype), packed)
+        # jax >= 0.11 reads the target GPU from an abstract device (none is needed on 0.10).
+        with targets.abstract_gpu(targets.BY_ARCH[arch]):
+            jax.export.export(
+                fn,
+                platforms=("cuda",),
+                disabled_checks=[
+                    jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+                ],
+            )(jax.ShapeDtypeStruct(x_shape, dtype), packed)
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
     (ir,) = captured
@@ -89,7 +94,7 @@ def compile_report(ir_path: str, arch: int, num_warps: int, num_stages: int) -> 
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    cubin = ir_path[: -len(".ttir")] + f".sm{arch}.cubin"
+    cubin = ir_path[: -len(".ttir")] + ".cubin"
     with open(cubin, "wb") as f:
         f.write(kernel.asm["cubin"])
     usage = subprocess.run(
@@ -111,7 +116,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 512, 4096])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--out", help="keep the .ttir and .cubin files here")
     args = parser.parse_args()
@@ -132,19 +137,20 @@ def main():
             for m in args.rows:
                 launch = qmm.select_block_sizes(m, args.dtype)
                 blocks, _ = qmm._fit(launch, packed, m)
-                ir = triton_ir((m, k), packed, blocks, jnp.dtype(args.dtype))
-                path = os.path.join(out, f"{name}_k{k}_m{m}.ttir")
-                with open(path, "w") as f:
-                    f.write(ir)
                 launch = (
                     f"{name} K=N={k} M={m:<5} tile {blocks.block_m}x{blocks.block_n}x"
                     f"{blocks.block_k} splits={blocks.k_splits} warps={blocks.num_warps} "
                     f"stages={blocks.num_stages}"
                 )
-                if not have_triton:
-                    print(f"{launch}: lowered ({len(ir)} chars of Triton IR)")
-                    continue
                 for arch in args.arch:
+                    # Lowered per target: from jax 0.11 the Triton module records the arch.
+                    ir = triton_ir((m, k), packed, blocks, jnp.dtype(args.dtype), arch)
+                    path = os.path.join(out, f"{name}_k{k}_m{m}.sm{arch}.ttir")
+                    with open(path, "w") as f:
+                        f.write(ir)
+                    if not have_triton:
+                        print(f"{launch} sm_{arch}: lowered ({len(ir)} chars of Triton IR)")
+                        continue
                     try:
                         report = compile_report(path, arch, blocks.num_warps, blocks.num_stages)
                     except Exception as e:  # a compile failure is a finding, not a crash

@@ -8,6 +8,12 @@ in its own process so that peak memory (max RSS) is measured per framework:
 
     python bench/train_step.py [--batch 4] [--length 256] [--steps 3]
 
+`--model random` uses random weights of SmolLM2-135M's shapes and random tokens instead (no GGUF,
+no data: the GPU machine's check; the two sides' weights then differ, so do their losses),
+`--tiny` shrinks that to a few layers (a CPU dry run of bench/gpu_check.sh). Each side runs on
+its framework's accelerator where there is one (PyTorch at TF32 matmuls, as XLA:GPU's default),
+and reports its peak device memory there; `--json` writes the figures.
+
 Both processes inherit the environment. On Linux, `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
 (transparent huge pages for malloc) removes most of the page faults both frameworks take when
 they allocate their large per-step buffers afresh; docs/benchmarks.md gives both settings.
@@ -31,6 +37,27 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+# SmolLM2-135M's config.json (LLaMA architecture, tied embeddings).
+SMOLLM2 = dict(
+    model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+    tie_word_embeddings=True, hidden_act="silu",
+)  # fmt: skip
+TINY = dict(SMOLLM2, vocab_size=512, num_hidden_layers=2, max_position_embeddings=1024)
+
+
+def _hf_config(args) -> dict:
+    return dict(TINY if args.tiny else SMOLLM2)
+
+
+def _random_tokens(args):
+    import numpy as np
+
+    vocab = _hf_config(args)["vocab_size"]
+    return np.random.default_rng(0).integers(0, vocab, size=(args.batch, args.length))
+
+
 def _batch(tokenizer, batch: int, length: int):
     import numpy as np
     from conftest import SHARED_DATA
@@ -45,14 +72,23 @@ def run_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
     import ml_collections
-    from conftest import smollm2_gguf_path
 
     from tsld_jax import train_step
-    from tsld_jax.models import load_model
+    from tsld_jax.models import decoder, load_model
+    from tsld_jax.models.spec import spec_from_hf_config
     from tsld_jax.quant import rules
 
-    model = load_model(smollm2_gguf_path())
-    tokens = _batch(model.tokenizer, args.batch, args.length)
+    if args.model == "random":
+        spec = spec_from_hf_config(_hf_config(args))
+        params = decoder.init_params(jax.random.key(0), spec)
+        model = type("Model", (), {"spec": spec, "params": params})
+        tokens = _random_tokens(args)
+    else:
+        # (conftest also pins float32 matmuls on a GPU: random mode avoids importing it there)
+        from conftest import smollm2_gguf_path
+
+        model = load_model(smollm2_gguf_path())
+        tokens = _batch(model.tokenizer, args.batch, args.length)
     ones = jnp.ones_like(tokens)
     batch = {"tokens": jnp.asarray(tokens), "attention_mask": ones, "loss_mask": ones}
     train_cfg = ml_collections.ConfigDict(
@@ -84,10 +120,14 @@ def run_jax(args) -> dict:
         state, metrics = step(state, batch, teacher)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}  # None on the CPU
     return {
         "seconds": statistics.median(times),
         "loss": float(metrics["loss"]),
         "version": f"jax {jax.__version__}",
+        "device": f"{device.device_kind} ({device.platform})",
+        "peak_device_mib": stats["peak_bytes_in_use"] / 2**20 if stats else None,
     }
 
 
@@ -95,17 +135,30 @@ def run_torch(args) -> dict:
     import copy
 
     import torch
-    from conftest import smollm2_gguf_path
     from transformers import AutoModelForCausalLM
 
     from tsld_jax.models.gguf import load_tokenizer
 
-    path = smollm2_gguf_path()
-    student = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_float32_matmul_precision("high")  # TF32 on a GPU, as XLA:GPU's default
+    if args.model == "random":
+        from transformers import LlamaConfig
+
+        torch.manual_seed(0)
+        student = AutoModelForCausalLM.from_config(LlamaConfig(**_hf_config(args)))
+        tokens = torch.tensor(_random_tokens(args), dtype=torch.long)
+    else:
+        from conftest import smollm2_gguf_path
+
+        path = smollm2_gguf_path()
+        student = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+        )
+        tokens = _batch(load_tokenizer(path), args.batch, args.length)
+        tokens = torch.tensor(tokens, dtype=torch.long)
+    student = student.to(device)
+    tokens = tokens.to(device)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    tokens = torch.tensor(_batch(load_tokenizer(path), args.batch, args.length), dtype=torch.long)
 
     def twn(weight):  # PAPER.md, TWN per output channel (rows of an nn.Linear weight).
         delta = 0.7 * weight.abs().mean(dim=1, keepdim=True)
@@ -144,12 +197,15 @@ def run_torch(args) -> dict:
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        loss = step()
+        loss = step()  # .item() waits for the device
         times.append(time.perf_counter() - start)
+    cuda = device == "cuda"
     return {
         "seconds": statistics.median(times),
         "loss": loss,
         "version": f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     }
 
 
@@ -159,6 +215,10 @@ def main():
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--impl", choices=["jax", "torch"], default=None)
+    parser.add_argument("--impls", nargs="+", choices=["jax", "torch"], default=["jax", "torch"])
+    parser.add_argument("--model", choices=["smollm2", "random"], default="smollm2")
+    parser.add_argument("--tiny", action="store_true", help="random: 2 layers, 512 tokens")
+    parser.add_argument("--json", help="also write every figure to this file")
     parser.add_argument(
         "--remat",
         choices=["none", "dots", "full"],
@@ -171,9 +231,10 @@ def main():
         result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("RESULT " + json.dumps(result))
         return
-    results = {}
-    for impl in ("jax", "torch"):
-        out = subprocess.run(
+    results, failures = {}, {}
+    for impl in args.impls:
+        flags = ["--model", args.model] + (["--tiny"] if args.tiny else [])
+        run = subprocess.run(
             [
                 sys.executable,
                 __file__,
@@ -187,12 +248,16 @@ def main():
                 str(args.steps),
                 "--remat",
                 args.remat,
+                *flags,
             ],
             capture_output=True,
             text=True,
-            check=True,
-        ).stdout
-        results[impl] = json.loads(out.split("RESULT ", 1)[1])
+        )
+        if run.returncode or "RESULT " not in run.stdout:  # a failing side is a finding
+            failures[impl] = run.stderr[-2000:]
+            print(f"{impl} failed (exit {run.returncode}):\n{failures[impl]}", file=sys.stderr)
+            continue
+        results[impl] = json.loads(run.stdout.split("RESULT ", 1)[1])
     tokens = args.batch * args.length
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; batch {args.batch} x "
@@ -200,13 +265,33 @@ def main():
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} (both processes)"
     )
     for impl, r in results.items():
+        r["tokens_per_s"] = tokens / r["seconds"]
+        peak = r["peak_device_mib"]
         print(
-            f"{impl:6s} {tokens / r['seconds']:8.1f} tokens/s  step {r['seconds']:.2f} s  "
-            f"peak RSS {r['max_rss_mib']:.0f} MiB  loss {r['loss']:.4f}  ({r['version']})"
+            f"{impl:6s} {r['tokens_per_s']:8.1f} tokens/s  step {r['seconds']:.2f} s  "
+            f"peak RSS {r['max_rss_mib']:.0f} MiB  "
+            f"peak device {'-' if peak is None else f'{peak:.0f} MiB'}  loss {r['loss']:.4f}  "
+            f"({r['version']}, {r['device']})"
         )
-    speed = results["torch"]["seconds"] / results["jax"]["seconds"]
-    memory = results["jax"]["max_rss_mib"] / results["torch"]["max_rss_mib"]
-    print(f"tsld-jax / PyTorch: {speed:.2f}x tokens/s, {memory:.2f}x peak memory")
+    summary = {"batch": args.batch, "length": args.length, "model": args.model,
+               "tiny": args.tiny, "remat": args.remat, "results": results,
+               "failures": failures}  # fmt: skip
+    if {"jax", "torch"} <= set(results):
+        jax_r, torch_r = results["jax"], results["torch"]
+        summary["speed_vs_torch"] = torch_r["seconds"] / jax_r["seconds"]
+        summary["rss_vs_torch"] = jax_r["max_rss_mib"] / torch_r["max_rss_mib"]
+        if jax_r["peak_device_mib"] and torch_r["peak_device_mib"]:
+            summary["device_memory_vs_torch"] = (
+                jax_r["peak_device_mib"] / torch_r["peak_device_mib"]
+            )
+        print(
+            f"tsld-jax / PyTorch: {summary['speed_vs_torch']:.2f}x tokens/s, "
+            f"{summary['rss_vs_torch']:.2f}x peak RSS"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    sys.exit(1 if failures else 0)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ import jax
 import numpy as np
 import pytest
 import tiny_models
-import torch
 
 from tsld_jax.evaluation import choice
 from tsld_jax.models import load_model
+
+torch = pytest.importorskip("torch")  # the reference is a PyTorch model
 
 # Byte-level BPE: " " is "Ġ" and "\n" is "Ċ". "Ġcat" is one token, but "cat" without the space is
 # three; "Ġcow" has no merge of its own and stays "Ġc", "o", "w".

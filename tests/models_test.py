@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_models
-import torch
 import transformers
 
 from tsld_jax.models import decoder, hf, load_model
 from tsld_jax.quant import QuantSpec, quantizers, rules
+
+torch = pytest.importorskip("torch")  # the reference is a PyTorch model
 
 BATCH, LENGTH = 2, 12
 

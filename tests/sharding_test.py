@@ -1,4 +1,5 @@
-"""One sharded QAT-TSLD step equals the single-device step (8 fake CPU devices, conftest)."""
+"""One sharded QAT-TSLD step equals the single-device step, on the devices of conftest's
+`mesh_devices` (8 fake CPU devices on a CPU host or beside one GPU; a multi-GPU host's GPUs)."""
 
 import jax
 import jax.numpy as jnp
@@ -28,17 +29,27 @@ def _setup():
     return student, teacher, batch, jax.value_and_grad(loss_fn, has_aux=True)
 
 
+def _mesh_shape(kind, devices):
+    n = len(devices)  # even (conftest); 8 on a CPU host: (2, 1, 4) and (1, 8, 1)
+    if kind == "data_tensor":
+        data = 2 if n >= 4 else 1
+        return (data, 1, n // data)
+    return (1, n, 1)
+
+
 @pytest.fixture(scope="module")
-def reference():
+def reference(mesh_devices):
+    # On the first mesh device, so that both sides run on one platform (a GPU's float32 dots
+    # are not the CPU's, even at the precision conftest pins).
     student, teacher, batch, grad_fn = _setup()
-    (loss, _), grads = jax.jit(grad_fn)(student, teacher, batch)
+    args = jax.device_put((student, teacher, batch), mesh_devices[0])
+    (loss, _), grads = jax.jit(grad_fn)(*args)
     return loss, grads
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 1, 4), (1, 8, 1)], ids=["2x4_data_tensor", "8_fsdp"])
-def test_sharded_step_equals_single_device(mesh_shape, reference):
-    assert jax.device_count() == 8
-    mesh = sharding.make_mesh(*mesh_shape)
+@pytest.mark.parametrize("kind", ["data_tensor", "fsdp"])
+def test_sharded_step_equals_single_device(kind, reference, mesh_devices):
+    mesh = sharding.make_mesh(*_mesh_shape(kind, mesh_devices), devices=mesh_devices)
     student, teacher, batch, grad_fn = _setup()
     param_sh = sharding.param_shardings(student, mesh)
     specs = [s.spec for s in jax.tree.leaves(param_sh)]
@@ -56,12 +67,14 @@ def test_sharded_step_equals_single_device(mesh_shape, reference):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
-def test_indivisible_axes_are_replicated():
-    mesh = sharding.make_mesh(1, 1, 8)
-    shardings = sharding.param_shardings({"embed": {"tokens": jnp.zeros((12, 32))}}, mesh)
-    assert shardings["embed"]["tokens"].spec[0] is None  # 12 rows do not split 8 ways
+def test_indivisible_axes_are_replicated(mesh_devices):
+    n = len(mesh_devices)
+    mesh = sharding.make_mesh(1, 1, n, devices=mesh_devices)
+    rows = n + n // 2  # 12 rows do not split 8 ways
+    shardings = sharding.param_shardings({"embed": {"tokens": jnp.zeros((rows, 32))}}, mesh)
+    assert shardings["embed"]["tokens"].spec[0] is None
 
 
-def test_bad_mesh_is_a_clear_error():
+def test_bad_mesh_is_a_clear_error(mesh_devices):
     with pytest.raises(ValueError, match="needs 6 devices"):
-        sharding.make_mesh(2, 3, 1)
+        sharding.make_mesh(2, 3, 1, devices=mesh_devices[:4])

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-import torch
 
 from tsld_jax.evaluation import perplexity
 from tsld_jax.models import decoder
+
+torch = pytest.importorskip("torch")  # the reference is a PyTorch model
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,16 @@
-"""Tiny random `transformers` models of every family, saved as local HF directories."""
+"""Tiny random `transformers` models of every family, saved as local HF directories.
 
-import torch
+PyTorch is imported only by `build`, which returns a transformers model to compare against: a
+test that needs one skips where torch is absent (the GPU machines' Python 3.12 CI venvs). A test
+that only needs a model directory calls `save`, which works without torch.
+"""
+
+import numpy as np
+import pytest
 import transformers
+
+from tsld_jax.models import decoder, hf
+from tsld_jax.models.spec import spec_from_hf_config
 
 # Large init range so a wrong detail moves the logits far beyond the tolerance.
 _INIT = 0.2
@@ -71,6 +80,7 @@ CONFIGS = {
 
 def build(name: str, directory: str, seed: int = 0):
     """Builds a random model, perturbs its norms and biases, and saves it; returns the model."""
+    torch = pytest.importorskip("torch")
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name]())
     with torch.no_grad():
@@ -81,6 +91,35 @@ def build(name: str, directory: str, seed: int = 0):
     model.eval()
     model.save_pretrained(directory)
     return model
+
+
+def save(name: str, directory: str, seed: int = 0) -> None:
+    """Saves a random model as `build` does, with PyTorch where it is installed (the same weights
+    as `build`), else with numpy through our own exporter (other random weights, same layout)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        build(name, directory, seed)
+        return
+    hf_config = CONFIGS[name]().to_dict()
+    spec = spec_from_hf_config(hf_config)
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, shape):
+        if path[-1] == "scale":
+            return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        if path[-1] == "bias":
+            return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        return (_INIT * rng.standard_normal(shape)).astype(np.float32)
+
+    def walk(tree, path=()):
+        if isinstance(tree, tuple):
+            return leaf(path, tree)
+        return {key: walk(value, (*path, key)) for key, value in tree.items()}
+
+    hf.save_hf(directory, walk(decoder.param_shapes(spec)), spec, hf_config)
 
 
 def save_word_tokenizer(directory: str, words: list[str]) -> None:

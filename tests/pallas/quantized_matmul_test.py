@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 
 from pallas import quantized_matmul as qmm
+from pallas import targets
 from tsld_jax.quant import qtensor
 from tsld_jax.quant.quantizers import QuantSpec
 
 INTERPRET = jax.default_backend() != "gpu"
+# What users run: on a GPU, float32 dots at the default precision (conftest pins float32 for
+# tests that compare with float32 references; these derive their tolerance from TF32 instead).
+pytestmark = pytest.mark.tf32
 # Eager dispatch would compile every op of pack/unpack for every shape; jit compiles once.
 _pack = jax.jit(qtensor.pack, static_argnums=(1,))
 _unpack = jax.jit(qtensor.unpack)
@@ -55,6 +59,11 @@ def _problem(spec, x_shape, k, n, dtype, seed):
     w = jnp.asarray(rng.normal(size=(k, n)) * rng.uniform(0.5, 2.0, size=(n,)), jnp.float32)
     x = jnp.asarray(rng.normal(size=x_shape) + 0.1, dtype)
     return x, _pack(w, spec)
+
+
+def _relative(actual, expected):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
 
 
 def _relative_error(out, x, packed):
@@ -116,7 +125,10 @@ def test_gradient_wrt_x_equals_reference(spec, dtype):
     kernel = jax.grad(loss(lambda x, p: qmm.quantized_matmul(x, p, interpret=INTERPRET)))(x)
     reference = jax.grad(loss(qmm.quantized_matmul_reference))(x)
     assert kernel.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(reference))
+    if INTERPRET:  # the backward pass is the reference's: one program, one result
+        np.testing.assert_array_equal(np.asarray(kernel), np.asarray(reference))
+    else:  # two programs that XLA:GPU may give different GEMMs (TF32, other summation orders)
+        assert _relative(kernel, reference) < TOLERANCE[dtype]
     expected = np.asarray(cotangent, np.float64) @ np.asarray(_unpack(packed), np.float64).T
     err = np.linalg.norm(np.asarray(kernel, np.float64) - expected) / np.linalg.norm(expected)
     assert err < TOLERANCE[dtype]
@@ -137,22 +149,27 @@ def test_inside_jit_and_scan():
 
     out = run(lambda h, p: qmm.quantized_matmul(h, p, interpret=INTERPRET))
     ref = run(qmm.quantized_matmul_reference)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    if INTERPRET:
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    else:  # TF32 in both, rounded differently
+        assert _relative(out, ref) < TOLERANCE[jnp.float32]
 
 
+@pytest.mark.parametrize("gpu", [targets.A100, targets.H200], ids=["sm80", "sm90"])
 @pytest.mark.parametrize("rows", [1, 256], ids=["decode", "prefill"])
-def test_lowers_for_triton(rows):
+def test_lowers_for_triton(rows, gpu):
     """Both launches lower through Pallas' Triton rules for a CUDA target (no GPU needed)."""
     export = pytest.importorskip("jax.export")
     for spec in (TWN, ASYM4, SYM8):
         packed = _abstract((512, 256), spec)
         blocks = qmm.select_block_sizes(rows)
         fn = jax.jit(lambda x, p, b=blocks: qmm.quantized_matmul(x, p, block_sizes=b))
-        exported = export.export(
-            fn,
-            platforms=("cuda",),
-            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(jax.ShapeDtypeStruct((rows, 512), jnp.bfloat16), packed)
+        with targets.abstract_gpu(gpu):
+            exported = export.export(
+                fn,
+                platforms=("cuda",),
+                disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+            )(jax.ShapeDtypeStruct((rows, 512), jnp.bfloat16), packed)
         assert "xla.gpu.triton" in exported.mlir_module()
 
 
