@@ -97,9 +97,18 @@ def linears(
     if math.prod(x.shape[:-1]) < FUSE_MIN_ROWS or any("packed" in p for p in layers_params):
         return [linear(p, x, name, quantizer) for p, name in pairs]
     kernels = [_kernel(p, name, quantizer).astype(x.dtype) for p, name in pairs]
-    y = jnp.einsum("...i,io->...o", x, jnp.concatenate(kernels, axis=-1))
+    # The rows are flattened before the matmul and each part is reshaped back only after the
+    # split. Splitting the (B, T, sum of outs) product instead makes the backward pass
+    # concatenate the parts' (B, T, out) gradients, and XLA:GPU fuses that concatenate, then the
+    # (B, T) -> B*T reshape, into the weight-gradient GEMM, whose contraction then runs over
+    # the merged B*T axis: when T is not a multiple of the K tile (the student reads T - 1 =
+    # 511 tokens), no rectangular tile covers it and the Triton GEMM emitter fails ("Couldn't
+    # find output tile sizes", for sm_80 and sm_90 alike; tests/aot_test.py). Concatenating 2D
+    # (B*T, out) gradients leaves a plain contraction axis, which any row count tiles.
+    rows = x.shape[:-1]
+    y_RxO = x.reshape(-1, x.shape[-1]) @ jnp.concatenate(kernels, axis=-1)
     bounds = list(itertools.accumulate(k.shape[-1] for k in kernels))[:-1]
-    parts = jnp.split(y, bounds, axis=-1)
+    parts = [part.reshape(*rows, -1) for part in jnp.split(y_RxO, bounds, axis=-1)]
     return [_add_bias(p, part) for p, part in zip(layers_params, parts, strict=True)]
 
 
