@@ -5,6 +5,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# With the CUDA plugin installed for aot_test.py's deviceless GPU compiles, jax's CUDA version
+# check fails without a GPU (it cannot load cuDNN) and then leaves the plugin unregistered, so
+# no GPU target could be made; skipping the check registers it, and jax still falls back to
+# the CPU when no GPU is there. (JAX_PLATFORMS=cpu also works, but would hide a real GPU.)
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 # Eight fake CPU devices for the sharding tests; must be set before jax initialises.
 # XLA:CPU's concurrency-optimized scheduler let one fake device start two independent
 # collectives at once; with 8 devices on 2 cores the 8-way fsdp step then deadlocked in a

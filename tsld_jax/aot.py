@@ -10,7 +10,9 @@ input is a `jax.ShapeDtypeStruct` carrying its sharding on a mesh of compile-onl
 It needs the CUDA plugin beside jax (no GPU, no driver): `pip install --no-deps
 jax-cuda12-plugin==<jax version> jax-cuda12-pjrt==<jax version> nvidia-cuda-nvcc-cu12
 nvidia-nvjitlink-cu12 nvidia-cuda-runtime-cu12`, and `JAX_PLATFORMS=cpu` so the host keeps
-running on its CPU (the plugin then only serves compiles; it warns that it cannot load cuDNN).
+running on its CPU (the plugin then only serves compiles; it warns that it cannot load cuDNN),
+or `JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1` (without it, on a machine without a GPU the plugin fails
+its cuDNN check and stays unregistered; jax then still falls back to the CPU).
 
 Typical use:
 
@@ -171,8 +173,9 @@ def _devices(target: GpuTarget, num_devices: int) -> tuple[Any, ...]:
         raise RuntimeError(
             "compiling for a GPU without one needs the CUDA plugin (pip install --no-deps "
             f"jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__} "
-            "nvidia-cuda-nvcc-cu12 nvidia-nvjitlink-cu12 nvidia-cuda-runtime-cu12): "
-            f"{error}"
+            "nvidia-cuda-nvcc-cu12 nvidia-nvjitlink-cu12 nvidia-cuda-runtime-cu12), and on a "
+            "machine without a GPU JAX_PLATFORMS=cpu or JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 set "
+            f"before jax starts: {error}"
         ) from error
     return tuple(topology.devices)
 
