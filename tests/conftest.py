@@ -8,6 +8,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # On a GPU, JAX takes 75% of its memory up front by default; the CLI tests' train.py/eval.py
 # subprocesses would then find a quarter left. Allocate on demand instead (no effect on a CPU).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# With the CUDA plugin installed for aot_test.py's deviceless GPU compiles, jax's CUDA version
+# check fails without a GPU (it cannot load cuDNN) and then leaves the plugin unregistered, so
+# no GPU target could be made; skipping the check registers it, and jax still falls back to
+# the CPU when no GPU is there. (JAX_PLATFORMS=cpu also works, but would hide a real GPU.)
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 # Eight fake CPU devices for the sharding tests; must be set before jax initialises.
 # XLA:CPU's concurrency-optimized scheduler let one fake device start two independent
 # collectives at once; with 8 devices on 2 cores the 8-way fsdp step then deadlocked in a

@@ -1,5 +1,7 @@
 """Packed models: their logits equal the fake-quantized model's; save/load; weight bytes."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,8 +34,10 @@ def _model(spec, seed, dtype=jnp.float32):
     return jax.tree.map(lambda a: a.astype(dtype), params), tokens
 
 
-def _logits(params, tokens, spec, quantizer=None):
-    return jax.jit(lambda p, t: decoder.forward(p, t, spec, quantizer=quantizer))(params, tokens)
+def _logits(params, tokens, spec, quantizer=None, packed_kernel="auto"):
+    return jax.jit(
+        lambda p, t: decoder.forward(p, t, spec, quantizer=quantizer, packed_kernel=packed_kernel)
+    )(params, tokens)
 
 
 def _relative_error(actual, expected):
@@ -68,8 +72,7 @@ def test_packed_logits_equal_fake_quantized(model_spec, quant_spec, kernel):
     packed = export.export_packed(params, quant_rules)
     assert "kernel" not in packed["layers"]["attn"]["q"]
     assert isinstance(packed["layers"]["mlp"]["down"]["packed"], qtensor.PackedWeight)
-    with export.use_kernel(kernel):
-        actual = _logits(packed, tokens, model_spec)
+    actual = _logits(packed, tokens, model_spec, packed_kernel=kernel)
     assert _relative_error(actual, expected) < 1e-5
 
 
@@ -77,8 +80,8 @@ def test_bf16_model():
     params, tokens = _model(LLAMA, seed=3, dtype=jnp.bfloat16)
     spec = QuantSpec("twn", 2, "channel")
     expected = _logits(params, tokens, LLAMA, rules.make_quantizer(spec))
-    with export.use_kernel("xla"):  # the kernel's bf16 path is tested in its own module
-        actual = _logits(export.export_packed(params, spec), tokens, LLAMA)
+    # The kernel's bf16 path is tested in its own module.
+    actual = _logits(export.export_packed(params, spec), tokens, LLAMA, packed_kernel="xla")
     assert actual.dtype == jnp.bfloat16
     assert _relative_error(actual, expected) < 2e-2
 
@@ -94,10 +97,9 @@ def test_save_load_round_trip(tmp_path):
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(packed), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with export.use_kernel("xla"):
-        np.testing.assert_array_equal(
-            np.asarray(_logits(loaded, tokens, spec)), np.asarray(_logits(packed, tokens, GPT2))
-        )
+    np.testing.assert_array_equal(
+        np.asarray(_logits(loaded, tokens, spec)), np.asarray(_logits(packed, tokens, GPT2))
+    )
     with pytest.raises(ValueError, match="not a tsld-jax-packed file"):
         from safetensors import flax as safetensors_flax
 
@@ -128,14 +130,28 @@ def test_weight_bytes_and_other_rules():
     # 128x64 -> 2048 + 256, two layers. (Padding dominates at this toy size only.)
     assert sizes["packed_linear"] == 2 * (4 * 1280 + 2560 + 2304)
     assert sizes["packed_model"] == sizes["packed_linear"] + sizes["other_bf16"]
-    with export.use_kernel("xla"):
-        logits = _logits(packed, tokens, GPT2)
+    logits = _logits(packed, tokens, GPT2)  # "auto": XLA's dot on this CPU
     assert np.isfinite(np.asarray(logits)).all()
 
 
-def test_kernel_choice():
+def test_kernel_choice_is_part_of_the_program():
+    params, tokens = _model(LLAMA, seed=7)
+    packed = export.export_packed(params, QuantSpec("twn", 2, "channel"))
     with pytest.raises(ValueError, match="unknown packed-matmul kernel"):
-        export.set_kernel("cuda")
-    with export.use_kernel("interpret"):
-        assert export._kernel == "interpret"
-    assert export._kernel == "auto"
+        _logits(packed, tokens, LLAMA, packed_kernel="cuda")
+    with pytest.raises(ValueError, match="unknown packed-matmul kernel"):  # float models too
+        _logits(params, tokens, LLAMA, packed_kernel="cuda")
+
+    def calls_kernel(kernel):
+        fn = jax.jit(lambda p, t: decoder.forward(p, t, LLAMA, packed_kernel=kernel))
+        # The jitted kernel wrapper, not `quantized_matmul_reference`.
+        return re.search(r"@quantized_matmul(_\d+)?\(", fn.lower(packed, tokens).as_text())
+
+    # "auto" on this CPU host lowers to XLA's dot, like "xla"; interpret mode lowers the kernel
+    # body into the program (a loop over its grid), so a later choice is never frozen by an
+    # earlier trace. (That "auto" picks the Pallas kernel when compiled for a GPU from this CPU
+    # host is checked in aot_test.py.)
+    assert not calls_kernel("auto")
+    assert not calls_kernel("xla")
+    assert calls_kernel("interpret")
+    assert not calls_kernel("auto")

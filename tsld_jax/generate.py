@@ -85,14 +85,20 @@ def _last_real_index(mask_BxT: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(mask_BxT > 0, index_T[None, :], 0), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "quantizer", "cache_length"))
-def _prefill(params, tokens_BxT, mask_BxT, spec, quantizer, cache_length):
+@functools.partial(jax.jit, static_argnames=("spec", "quantizer", "cache_length", "packed_kernel"))
+def _prefill(params, tokens_BxT, mask_BxT, spec, quantizer, cache_length, packed_kernel="auto"):
     dtype = params["embed"]["tokens"].dtype
     # A cache of exactly the prompt's length first (its attention then skips the causal half,
     # see decoder._attention), grown to its full length after.
     cache = decoder.init_cache(spec, tokens_BxT.shape[0], tokens_BxT.shape[1], dtype)
     h_BxTxD, cache = decoder.hidden_states(
-        params, tokens_BxT, spec, mask_BxT=mask_BxT, quantizer=quantizer, cache=cache
+        params,
+        tokens_BxT,
+        spec,
+        mask_BxT=mask_BxT,
+        quantizer=quantizer,
+        cache=cache,
+        packed_kernel=packed_kernel,
     )
     cache = decoder.grow_cache(cache, cache_length)
     last_B = _last_real_index(mask_BxT)
@@ -103,11 +109,30 @@ def _prefill(params, tokens_BxT, mask_BxT, spec, quantizer, cache_length):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("spec", "quantizer", "steps", "sampling", "eos_ids", "pad_id"),
+    static_argnames=(
+        "spec",
+        "quantizer",
+        "steps",
+        "sampling",
+        "eos_ids",
+        "pad_id",
+        "packed_kernel",
+    ),
     donate_argnames=("cache",),
 )
 def _decode_chunk(
-    params, cache, logits_BxV, done_B, rng, spec, quantizer, steps, sampling, eos_ids, pad_id
+    params,
+    cache,
+    logits_BxV,
+    done_B,
+    rng,
+    spec,
+    quantizer,
+    steps,
+    sampling,
+    eos_ids,
+    pad_id,
+    packed_kernel="auto",
 ):
     eos_E = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
@@ -118,7 +143,12 @@ def _decode_chunk(
         token_B = jnp.where(done_B, pad_id, token_B)
         done_B = done_B | jnp.any(token_B[:, None] == eos_E[None, :], axis=-1)
         h_Bx1xD, cache = decoder.hidden_states(
-            params, token_B[:, None], spec, quantizer=quantizer, cache=cache
+            params,
+            token_B[:, None],
+            spec,
+            quantizer=quantizer,
+            cache=cache,
+            packed_kernel=packed_kernel,
         )
         logits_BxV = decoder.unembed(params, h_Bx1xD[:, 0], spec).astype(jnp.float32)
         return (cache, logits_BxV, done_B, rng), token_B
@@ -143,6 +173,7 @@ def generate_tokens(
     quantizer: Callable | None = None,
     chunk_size: int = 16,
     should_stop: Callable[[np.ndarray], np.ndarray] | None = None,
+    packed_kernel: str = "auto",
 ) -> np.ndarray:
     """Generates up to `max_new_tokens` tokens after each (padded) prompt.
 
@@ -160,6 +191,7 @@ def generate_tokens(
       chunk_size: tokens generated per jitted call between host-side stop checks.
       should_stop: optional host callback taking the tokens generated so far, (B, n), and
         returning a (B,) bool array of rows that are finished (e.g. hit a stop string).
+      packed_kernel: the matmul of a packed model's layers (see `decoder.forward`).
 
     Returns:
       (B, max_new_tokens) int32 array; after a row ends (eos or should_stop) it holds pad_id,
@@ -186,7 +218,13 @@ def generate_tokens(
         )
     rng = jax.random.key(0) if rng is None else rng
     logits_BxV, cache = _prefill(
-        params, jnp.asarray(tokens_BxT), jnp.asarray(mask_BxT), spec, quantizer, cache_length
+        params,
+        jnp.asarray(tokens_BxT),
+        jnp.asarray(mask_BxT),
+        spec,
+        quantizer,
+        cache_length,
+        packed_kernel,
     )
     done_B = jnp.zeros((batch,), bool)
     pieces: list[np.ndarray] = []
@@ -204,6 +242,7 @@ def generate_tokens(
             sampling,
             eos,
             int(pad_id),
+            packed_kernel,
         )
         pieces.append(np.asarray(new_BxC))
         finished = np.asarray(done_B)
@@ -250,6 +289,7 @@ def generate_text(
     quantizer: Callable | None = None,
     chunk_size: int = 16,
     progress: bool = False,
+    packed_kernel: str = "auto",
 ) -> list[str]:
     """Generates a continuation of each prompt, cut at the first stop sequence.
 
@@ -273,6 +313,7 @@ def generate_text(
       quantizer: as in `decoder.forward`.
       chunk_size: tokens per jitted call between stop checks.
       progress: show a progress bar.
+      packed_kernel: the matmul of a packed model's layers (see `decoder.forward`).
 
     Returns:
       The continuations, in the order of `prompts`.
@@ -332,6 +373,7 @@ def generate_text(
             quantizer=quantizer,
             chunk_size=chunk_size,
             should_stop=stop_check(len(rows)),
+            packed_kernel=packed_kernel,
         )
         texts = _decode_rows(tokenizer, generated[: len(rows)])
         for i, text in zip(rows, texts, strict=True):

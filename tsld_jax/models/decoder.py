@@ -62,17 +62,22 @@ def _add_bias(layer_params: Params, y: jax.Array) -> jax.Array:
 
 
 def linear(
-    layer_params: Params, x: jax.Array, name: str, quantizer: Quantizer | None = None
+    layer_params: Params,
+    x: jax.Array,
+    name: str,
+    quantizer: Quantizer | None = None,
+    packed_kernel: str = "auto",
 ) -> jax.Array:
     """y = x @ W + b, where W is the (possibly quantized) kernel of this linear layer.
 
     A packed model (`tsld_jax.quant.export`) holds a "packed" PackedWeight instead of "kernel";
-    its product runs through `export.packed_matmul` (the Pallas kernel on a GPU).
+    its product runs through `export.packed_matmul(..., kernel=packed_kernel)` ("auto": the
+    Pallas kernel where the program is compiled for a GPU).
     """
     if "packed" in layer_params:
         from tsld_jax.quant import export  # lazy: the float model never imports Pallas
 
-        y = export.packed_matmul(x, layer_params["packed"])
+        y = export.packed_matmul(x, layer_params["packed"], packed_kernel)
     else:
         y = jnp.einsum("...i,io->...o", x, _kernel(layer_params, name, quantizer).astype(x.dtype))
     return _add_bias(layer_params, y)
@@ -83,6 +88,7 @@ def linears(
     x: jax.Array,
     names: Sequence[str],
     quantizer: Quantizer | None = None,
+    packed_kernel: str = "auto",
 ) -> list[jax.Array]:
     """`linear()` of several layers that read the same input (q/k/v; gate/up), as one matmul.
 
@@ -95,11 +101,20 @@ def linears(
     """
     pairs = list(zip(layers_params, names, strict=True))
     if math.prod(x.shape[:-1]) < FUSE_MIN_ROWS or any("packed" in p for p in layers_params):
-        return [linear(p, x, name, quantizer) for p, name in pairs]
+        return [linear(p, x, name, quantizer, packed_kernel) for p, name in pairs]
     kernels = [_kernel(p, name, quantizer).astype(x.dtype) for p, name in pairs]
-    y = jnp.einsum("...i,io->...o", x, jnp.concatenate(kernels, axis=-1))
+    # The rows are flattened before the matmul and each part is reshaped back only after the
+    # split. Splitting the (B, T, sum of outs) product instead makes the backward pass
+    # concatenate the parts' (B, T, out) gradients, and XLA:GPU fuses that concatenate, then the
+    # (B, T) -> B*T reshape, into the weight-gradient GEMM, whose contraction then runs over
+    # the merged B*T axis: when T is not a multiple of the K tile (the student reads T - 1 =
+    # 511 tokens), no rectangular tile covers it and the Triton GEMM emitter fails ("Couldn't
+    # find output tile sizes", for sm_80 and sm_90 alike; tests/aot_test.py). Concatenating 2D
+    # (B*T, out) gradients leaves a plain contraction axis, which any row count tiles.
+    rows = x.shape[:-1]
+    y_RxO = x.reshape(-1, x.shape[-1]) @ jnp.concatenate(kernels, axis=-1)
     bounds = list(itertools.accumulate(k.shape[-1] for k in kernels))[:-1]
-    parts = jnp.split(y, bounds, axis=-1)
+    parts = [part.reshape(*rows, -1) for part in jnp.split(y_RxO, bounds, axis=-1)]
     return [_add_bias(p, part) for p, part in zip(layers_params, parts, strict=True)]
 
 
@@ -189,6 +204,7 @@ def _attention(
     quantizer: Quantizer | None,
     cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
     want_scores: bool = False,
+    packed_kernel: str = "auto",
 ) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array] | None]:
     """Self-attention; with `cache` = (keys_LxBxNxSxK, values_LxBxNxSxK, layer, index) the new
     keys/values are written into layer `layer`'s slots from `index` on, and the queries attend
@@ -200,7 +216,9 @@ def _attention(
     batch, length, _ = x_BxTxD.shape
     kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
     groups = spec.num_heads // kv_heads
-    q, k, v = linears([p["q"], p["k"], p["v"]], x_BxTxD, ["attn/q", "attn/k", "attn/v"], quantizer)
+    q, k, v = linears(
+        [p["q"], p["k"], p["v"]], x_BxTxD, ["attn/q", "attn/k", "attn/v"], quantizer, packed_kernel
+    )
     q = q.reshape(batch, length, spec.num_heads, -1)
     k = k.reshape(batch, length, kv_heads, head_dim)
     v = v.reshape(batch, length, kv_heads, head_dim)
@@ -241,20 +259,24 @@ def _attention(
         outs.append(out)
     out_BxNxGxTxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     out_BxTxD = out_BxNxGxTxK.transpose(0, 3, 1, 2, 4).reshape(batch, length, -1)
-    out = linear(p["o"], out_BxTxD, "attn/o", quantizer)
+    out = linear(p["o"], out_BxTxD, "attn/o", quantizer, packed_kernel)
     if want_scores:
         scores = scores.reshape(batch, spec.num_heads, length, slots)
     return out, scores if want_scores else None, new_kv
 
 
-def _mlp(p: Params, x: jax.Array, spec: ModelSpec, quantizer: Quantizer | None) -> jax.Array:
+def _mlp(
+    p: Params, x: jax.Array, spec: ModelSpec, quantizer: Quantizer | None, packed_kernel: str
+) -> jax.Array:
     if spec.gated_mlp:
-        gate, up = linears([p["gate"], p["up"]], x, ["mlp/gate", "mlp/up"], quantizer)
+        gate, up = linears(
+            [p["gate"], p["up"]], x, ["mlp/gate", "mlp/up"], quantizer, packed_kernel
+        )
         hidden = _activation(gate, spec.activation) * up
     else:
-        up = linear(p["up"], x, "mlp/up", quantizer)
+        up = linear(p["up"], x, "mlp/up", quantizer, packed_kernel)
         hidden = _activation(up, spec.activation)
-    return linear(p["down"], hidden, "mlp/down", quantizer)
+    return linear(p["down"], hidden, "mlp/down", quantizer, packed_kernel)
 
 
 def _block(
@@ -266,6 +288,7 @@ def _block(
     quantizer: Quantizer | None,
     cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
     want_scores: bool = False,
+    packed_kernel: str = "auto",
 ) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array] | None]:
     if spec.pre_norm:
         attn_out, scores, new_kv = _attention(
@@ -277,15 +300,26 @@ def _block(
             quantizer,
             cache,
             want_scores,
+            packed_kernel,
         )
         h = h + attn_out
-        h = h + _mlp(layer["mlp"], _norm(layer["mlp_norm"], h, spec), spec, quantizer)
+        mlp_in = _norm(layer["mlp_norm"], h, spec)
+        h = h + _mlp(layer["mlp"], mlp_in, spec, quantizer, packed_kernel)
     else:  # OPT-350m: normalise after each residual add.
         attn_out, scores, new_kv = _attention(
-            layer["attn"], h, spec, positions_BxT, allowed, quantizer, cache, want_scores
+            layer["attn"],
+            h,
+            spec,
+            positions_BxT,
+            allowed,
+            quantizer,
+            cache,
+            want_scores,
+            packed_kernel,
         )
         h = _norm(layer["attn_norm"], h + attn_out, spec)
-        h = _norm(layer["mlp_norm"], h + _mlp(layer["mlp"], h, spec, quantizer), spec)
+        mlp_out = _mlp(layer["mlp"], h, spec, quantizer, packed_kernel)
+        h = _norm(layer["mlp_norm"], h + mlp_out, spec)
     return h, scores, new_kv
 
 
@@ -327,6 +361,7 @@ def forward(
     quantizer: Quantizer | None = None,
     collect: Sequence[str] = (),
     remat: bool | str = False,
+    packed_kernel: str = "auto",
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Runs the decoder.
 
@@ -343,12 +378,23 @@ def forward(
         block), one of REMAT_MODES: "none" (or False) keeps every activation; "dots" keeps only
         the matmul outputs and recomputes the cheap rest (norms, activations, fake-quantized
         kernels); "full" (or True) keeps only each block's input.
+      packed_kernel: the matmul of packed layers (a packed model), one of `export.KERNELS`:
+        "auto" runs the Pallas kernel where the program is compiled for a GPU and XLA's
+        dequantize-then-dot elsewhere; "pallas", "interpret" or "xla" force one.
 
     Returns:
       logits (B, T, V), or (logits, aux) when `collect` is not empty.
     """
     h, per_layer, _ = _trunk(
-        params, tokens_BxT, spec, mask_BxT, positions_BxT, quantizer, collect, remat=remat
+        params,
+        tokens_BxT,
+        spec,
+        mask_BxT,
+        positions_BxT,
+        quantizer,
+        collect,
+        remat=remat,
+        packed_kernel=packed_kernel,
     )
     logits = unembed(params, h, spec)
     if not collect:
@@ -405,6 +451,7 @@ def hidden_states(
     positions_BxT: jax.Array | None = None,
     quantizer: Quantizer | None = None,
     cache: Params | None = None,
+    packed_kernel: str = "auto",
 ) -> tuple[jax.Array, Params | None]:
     """The last block's output (before the final norm), optionally through a KV cache.
 
@@ -422,12 +469,21 @@ def hidden_states(
       cache: from `init_cache`; the tokens are written at slots [index, index + T) and attend to
         every real token written before them. Local (GPT-Neo) windows count positions, not slots,
         so padding inside the cache does not shorten them.
+      packed_kernel: as in `forward`.
 
     Returns:
       (hidden (B, T, D), the updated cache or None).
     """
     h, _, new_cache = _trunk(
-        params, tokens_BxT, spec, mask_BxT, positions_BxT, quantizer, (), cache
+        params,
+        tokens_BxT,
+        spec,
+        mask_BxT,
+        positions_BxT,
+        quantizer,
+        (),
+        cache,
+        packed_kernel=packed_kernel,
     )
     return h, new_cache
 
@@ -450,9 +506,21 @@ def _rematerialised(step: Callable, remat: bool | str | None) -> Callable:
 
 
 def _trunk(
-    params, tokens_BxT, spec, mask_BxT, positions_BxT, quantizer, collect, cache=None, remat=False
+    params,
+    tokens_BxT,
+    spec,
+    mask_BxT,
+    positions_BxT,
+    quantizer,
+    collect,
+    cache=None,
+    remat=False,
+    packed_kernel="auto",
 ):
     """Embedding and the scanned blocks; the one body behind `forward` and `hidden_states`."""
+    from tsld_jax.quant import export  # lazy, as in linear()
+
+    export.check_kernel(packed_kernel)  # also for a float model: a typo should not pass
     windows_L = jnp.asarray(spec.layer_windows(), dtype=jnp.int32)
     length = tokens_BxT.shape[1]
     if cache is None:
@@ -500,6 +568,7 @@ def _trunk(
             quantizer,
             layer_cache,
             want_scores="attn_scores" in collect,
+            packed_kernel=packed_kernel,
         )
         outputs = {}
         if "hidden" in collect:

@@ -16,14 +16,15 @@ Typical use:
 
 `eval.py --packed PATH` is meant to call `load_packed(PATH)` and then evaluate as usual.
 
-Which matmul runs is chosen by `set_kernel` / `use_kernel` ("auto" by default: the Pallas
-kernel on a GPU, XLA's dequantize-then-dot elsewhere, since interpret mode is a test tool).
-The choice is read when a function is traced: set it before the first jitted call.
+Which matmul runs is an argument of the forward pass (`decoder.forward(..., packed_kernel=)`,
+`packed_matmul(..., kernel=)`, one of KERNELS), static and so part of the jitted program.
+"auto", the default, is resolved when the program is lowered, by the platform it is lowered
+for (`lax.platform_dependent`): the Pallas kernel on a CUDA GPU, XLA's dequantize-then-dot
+elsewhere (interpret mode is a test tool).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import re
@@ -47,33 +48,6 @@ PACKED = "packed"  # the leaf name that replaces "kernel" in a packed linear lay
 _BLOCK_LINEAR = re.compile(r"layers/(attn/(q|k|v|o)|mlp/(up|gate|down))")
 _STATIC_FIELDS = ("method", "bits", "granularity", "group_size", "shape", "dtype")
 
-_kernel = "auto"
-
-
-def set_kernel(name: str) -> None:
-    """Chooses the matmul of packed layers.
-
-    Args:
-      name: "pallas" (the Pallas kernel, compiled for the GPU), "interpret" (the same kernel in
-        Pallas interpret mode: CPU tests), "xla" (`quantized_matmul_reference`: unpack and
-        XLA's dot) or "auto" (pallas on a GPU, xla elsewhere).
-    """
-    global _kernel
-    if name not in KERNELS:
-        raise ValueError(f"unknown packed-matmul kernel {name!r}; expected one of {KERNELS}")
-    _kernel = name
-
-
-@contextlib.contextmanager
-def use_kernel(name: str) -> Iterator[None]:
-    """`set_kernel(name)` for the duration of a `with` block (traces inside it use `name`)."""
-    previous = _kernel
-    set_kernel(name)
-    try:
-        yield
-    finally:
-        set_kernel(previous)
-
 
 def _pallas_module():
     # Imported lazily: the float model never needs Pallas.
@@ -82,23 +56,39 @@ def _pallas_module():
     return quantized_matmul
 
 
-def packed_matmul(x: jax.Array, packed: PackedWeight) -> jax.Array:
-    """`x @ unpack(packed)` in x's dtype, with the kernel chosen by `set_kernel`.
+def check_kernel(kernel: str) -> str:
+    """Returns `kernel` if it names a packed-matmul kernel (one of KERNELS), else raises."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown packed-matmul kernel {kernel!r}; expected one of {KERNELS}")
+    return kernel
+
+
+def packed_matmul(x: jax.Array, packed: PackedWeight, kernel: str = "auto") -> jax.Array:
+    """`x @ unpack(packed)` in x's dtype.
 
     Args:
       x: activations `(..., in_features)`.
       packed: one matrix (inside the decoder's scan, the layer's slice of a stacked weight).
+      kernel: "auto" (the Pallas kernel where the program is compiled for a CUDA GPU, XLA's
+        dequantize-then-dot elsewhere), "pallas" (the Pallas kernel, compiled for the GPU),
+        "interpret" (the same kernel in Pallas interpret mode: CPU tests) or "xla"
+        (`quantized_matmul_reference`: unpack, then XLA's dot).
 
     Returns:
       `(..., out_features)` in x's dtype.
     """
     kernels = _pallas_module()
-    name = _kernel
-    if name == "auto":
-        name = "pallas" if jax.default_backend() == "gpu" else "xla"
-    if name == "xla":
+    check_kernel(kernel)
+    if kernel == "xla":
         return kernels.quantized_matmul_reference(x, packed)
-    return kernels.quantized_matmul(x, packed, interpret=name == "interpret")
+    if kernel == "auto":
+        # Chosen when the program is lowered, for the platform it is lowered for (not the
+        # host's default backend): a program compiled for a GPU from a CPU host, or exported
+        # for both, runs the kernel on the GPU. Interpret mode is a test tool, never chosen.
+        return jax.lax.platform_dependent(
+            x, packed, cuda=kernels.quantized_matmul, default=kernels.quantized_matmul_reference
+        )
+    return kernels.quantized_matmul(x, packed, interpret=kernel == "interpret")
 
 
 def _spec_tree(params: Params, rules_or_specs: Any) -> Params:

@@ -1,0 +1,195 @@
+"""Every program our users run compiles for an A100-40GB (sm_80) and an H200 (sm_90), without a GPU.
+
+Deviceless AOT (`tsld_jax.aot`, ../shared/GPU.md): XLA:GPU's whole pipeline, Triton emitters
+and ptxas included, at SmolLM2-135M's real shapes from abstract parameters. Needs the CUDA
+plugin (`.ci/run` installs it). The memory analyses are printed at the end of the module.
+
+Coverage of the train step: every loss kind, both compute dtypes and every remat mode appear
+on both targets, in six combinations per target rather than all 30 (each compile of the
+SmolLM2 step takes about half a minute on a 2-core CPU).
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tsld_jax import aot, sharding
+from tsld_jax.models import decoder
+from tsld_jax.quant.quantizers import QuantSpec
+
+pytestmark = pytest.mark.slow
+
+TARGETS = ("a100-40gb", "h200")
+SPEC = aot.SMOLLM2_135M
+GB = 1e9
+# (loss, compute dtype, remat): the configured default first, then the other values of each axis.
+TRAIN_CASES = [
+    ("tsld", "float32", "dots"),
+    ("tsld", "bfloat16", "full"),
+    ("gt", "bfloat16", "none"),
+    ("logit", "float32", "none"),
+    ("logit_gt", "bfloat16", "dots"),
+    ("l2l", "float32", "full"),
+]
+_TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+@pytest.fixture(scope="module")
+def memory_report(request):
+    lines = []
+    yield lines
+    terminal = request.config.pluginmanager.getplugin("terminalreporter")
+    if terminal is not None and lines:
+        terminal.write_line("")
+        terminal.write_line("XLA:GPU memory analysis (per device, deviceless compile):")
+        for line in lines:
+            terminal.write_line("  " + line)
+
+
+@pytest.fixture(scope="module", params=TARGETS)
+def target(request):
+    return request.param
+
+
+def _mesh(target):
+    return aot.gpu_mesh(target, num_devices=1)
+
+
+def _compile(program, target, name, memory_report):
+    compiled, memory = aot.compile_program(program)
+    memory_report.append(f"{target:<10} {name:<34} {memory}")
+    return compiled, memory
+
+
+def test_target_devices():
+    devices = aot.gpu_devices("h100-80gb", num_devices=8)
+    assert len(devices) == 8
+    assert devices[0].device_kind == "NVIDIA H100 80GB HBM3"
+    assert aot.gpu_mesh("a100-40gb", num_devices=8).shape["data"] == 8
+    with pytest.raises(ValueError, match="unknown GPU target"):
+        aot.gpu_devices("v100")
+
+
+@pytest.mark.parametrize("rows", [4 * 511, 4 * 512, 8 * 255, 3 * 1023])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_joined_linears_backward_compiles_for_any_row_count(target, rows, dtype):
+    # The shapes that failed (B*(T-1) = 2044 rows, "Couldn't find output tile sizes" in the
+    # weight-gradient GEMM of the joined gate/up and q/k/v kernels) and their neighbours.
+    batch = 4 if rows % 4 == 0 else 3
+    x = jax.ShapeDtypeStruct((batch, rows // batch, SPEC.hidden_size), dtype)
+    shapes = decoder.param_shapes(SPEC)["layers"]
+    layers = {
+        group: {
+            name: {"kernel": jax.ShapeDtypeStruct(shape["kernel"][1:], jnp.float32)}
+            for name, shape in shapes[group].items()
+        }
+        for group in ("attn", "mlp")
+    }
+
+    def loss(layers, x):
+        q, k, v = decoder.linears(
+            [layers["attn"][n] for n in "qkv"], x, ["attn/q", "attn/k", "attn/v"]
+        )
+        gate, up = decoder.linears(
+            [layers["mlp"]["gate"], layers["mlp"]["up"]], x, ["mlp/gate", "mlp/up"]
+        )
+        return jnp.sum(q * q) + jnp.sum(k * v) + jnp.sum(jax.nn.silu(gate) * up)
+
+    mesh = _mesh(target)
+    program = aot.Program(
+        jax.jit(jax.grad(loss, argnums=(0, 1))),
+        jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=mesh_rep(mesh)), (layers, x)
+        ),
+        {},
+    )
+    aot.compile_program(program)
+
+
+def mesh_rep(mesh):
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+@pytest.mark.parametrize(
+    ("loss", "dtype", "remat"), TRAIN_CASES, ids=["-".join(c) for c in TRAIN_CASES]
+)
+def test_train_step_compiles(target, loss, dtype, remat, memory_report):
+    program = aot.train_step_program(SPEC, _mesh(target), loss=loss, dtype=dtype, remat=remat)
+    _, memory = _compile(program, target, f"train {loss} {dtype} remat={remat}", memory_report)
+    # Latent f32 weights, two AdamW moments and the f32 teacher: 4 x 135M x 4 bytes.
+    assert 2.0 * GB < memory.arguments < 2.3 * GB
+    assert memory.aliased > 0.9 * (memory.arguments - 0.6 * GB)  # the state is donated
+    assert memory.total < 40 * GB  # fits an A100-40GB with room to spare
+    assert memory.temporaries < 8 * GB
+
+
+EVAL_CASES = [
+    ("forward", "float"),
+    ("forward", "fake_quantized"),
+    ("forward", "packed"),
+    ("choice", "float"),
+    ("choice", "packed"),
+    ("prefill", "float"),
+    ("prefill", "fake_quantized"),
+    ("prefill", "packed"),
+    ("decode", "float"),
+    ("decode", "fake_quantized"),
+    ("decode", "packed"),
+]
+_BUILDERS = {
+    "forward": aot.forward_program,
+    "choice": aot.choice_program,
+    "prefill": aot.prefill_program,
+    "decode": aot.decode_program,
+}
+
+
+@pytest.mark.parametrize(("program", "kind"), EVAL_CASES, ids=["-".join(c) for c in EVAL_CASES])
+def test_evaluation_and_generation_compile(target, program, kind, memory_report):
+    # Packed models run in bf16, as they are deployed; the others in float32.
+    dtype = jnp.bfloat16 if kind == "packed" else jnp.float32
+    built = _BUILDERS[program](SPEC, _mesh(target), kind=kind, dtype=dtype)
+    compiled, memory = _compile(built, target, f"{program} {kind}", memory_report)
+    assert memory.total < 10 * GB
+    if kind == "packed":
+        # "auto" picked the Pallas kernel for this GPU program although the host is a CPU.
+        assert _TRITON_CALL in aot.lower(built).as_text()
+        assert "quantized_matmul_w2" in compiled.as_text()
+
+
+def test_packed_forward_on_the_cpu_runs_xla_dot():
+    cpu_mesh = sharding.make_mesh(devices=jax.devices("cpu")[:1])
+    built = aot.forward_program(SPEC, cpu_mesh, kind="packed", dtype=jnp.bfloat16, batch_size=1)
+    text = aot.lower(built).as_text()
+    assert _TRITON_CALL not in text
+    assert not re.search(r"@quantized_matmul(_\d+)?\(", text)  # only the reference
+
+
+FORMATS = {
+    "w2": QuantSpec("twn", 2, "channel"),
+    "w4": QuantSpec("asym", 4, "group", 64),  # 576 = 9 groups of 64
+    "w8": QuantSpec("sym", 8, "channel"),
+}
+# One launch of each shape (DECODE, DECODE_WIDE, PREFILL) per format, bf16 activations, at
+# SmolLM2's widest matmul (576 -> 1536), and the float32 variants of the w2 launches.
+LAUNCHES = [(name, rows, "bfloat16") for name in FORMATS for rows in (1, 64, 512)] + [
+    ("w2", rows, "float32") for rows in (1, 64, 512)
+]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "rows", "dtype"), LAUNCHES, ids=[f"{f}-m{r}-{d}" for f, r, d in LAUNCHES]
+)
+def test_pallas_launch_compiles(target, fmt, rows, dtype):
+    program = aot.quantized_matmul_program(
+        FORMATS[fmt],
+        _mesh(target),
+        rows=rows,
+        in_features=SPEC.hidden_size,
+        out_features=SPEC.mlp_size,
+        dtype=jnp.dtype(dtype),
+    )
+    compiled, _ = aot.compile_program(program)
+    assert f"quantized_matmul_w{FORMATS[fmt].bits}" in compiled.as_text()

@@ -1,0 +1,562 @@
+"""Compile programs for NVIDIA GPUs without one (deviceless AOT), and read their memory plan.
+
+XLA:GPU compiles a jitted program for a GPU that is not attached when it is given the target's
+device description: its whole GPU pipeline runs (fusion, the Triton emitters of GEMMs and
+Pallas kernels, LLVM, ptxas), minus autotuning. That catches what lowering alone does not
+(tiling failures, shared-memory overflows, unsupported ops), and the compiled program's memory
+analysis gives per-device bytes as the GPU compiler plans them. No weights are needed: every
+input is a `jax.ShapeDtypeStruct` carrying its sharding on a mesh of compile-only devices.
+
+It needs the CUDA plugin beside jax (no GPU, no driver): `pip install --no-deps
+jax-cuda12-plugin==<jax version> jax-cuda12-pjrt==<jax version> nvidia-cuda-nvcc-cu12
+nvidia-nvjitlink-cu12 nvidia-cuda-runtime-cu12`, and `JAX_PLATFORMS=cpu` so the host keeps
+running on its CPU (the plugin then only serves compiles; it warns that it cannot load cuDNN),
+or `JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1` (without it, on a machine without a GPU the plugin fails
+its cuDNN check and stays unregistered; jax then still falls back to the CPU).
+
+Typical use:
+
+    from tsld_jax import aot
+    mesh = aot.gpu_mesh("h200", num_devices=8)
+    program = aot.train_step_program(aot.SMOLLM2_135M, mesh, loss="tsld", remat="dots")
+    compiled, memory = aot.compile_program(program)
+    print(memory)  # per device: arguments, outputs, temporaries, code, total
+
+`train_step_program` builds the trainer's jitted step (`train_step.make_train_step` with the
+trainer's shardings and donation); `forward_program`, `choice_program`, `prefill_program` and
+`decode_program` build evaluation's and generation's own jitted functions for a float,
+fake-quantized or packed model; `quantized_matmul_program` one Pallas kernel launch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tsld_jax.models.spec import ModelSpec, spec_from_hf_config
+
+# SmolLM2-135M's Hugging Face config (the fields the decoder reads), so its real shapes can be
+# compiled without the model file.
+SMOLLM2_135M_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+}
+SMOLLM2_135M = spec_from_hf_config(SMOLLM2_135M_CONFIG)
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+    """The device facts XLA:GPU compiles for (a `GpuTargetConfig` text proto, see GPU.md).
+
+    Attributes:
+      name: the marketing name, also the proto's device description.
+      compute_capability: (major, minor): (8, 0) A100, (9, 0) H100/H200.
+      core_count: streaming multiprocessors.
+      fpus_per_core: float32 lanes per SM.
+      shared_memory_per_core: bytes of shared memory per SM.
+      shared_memory_per_block_optin: the most one block may opt in to.
+      l2_cache_size: bytes.
+      memory_bandwidth: bytes/s.
+      device_memory_size: bytes.
+      clock_rate_ghz: SM clock.
+    """
+
+    name: str
+    compute_capability: tuple[int, int]
+    core_count: int
+    fpus_per_core: int
+    shared_memory_per_core: int
+    shared_memory_per_block_optin: int
+    l2_cache_size: int
+    memory_bandwidth: float
+    device_memory_size: int
+    clock_rate_ghz: float
+
+    def config_text(self) -> str:
+        """The `GpuTargetConfig` text proto of this target."""
+        major, minor = self.compute_capability
+        return f"""
+gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: {self.shared_memory_per_core}
+  threads_per_core_limit: 2048
+  core_count: {self.core_count}
+  fpus_per_core: {self.fpus_per_core}
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(self.memory_bandwidth)}
+  l2_cache_size: {self.l2_cache_size}
+  clock_rate_ghz: {self.clock_rate_ghz}
+  device_memory_size: {self.device_memory_size}
+  shared_memory_per_block_optin: {self.shared_memory_per_block_optin}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 patch: 0 }}
+runtime_version {{ major: 12 minor: 8 patch: 0 }}
+device_description_str: "{self.name}"
+"""
+
+
+_H200 = GpuTarget(
+    name="NVIDIA H200",
+    compute_capability=(9, 0),
+    core_count=132,
+    fpus_per_core=128,
+    shared_memory_per_core=233472,
+    shared_memory_per_block_optin=232448,
+    l2_cache_size=52428800,
+    memory_bandwidth=4.8e12,
+    device_memory_size=150_000_000_000,
+    clock_rate_ghz=1.98,
+)
+TARGETS: dict[str, GpuTarget] = {
+    "a100-40gb": GpuTarget(
+        name="NVIDIA A100-SXM4-40GB",
+        compute_capability=(8, 0),
+        core_count=108,
+        fpus_per_core=64,
+        shared_memory_per_core=167936,
+        shared_memory_per_block_optin=166912,
+        l2_cache_size=41943040,
+        memory_bandwidth=1.555e12,
+        device_memory_size=42949672960,
+        clock_rate_ghz=1.41,
+    ),
+    "h100-80gb": dataclasses.replace(
+        _H200,
+        name="NVIDIA H100 80GB HBM3",
+        memory_bandwidth=3.35e12,
+        device_memory_size=85899345920,
+    ),
+    "h200": _H200,
+}
+
+
+def _target(target: str | GpuTarget) -> GpuTarget:
+    if isinstance(target, GpuTarget):
+        return target
+    if target not in TARGETS:
+        raise ValueError(f"unknown GPU target {target!r}; expected one of {sorted(TARGETS)}")
+    return TARGETS[target]
+
+
+@functools.cache
+def _devices(target: GpuTarget, num_devices: int) -> tuple[Any, ...]:
+    from jax.experimental import topologies
+
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", target_config=target.config_text(), topology=f"1x1x{num_devices}"
+        )
+    except (RuntimeError, ValueError) as error:
+        raise RuntimeError(
+            "compiling for a GPU without one needs the CUDA plugin (pip install --no-deps "
+            f"jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__} "
+            "nvidia-cuda-nvcc-cu12 nvidia-nvjitlink-cu12 nvidia-cuda-runtime-cu12), and on a "
+            "machine without a GPU JAX_PLATFORMS=cpu or JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 set "
+            f"before jax starts: {error}"
+        ) from error
+    return tuple(topology.devices)
+
+
+def gpu_devices(target: str | GpuTarget = "h200", num_devices: int = 1) -> list[Any]:
+    """Compile-only devices of `num_devices` GPUs of one kind on one host.
+
+    Args:
+      target: a name in TARGETS ("a100-40gb", "h100-80gb", "h200") or a GpuTarget.
+      num_devices: GPUs (1 and 8 are known to work).
+
+    Returns:
+      Devices to build meshes and shardings on; arrays cannot live on them, programs compile
+      for them.
+    """
+    return list(_devices(_target(target), num_devices))
+
+
+def gpu_mesh(
+    target: str | GpuTarget = "h200", num_devices: int = 1, data: int = -1, fsdp: int = 1
+) -> Mesh:
+    """The trainer's (data, fsdp, tensor) mesh over compile-only GPU devices."""
+    from tsld_jax import sharding
+
+    return sharding.make_mesh(data, fsdp, 1, devices=gpu_devices(target, num_devices))
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryAnalysis:
+    """XLA's memory plan of a compiled program, in bytes per device.
+
+    Attributes:
+      arguments: the inputs (parameters, optimizer state, batch...).
+      outputs: the results.
+      aliased: outputs that reuse a donated input's buffer (counted once, in arguments).
+      temporaries: activations and scratch live during the program.
+      generated_code: the compiled kernels.
+    """
+
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    generated_code: int
+
+    @property
+    def total(self) -> int:
+        """Peak bytes the program needs on a device: inputs, outputs not aliased to an input,
+        temporaries and code."""
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.generated_code
+
+    @classmethod
+    def of(cls, compiled: jax.stages.Compiled) -> MemoryAnalysis:
+        stats = compiled.memory_analysis()
+        return cls(
+            arguments=stats.argument_size_in_bytes,
+            outputs=stats.output_size_in_bytes,
+            aliased=stats.alias_size_in_bytes,
+            temporaries=stats.temp_size_in_bytes,
+            generated_code=stats.generated_code_size_in_bytes,
+        )
+
+    def __str__(self) -> str:
+        gb = lambda n: f"{n / 1e9:.3f} GB"
+        return (
+            f"arguments {gb(self.arguments)}, outputs {gb(self.outputs)} "
+            f"(aliased {gb(self.aliased)}), temporaries {gb(self.temporaries)}, "
+            f"code {gb(self.generated_code)}, total {gb(self.total)} per device"
+        )
+
+
+class Program(NamedTuple):
+    """A jitted function and the abstract arguments to compile it for.
+
+    Attributes:
+      fn: the `jax.jit`-ed function (static arguments included in `kwargs`).
+      args: positional arguments: pytrees of ShapeDtypeStructs with shardings.
+      kwargs: keyword arguments, static ones included.
+    """
+
+    fn: Callable
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+def lower(program: Program) -> jax.stages.Lowered:
+    """Traces and lowers a program for the devices its arguments' shardings name."""
+    return program.fn.trace(*program.args, **program.kwargs).lower()
+
+
+def compile_program(program: Program) -> tuple[jax.stages.Compiled, MemoryAnalysis]:
+    """Compiles a program with XLA for the devices of its arguments' shardings.
+
+    Returns:
+      (the compiled program, its per-device MemoryAnalysis).
+
+    Raises:
+      jax.errors.JaxRuntimeError (XlaRuntimeError): XLA could not compile it; the message
+        names the failing instruction and the Python line that made it.
+    """
+    compiled = lower(program).compile()
+    return compiled, MemoryAnalysis.of(compiled)
+
+
+# ----------------------------------------------------------------------------- abstract inputs
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
+
+
+def _replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _batched(mesh: Mesh, shape: Sequence[int], dtype: Any) -> jax.ShapeDtypeStruct:
+    from tsld_jax import sharding
+
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding.batch_sharding(mesh))
+
+
+def abstract_params(spec: ModelSpec, dtype: Any = jnp.float32) -> Any:
+    """The decoder's parameter pytree as ShapeDtypeStructs (no shardings)."""
+    from tsld_jax.models import decoder
+
+    return jax.tree.map(
+        lambda shape: jax.ShapeDtypeStruct(shape, dtype),
+        decoder.param_shapes(spec),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+MODEL_KINDS = ("float", "fake_quantized", "packed")
+
+
+def abstract_model(
+    spec: ModelSpec,
+    mesh: Mesh,
+    kind: str = "float",
+    quant: Any = None,
+    dtype: Any = jnp.float32,
+) -> tuple[Any, Callable | None]:
+    """Sharded abstract parameters of a model and the quantizer its forward pass takes.
+
+    Args:
+      spec: the architecture.
+      mesh: where the program runs; parameters are sharded by `sharding.param_shardings`
+        (packed weights are replicated).
+      kind: "float" (no quantizer), "fake_quantized" (float weights and the quantizer of
+        `quant`, as evaluation's --quant runs) or "packed" (`export.export_packed` of `quant`).
+      quant: rules, a spec tree or one QuantSpec; None means ternary TWN on every block linear.
+      dtype: of the floating parameters.
+
+    Returns:
+      (params, quantizer or None).
+    """
+    from tsld_jax import sharding
+    from tsld_jax.quant import export, rules
+
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
+    quant = rules.default_rules() if quant is None else quant
+    params = abstract_params(spec, dtype)
+    quantizer = rules.make_quantizer(quant) if kind == "fake_quantized" else None
+    if kind == "packed":
+        params = jax.eval_shape(lambda p: export.export_packed(p, quant), params)
+        return jax.tree.map(lambda a: _abstract(a, _replicated(mesh)), params), None
+    return _abstract(params, sharding.param_shardings(params, mesh)), quantizer
+
+
+# ------------------------------------------------------------------------------------ programs
+
+
+def train_step_program(
+    spec: ModelSpec,
+    mesh: Mesh,
+    *,
+    loss: str = "tsld",
+    dtype: str = "float32",
+    remat: str = "dots",
+    batch_size: int = 4,
+    length: int = 512,
+    quant: Any = None,
+    grad_accum: int = 1,
+    chunk_size: int = 128,
+) -> Program:
+    """The trainer's QAT step, as `trainer.train` jits it: state sharded by
+    `sharding.state_shardings` and donated, batch split over data x fsdp, teacher as an argument.
+
+    Args:
+      spec: the architecture (student and teacher).
+      mesh: from `gpu_mesh` (or any mesh).
+      loss: one of `losses` kinds ("gt", "logit", "logit_gt", "l2l", "tsld").
+      dtype: compute dtype, "float32" or "bfloat16" (latent weights stay float32).
+      remat: one of `decoder.REMAT_MODES`.
+      batch_size: sequences per step.
+      length: tokens per sequence (the student reads length - 1).
+      quant: rules, a spec tree or a QuantSpec; None means ternary TWN (the default config).
+      grad_accum: micro-batches per step.
+      chunk_size: the TSLD loss's chunk (0: unchunked).
+    """
+    import ml_collections
+
+    from tsld_jax import sharding, train_step
+    from tsld_jax.quant import rules
+
+    # configs/base.py's optimizer defaults; the numbers do not change what compiles.
+    train_cfg = ml_collections.ConfigDict(
+        {"lr": 1e-4, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0}
+        | {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
+    )
+    loss_cfg = ml_collections.ConfigDict(
+        {"kind": loss, "temperature": 10.0, "chunk_size": chunk_size}
+    )
+    optimizer, _ = train_step.make_optimizer(train_cfg, 1000)
+    params = abstract_params(spec)
+    state = jax.eval_shape(lambda p: train_step.init_state(p, optimizer, 0), params)
+    state_shardings = sharding.state_shardings(state, optimizer, mesh)
+    compute_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    step = jax.jit(
+        train_step.make_train_step(
+            spec,
+            rules.default_rules() if quant is None else quant,
+            loss_cfg,
+            optimizer,
+            grad_accum,
+            compute_dtype,
+            remat,
+        ),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh), None),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
+    batch = {
+        name: _batched(mesh, (batch_size, length), jnp.int32)
+        for name in ("tokens", "attention_mask", "loss_mask")
+    }
+    teacher = _abstract(params, sharding.param_shardings(params, mesh))
+    return Program(step, (_abstract(state, state_shardings), batch, teacher), {})
+
+
+def forward_program(
+    spec: ModelSpec,
+    mesh: Mesh,
+    *,
+    kind: str = "float",
+    quant: Any = None,
+    dtype: Any = jnp.float32,
+    batch_size: int = 4,
+    length: int = 512,
+) -> Program:
+    """Evaluation's forward pass: perplexity's jitted per-block losses."""
+    from tsld_jax.evaluation import perplexity
+
+    params, quantizer = abstract_model(spec, mesh, kind, quant, dtype)
+    tokens = _batched(mesh, (batch_size, length), jnp.int32)
+    return Program(
+        perplexity._jitted_block_losses,
+        (params, tokens),
+        {"spec": spec, "quantizer": quantizer, "loss_mask_BxT": None, "attention_mask_BxT": None},
+    )
+
+
+def choice_program(
+    spec: ModelSpec,
+    mesh: Mesh,
+    *,
+    kind: str = "float",
+    quant: Any = None,
+    dtype: Any = jnp.float32,
+    batch_size: int = 8,
+    context: int = 256,
+    choices: int = 4,
+    width: int = 32,
+) -> Program:
+    """Multiple-choice scoring as `choice.loglikelihoods` runs it by default: each context once
+    into a KV cache, then its `choices` continuations of up to `width` tokens against it."""
+    from tsld_jax.evaluation import choice
+
+    params, quantizer = abstract_model(spec, mesh, kind, quant, dtype)
+    rows = batch_size * choices
+    args = (
+        params,
+        _batched(mesh, (batch_size, context), jnp.int32),
+        _batched(mesh, (batch_size, context), jnp.int32),
+        _batched(mesh, (rows,), jnp.int32),
+        _batched(mesh, (rows, width), jnp.int32),
+        _batched(mesh, (rows, width), jnp.int32),
+    )
+    return Program(choice._score_shared, args, {"spec": spec, "quantizer": quantizer})
+
+
+def prefill_program(
+    spec: ModelSpec,
+    mesh: Mesh,
+    *,
+    kind: str = "float",
+    quant: Any = None,
+    dtype: Any = jnp.float32,
+    batch_size: int = 8,
+    prompt: int = 512,
+    new_tokens: int = 256,
+    packed_kernel: str = "auto",
+) -> Program:
+    """Generation's prefill: the padded prompts into a KV cache of prompt + new_tokens slots."""
+    from tsld_jax import generate
+
+    params, quantizer = abstract_model(spec, mesh, kind, quant, dtype)
+    tokens = _batched(mesh, (batch_size, prompt), jnp.int32)
+    return Program(
+        generate._prefill,
+        (params, tokens, tokens),
+        {
+            "spec": spec,
+            "quantizer": quantizer,
+            "cache_length": prompt + new_tokens,
+            "packed_kernel": packed_kernel,
+        },
+    )
+
+
+def decode_program(
+    spec: ModelSpec,
+    mesh: Mesh,
+    *,
+    kind: str = "float",
+    quant: Any = None,
+    dtype: Any = jnp.float32,
+    batch_size: int = 8,
+    cache_length: int = 768,
+    steps: int = 16,
+    packed_kernel: str = "auto",
+) -> Program:
+    """Generation's decode chunk: `steps` greedy tokens fed back through the KV cache."""
+    from tsld_jax import generate
+    from tsld_jax.models import decoder
+
+    params, quantizer = abstract_model(spec, mesh, kind, quant, dtype)
+    cache = jax.eval_shape(lambda: decoder.init_cache(spec, batch_size, cache_length, dtype))
+    cache = jax.tree.map(lambda a: _abstract(a, _replicated(mesh)), cache)
+    args = (
+        params,
+        cache,
+        _batched(mesh, (batch_size, spec.vocab_size), jnp.float32),
+        _batched(mesh, (batch_size,), jnp.bool_),
+        jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=_replicated(mesh)),
+    )
+    kwargs = {
+        "spec": spec,
+        "quantizer": quantizer,
+        "steps": steps,
+        "sampling": generate.GREEDY,
+        "eos_ids": (),
+        "pad_id": 0,
+        "packed_kernel": packed_kernel,
+    }
+    return Program(generate._decode_chunk, args, kwargs)
+
+
+def quantized_matmul_program(
+    quant_spec: Any,
+    mesh: Mesh,
+    *,
+    rows: int,
+    in_features: int,
+    out_features: int,
+    dtype: Any = jnp.bfloat16,
+    block_sizes: Any = None,
+) -> Program:
+    """One launch of the Pallas kernel `pallas.quantized_matmul` (the launch `rows` selects,
+    unless `block_sizes` is given), replicated on the mesh."""
+    from pallas import quantized_matmul as qmm
+    from tsld_jax.quant import qtensor
+
+    packed = jax.eval_shape(
+        lambda w: qtensor.pack(w, quant_spec),
+        jax.ShapeDtypeStruct((in_features, out_features), jnp.float32),
+    )
+    replicated = _replicated(mesh)
+    x = jax.ShapeDtypeStruct((rows, in_features), dtype, sharding=replicated)
+    packed = jax.tree.map(lambda a: _abstract(a, replicated), packed)
+    return Program(qmm.quantized_matmul, (x, packed), {"block_sizes": block_sizes})
