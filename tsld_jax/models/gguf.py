@@ -174,8 +174,27 @@ def load_gguf(path: str):
     )
 
 
+def _is_byte_vocabulary(reader) -> bool:
+    # The vocabulary `gguf_export.vocab_from_bytes` writes for byte-tokenizer models.
+    from tsld_jax.models import gguf_export
+
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    merges = reader.fields.get("tokenizer.ggml.merges")
+    if _field(reader, "tokenizer.ggml.model") != "gpt2" or tokens is None:
+        return False
+    if merges is not None and len(merges.data) > 1:
+        return False
+    values = tokens.contents()
+    return values[:256] == gguf_export.byte_alphabet() and all(
+        token.startswith("[PAD") for token in values[256:]
+    )
+
+
 def load_tokenizer(path: str):
     """The tokenizer of a GGUF file, converted by transformers once and cached on disk.
+
+    A byte vocabulary (ids are byte values, as `gguf_export` writes for random models) is
+    `named.ByteTokenizer`.
 
     The conversion takes ~15 s for a 49k-token vocabulary; the cached fast tokenizer loads in
     well under a second. The cache key is the file's absolute path, size and modification time.
@@ -184,6 +203,10 @@ def load_tokenizer(path: str):
 
     from transformers import AutoTokenizer
 
+    from tsld_jax.models import named
+
+    if _is_byte_vocabulary(_reader(path)):
+        return named.ByteTokenizer()
     stat = os.stat(path)
     key = hashlib.sha256(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     cache_root = os.environ.get(

@@ -400,19 +400,21 @@ def vocab_from_gguf(path: str) -> Vocab:
     return write
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2's printable stand-ins for the 256 byte values, the alphabet of byte-level BPE
-    # vocabularies (and so of llama.cpp's "gpt2" tokenizer model). Written here because the
-    # tokenizers package keeps it private.
+def byte_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 byte values, in byte order.
+
+    The alphabet of byte-level BPE vocabularies (and so of llama.cpp's "gpt2" tokenizer model);
+    written here because the tokenizers package keeps it private.
+    """
     printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    mapping, extra = {}, 0
+    alphabet, extra = [], 0
     for byte in range(256):
         if byte in printable:
-            mapping[byte] = chr(byte)
+            alphabet.append(chr(byte))
         else:
-            mapping[byte] = chr(256 + extra)
+            alphabet.append(chr(256 + extra))
             extra += 1
-    return mapping
+    return alphabet
 
 
 def vocab_from_bytes(vocab_size: int) -> Vocab:
@@ -420,14 +422,15 @@ def vocab_from_bytes(vocab_size: int) -> Vocab:
 
     A byte-level BPE with no merges tokenizes text into its bytes, which is what the byte
     tokenizer does. llama.cpp insists on a merges list, so it gets one that can never apply
-    (a letter and a digit, which GPT-2's pre-tokenizer always splits apart).
+    (a letter and a digit, which GPT-2's pre-tokenizer always splits apart). Hugging Face's BPE
+    rejects a merge whose result is not a token, so `gguf.load_tokenizer` recognises this
+    vocabulary and returns the byte tokenizer instead.
     """
     import gguf
 
     if vocab_size < 256:
         raise ExportError(f"a byte vocabulary needs 256 tokens, the model has {vocab_size}")
-    alphabet = _bytes_to_unicode()
-    tokens = [alphabet[i] for i in range(256)] + [f"[PAD{i}]" for i in range(256, vocab_size)]
+    tokens = byte_alphabet() + [f"[PAD{i}]" for i in range(256, vocab_size)]
     types = [gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.UNUSED] * (vocab_size - 256)
 
     def write(writer) -> None:
