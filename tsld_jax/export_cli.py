@@ -80,7 +80,6 @@ def _hf_config_of(name_or_path: str, spec) -> dict[str, Any]:
 def load_source(args: argparse.Namespace) -> Source:
     """The model that --checkpoint or --model (with --quant) names."""
     from tsld_jax import recipe
-    from tsld_jax.quant import rules as rules_lib
 
     if args.checkpoint:
         from tsld_jax import checkpoint
@@ -100,25 +99,30 @@ def load_source(args: argparse.Namespace) -> Source:
             gguf_path=_gguf_path_of(origin),
             name=f"{os.path.basename(os.path.abspath(args.checkpoint))}@{restored['step']}",
         )
-    from tsld_jax.models import load_model
+    return model_source(args.model, args.quant)
 
-    loaded = load_model(args.model)
+
+def model_source(name_or_path: str, quant: str | None = None) -> Source:
+    """A model by name or path (as `load_model` takes it), with a --quant preset or float."""
+    from tsld_jax.models import load_model
+    from tsld_jax.quant import rules as rules_lib
+
+    loaded = load_model(name_or_path)
     rules = None
-    if args.quant:
+    if quant:
         try:
-            rules = rules_lib.preset_rules(args.quant)
+            rules = rules_lib.preset_rules(quant)
             rules_lib.resolve(loaded.params, rules)
         except ValueError as error:
-            raise UsageError(f"--quant {args.quant}: {error}") from None
+            raise UsageError(f"--quant {quant}: {error}") from None
     return Source(
         params=loaded.params,
         spec=loaded.spec,
         hf_config=dict(loaded.hf_config),
         tokenizer=loaded.tokenizer,
         rules=rules,
-        gguf_path=_gguf_path_of(args.model),
-        name=os.path.basename(os.path.normpath(args.model))
-        + (f"+{args.quant}" if args.quant else ""),
+        gguf_path=_gguf_path_of(name_or_path),
+        name=os.path.basename(os.path.normpath(name_or_path)) + (f"+{quant}" if quant else ""),
     )
 
 
