@@ -159,6 +159,27 @@ def test_per_group_scales_that_straddle_blocks_fall_back_to_exact_q8_0(wide_mode
     assert "Q8_0 fallback:" in report.summary()
 
 
+def test_pact_ternary_is_exact_in_tq2_0(wide_models, tmp_path):
+    # PACT+ at 2 bits is ternary with one learned clip per output channel: {-c, 0, c}, which
+    # TQ2_0 holds exactly (the learned scale sets c, not the format).
+    source = source_of(wide_models["llama_gqa_untied"])
+    rules = rules_lib.preset_rules("pact2")
+    params = rules_lib.add_learned_scales(source.params, rules, init_scale=1.3)
+    report = gguf_export.write_gguf(
+        str(tmp_path / "p.gguf"),
+        params,
+        source.spec,
+        fmt="gguf-tq2_0",
+        vocab=export_cli._vocab(source),
+        rules=rules,
+    )
+    assert {t.qtype for t in report.tensors if t.ternary} == {"TQ2_0"}
+    back = load_model(str(tmp_path / "p.gguf"), load_tokenizer=False)
+    want = rules_lib.quantize_params(params, rules)["layers"]["mlp"]["down"]["kernel"]
+    got = back.params["layers"]["mlp"]["down"]["kernel"]
+    np.testing.assert_allclose(got, want, rtol=F16_SCALE * 1.001, atol=0)
+
+
 @pytest.mark.parametrize(
     "quant_spec",
     [
