@@ -326,6 +326,7 @@ def test_cli_writes_the_split_and_refuses_mistakes_in_one_line(wide_models, tmp_
         assert result.returncode == 2, (why, result.stderr[-2000:])
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (why, result.stderr[-2000:])
+        assert not lines[0].startswith("error: '"), lines[0]
 
 
 @pytest.mark.parametrize("name", ["opt_pre", "gpt_neo_local"])

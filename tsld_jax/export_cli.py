@@ -233,6 +233,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UsageError("--step applies to --checkpoint")
     if args.quant and not args.model:
         raise UsageError("--quant applies to --model; a checkpoint keeps its own quantization")
+    if args.model and not args.quant and args.format in (*gguf_export.TERNARY_FORMATS, "packed"):
+        raise UsageError(f"--format {args.format} needs ternary weights: add --quant twn")
     if args.checkpoint and not os.path.isdir(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint}: no such directory")
     parent = os.path.dirname(os.path.abspath(args.output))
@@ -260,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(export(load_source(args), args.format, args.output))
     except errors as error:
-        print(f"error: {str(error).splitlines()[0] if str(error) else error!r}", file=sys.stderr)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
