@@ -27,6 +27,7 @@ SKIPPED = (
     "make test",  # the suite itself
     "pip install",
     "tensorboard",
+    "llama-cli",  # llama.cpp's own binary; tests/export_gguf_test.py runs the file in llama.cpp
     "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest",  # the suite itself
 )
 
@@ -43,6 +44,7 @@ SHRINK = {
         "--config.log.progress=False",
     ],
     "eval.py": ["--limit", "2", "--max-blocks", "1", "--max-gen-toks", "8", "--quiet"],
+    "export.py": [],
 }
 
 
@@ -89,7 +91,7 @@ def checkout(tmp_path_factory, shared_data):
     (top / "shared").symlink_to(shared_data.parent)
     work = top / "main"
     work.mkdir()
-    for name in ("train.py", "eval.py", "configs", "tsld_jax", "pallas"):
+    for name in ("train.py", "eval.py", "export.py", "configs", "tsld_jax", "pallas"):
         (work / name).symlink_to(os.path.join(ROOT, name))
     return work
 

@@ -1,4 +1,8 @@
-"""GGUF files (llama.cpp's format) into our parameter pytree, dequantized to float."""
+"""GGUF files (llama.cpp's format) into our parameter pytree, dequantized to float.
+
+Reads the llama and gpt2 architectures, in any type `gguf.quants` dequantizes (F32, F16, Q8_0,
+Q4_1, TQ1_0, TQ2_0, ...), so `gguf_export`'s files round-trip.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +31,22 @@ _LLAMA_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# GGUF -> Hugging Face GPT-2 names. GPT-2's Conv1D kernels are stored (in, out) by Hugging Face
+# and (out, in) in GGUF: the names in _GPT2_CONV1D are transposed on the way in.
+_GPT2_NAMES = {
+    "token_embd": "transformer.wte",
+    "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",
+    "attn_norm": "ln_1",
+    "ffn_norm": "ln_2",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+_GPT2_CONV1D = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
+_ARCHITECTURES = ("llama", "gpt2")
 
 
 def _reader(path: str):
@@ -51,10 +71,30 @@ def hf_config_from_gguf(path: str, reader=None) -> dict[str, Any]:
     """The Hugging Face config.json dictionary that a GGUF file's metadata describes."""
     reader = reader or _reader(path)
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported (only llama)")
+    if arch not in _ARCHITECTURES:
+        supported = ", ".join(_ARCHITECTURES)
+        raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported (only {supported})")
     tensor_names = {t.name for t in reader.tensors}
     embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    if arch == "gpt2":
+        hidden = int(_field(reader, "gpt2.embedding_length"))
+        positions = next(t for t in reader.tensors if t.name == "position_embd.weight")
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": int(embed.shape[-1]),
+            "n_embd": hidden,
+            "n_layer": int(_field(reader, "gpt2.block_count")),
+            "n_head": int(_field(reader, "gpt2.attention.head_count")),
+            "n_inner": int(_field(reader, "gpt2.feed_forward_length", 4 * hidden)),
+            "n_positions": int(positions.shape[-1]),
+            "n_ctx": int(_field(reader, "gpt2.context_length", positions.shape[-1])),
+            "layer_norm_epsilon": float(_field(reader, "gpt2.attention.layer_norm_epsilon", 1e-5)),
+            "activation_function": "gelu_new",
+            "tie_word_embeddings": "output.weight" not in tensor_names,
+            "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+            "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        }
     heads = int(_field(reader, "llama.attention.head_count"))
     hidden = int(_field(reader, "llama.embedding_length"))
     return {
@@ -88,18 +128,20 @@ def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
 
 
 def read_gguf_tensors(path: str, hf_config: dict[str, Any], reader=None) -> dict[str, np.ndarray]:
-    """All tensors of a LLaMA GGUF file, dequantized to float32, under Hugging Face names."""
+    """All tensors of a LLaMA or GPT-2 GGUF file, dequantized to float32, under HF names."""
     import gguf as gguf_lib
 
     reader = reader or _reader(path)
+    gpt2 = hf_config["model_type"] == "gpt2"
+    names, layer = (_GPT2_NAMES, "transformer.h") if gpt2 else (_LLAMA_NAMES, "model.layers")
     tensors = {}
     for tensor in reader.tensors:
         parts = tensor.name.split(".")
         try:
             if parts[0] == "blk":
-                name = f"model.layers.{parts[1]}.{_LLAMA_NAMES[parts[2]]}.{parts[3]}"
+                name = f"{layer}.{parts[1]}.{names[parts[2]]}.{parts[3]}"
             else:
-                name = f"{_LLAMA_NAMES[parts[0]]}.{parts[1]}"
+                name = f"{names[parts[0]]}.{parts[1]}"
         except (KeyError, IndexError):
             continue  # e.g. rope_freqs: derived data we recompute.
         try:
@@ -107,6 +149,11 @@ def read_gguf_tensors(path: str, hf_config: dict[str, Any], reader=None) -> dict
         except Exception as error:
             raise LoadError(f"{path}: cannot dequantize {tensor.name} ({error})") from None
         values = np.asarray(values, dtype=np.float32)
+        if gpt2:
+            if parts[0] == "blk" and parts[2] in _GPT2_CONV1D and parts[3] == "weight":
+                values = values.T
+            tensors[name] = values
+            continue
         if ".q_proj." in name:
             values = _unpermute(values, hf_config["num_attention_heads"])
         elif ".k_proj." in name:
@@ -127,8 +174,27 @@ def load_gguf(path: str):
     )
 
 
+def _is_byte_vocabulary(reader) -> bool:
+    # The vocabulary `gguf_export.vocab_from_bytes` writes for byte-tokenizer models.
+    from tsld_jax.models import gguf_export
+
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    merges = reader.fields.get("tokenizer.ggml.merges")
+    if _field(reader, "tokenizer.ggml.model") != "gpt2" or tokens is None:
+        return False
+    if merges is not None and len(merges.data) > 1:
+        return False
+    values = tokens.contents()
+    return values[:256] == gguf_export.byte_alphabet() and all(
+        token.startswith("[PAD") for token in values[256:]
+    )
+
+
 def load_tokenizer(path: str):
     """The tokenizer of a GGUF file, converted by transformers once and cached on disk.
+
+    A byte vocabulary (ids are byte values, as `gguf_export` writes for random models) is
+    `named.ByteTokenizer`.
 
     The conversion takes ~15 s for a 49k-token vocabulary; the cached fast tokenizer loads in
     well under a second. The cache key is the file's absolute path, size and modification time.
@@ -137,6 +203,10 @@ def load_tokenizer(path: str):
 
     from transformers import AutoTokenizer
 
+    from tsld_jax.models import named
+
+    if _is_byte_vocabulary(_reader(path)):
+        return named.ByteTokenizer()
     stat = os.stat(path)
     key = hashlib.sha256(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     cache_root = os.environ.get(

@@ -1,0 +1,271 @@
+"""The `export.py` command line: a trained run or a model out to llama.cpp, transformers, packed.
+
+    python export.py --checkpoint RUN [--step N] --format gguf-tq2_0 --output model.gguf
+    python export.py --model smollm2-135m --quant twn --format gguf-tq1_0 --output m.gguf
+
+Formats: gguf-tq2_0 / gguf-tq1_0 (ternary block linears in llama.cpp's ternary types, see
+`models.gguf_export`), gguf-f16 / gguf-f32 (float; quantized layers fake-quantized), hf (a
+transformers directory of the fake-quantized weights, with the quantization settings under
+"tsld_quantization" in config.json) and packed (`quant.export.save_packed`).
+
+Every user error prints one `error: ...` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tsld_jax.models import gguf_export
+from tsld_jax.models.errors import LoadError
+
+FORMATS = (*gguf_export.FORMATS, "hf", "packed")
+QUANT_CONFIG_KEY = "tsld_quantization"
+
+
+class UsageError(ValueError):
+    """A flag combination or value that cannot work."""
+
+
+@dataclasses.dataclass
+class Source:
+    """A model to export.
+
+    Attributes:
+      params: the decoder's parameters (latent weights for a QAT checkpoint).
+      spec: the architecture.
+      hf_config: its config.json dictionary.
+      tokenizer: a Hugging Face tokenizer, `named.ByteTokenizer`, or None.
+      rules: the quantization rules (None for a float model).
+      gguf_path: the GGUF file it came from, whose tokenizer metadata a GGUF export copies.
+      name: how the export names the model.
+    """
+
+    params: Any
+    spec: Any
+    hf_config: dict[str, Any]
+    tokenizer: Any
+    rules: Any
+    gguf_path: str | None
+    name: str
+
+
+def _gguf_path_of(name_or_path: str) -> str | None:
+    from tsld_jax.models import loading, named
+
+    if name_or_path == named.RANDOM:
+        return None
+    path = loading.resolve_path(name_or_path)
+    return loading._find_gguf(path) if os.path.exists(path) else None
+
+
+def _hf_config_of(name_or_path: str, spec) -> dict[str, Any]:
+    # The config of the model a run started from, read without loading its weights again.
+    from tsld_jax.models import gguf, loading, named
+
+    if name_or_path == named.RANDOM:
+        return named.random_hf_config(spec)
+    gguf_path = _gguf_path_of(name_or_path)
+    if gguf_path:
+        return gguf.hf_config_from_gguf(gguf_path)
+    with open(os.path.join(loading.resolve_path(name_or_path), "config.json")) as f:
+        return json.load(f)
+
+
+def load_source(args: argparse.Namespace) -> Source:
+    """The model that --checkpoint or --model (with --quant) names."""
+    from tsld_jax import recipe
+
+    if args.checkpoint:
+        from tsld_jax import checkpoint
+
+        try:
+            restored = checkpoint.restore_for_eval(args.checkpoint, args.step)
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            raise LoadError(f"--checkpoint {args.checkpoint}: {error}") from None
+        config = restored["config"]
+        origin = config.model.name_or_path
+        return Source(
+            params=restored["params"],
+            spec=restored["spec"],
+            hf_config=_hf_config_of(origin, restored["spec"]),
+            tokenizer=restored.get("tokenizer"),
+            rules=recipe.quant_rules(config),
+            gguf_path=_gguf_path_of(origin),
+            name=f"{os.path.basename(os.path.abspath(args.checkpoint))}@{restored['step']}",
+        )
+    return model_source(args.model, args.quant)
+
+
+def model_source(name_or_path: str, quant: str | None = None) -> Source:
+    """A model by name or path (as `load_model` takes it), with a --quant preset or float."""
+    from tsld_jax.models import load_model
+    from tsld_jax.quant import rules as rules_lib
+
+    loaded = load_model(name_or_path)
+    rules = None
+    if quant:
+        try:
+            rules = rules_lib.preset_rules(quant)
+            rules_lib.resolve(loaded.params, rules)
+        except ValueError as error:
+            raise UsageError(f"--quant {quant}: {error}") from None
+    return Source(
+        params=loaded.params,
+        spec=loaded.spec,
+        hf_config=dict(loaded.hf_config),
+        tokenizer=loaded.tokenizer,
+        rules=rules,
+        gguf_path=_gguf_path_of(name_or_path),
+        name=os.path.basename(os.path.normpath(name_or_path)) + (f"+{quant}" if quant else ""),
+    )
+
+
+def _vocab(source: Source) -> gguf_export.Vocab:
+    from tsld_jax.models import named
+
+    if source.gguf_path:
+        return gguf_export.vocab_from_gguf(source.gguf_path)
+    if isinstance(source.tokenizer, named.ByteTokenizer):
+        return gguf_export.vocab_from_bytes(source.spec.vocab_size)
+    if source.tokenizer is None:
+        raise UsageError("the model has no tokenizer, and llama.cpp needs one in the GGUF file")
+    return gguf_export.vocab_from_tokenizer(source.tokenizer, source.spec.vocab_size)
+
+
+def quantization_settings(rules: Sequence[tuple[str, Any]] | None) -> dict[str, Any] | None:
+    """The rules as JSON: [[path regex, {method, bits, granularity, group_size} or null], ...]."""
+    if rules is None:
+        return None
+    return {
+        "fake_quantized": True,
+        "rules": [
+            [pattern, dataclasses.asdict(spec) if spec is not None else None]
+            for pattern, spec in rules
+        ],
+    }
+
+
+def _export_hf(source: Source, output: str) -> str:
+    from tsld_jax.models import hf, named
+    from tsld_jax.quant import rules as rules_lib
+
+    params = source.params
+    if source.rules is not None:
+        params = rules_lib.quantize_params(params, source.rules)
+    config = dict(source.hf_config)
+    settings = quantization_settings(source.rules)
+    if settings is not None:
+        config[QUANT_CONFIG_KEY] = settings
+    tokenizer = source.tokenizer
+    has_files = tokenizer is not None and not isinstance(tokenizer, named.ByteTokenizer)
+    hf.save_hf(output, params, source.spec, config, tokenizer if has_files else None)
+    note = "" if has_files else " (no tokenizer files: the model uses a byte tokenizer)"
+    return f"wrote {output}: transformers directory of the fake-quantized weights{note}"
+
+
+def _export_packed(source: Source, output: str) -> str:
+    from tsld_jax.quant import export
+
+    if source.rules is None:
+        raise UsageError("--format packed needs quantized weights: a QAT checkpoint or --quant")
+    packed = export.export_packed(source.params, source.rules)
+    export.save_packed(output, packed, source.spec)
+    sizes = export.weight_bytes(packed)
+    return (
+        f"wrote {output}: packed model, {sizes['packed_model']:,} bytes of weights "
+        f"({sizes['bf16_model']:,} in bf16)"
+    )
+
+
+def export(source: Source, fmt: str, output: str) -> str:
+    """Writes `source` in `fmt` to `output`; returns the report to print."""
+    if fmt == "hf":
+        return _export_hf(source, output)
+    if fmt == "packed":
+        return _export_packed(source, output)
+    gguf_export.check_supported(source.spec)
+    report = gguf_export.write_gguf(
+        output,
+        source.params,
+        source.spec,
+        fmt=fmt,
+        vocab=_vocab(source),
+        hf_config=source.hf_config,
+        rules=source.rules,
+        name=source.name,
+    )
+    return report.summary()
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints its usage and exits on a bad flag; we want the one-line error instead.
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="export.py", description="Export a trained run or a model for deployment."
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a train.py workdir (its newest readable step)")
+    source.add_argument(
+        "--model", help="HF directory, .gguf file, hub id, or smollm2-135m (float weights)"
+    )
+    parser.add_argument("--step", type=int, help="the checkpointed step of --checkpoint")
+    parser.add_argument(
+        "--quant", help="post-training quantization preset for --model (twn, pact2, ...)"
+    )
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--output", required=True, help="the file (GGUF, packed) or directory (hf)")
+    return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.step is not None and not args.checkpoint:
+        raise UsageError("--step applies to --checkpoint")
+    if args.quant and not args.model:
+        raise UsageError("--quant applies to --model; a checkpoint keeps its own quantization")
+    if args.model and not args.quant and args.format in (*gguf_export.TERNARY_FORMATS, "packed"):
+        raise UsageError(f"--format {args.format} needs ternary weights: add --quant twn")
+    if args.checkpoint and not os.path.isdir(args.checkpoint):
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such directory")
+    parent = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--output {args.output}: the directory {parent} does not exist")
+    if args.format == "hf" and os.path.isfile(args.output):
+        raise UsageError(f"--output {args.output}: --format hf writes a directory, this is a file")
+    if args.format != "hf" and os.path.isdir(args.output):
+        raise UsageError(
+            f"--output {args.output}: is a directory; --format {args.format} writes a file"
+        )
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (2 for every user error)."""
+    from tsld_jax import cli_errors
+
+    try:
+        args = _parse(sys.argv[1:] if argv is None else argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    errors = (UsageError, gguf_export.ExportError, *cli_errors.user_error_types())
+    try:
+        print(export(load_source(args), args.format, args.output))
+    except errors as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
