@@ -39,15 +39,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(BIN)/python train.py --workdir $(WORKDIR)
 
-# tests/aot_test.py compiles for A100/H200 GPUs without one (tsld_jax.aot): the CUDA plugin of
-# the installed jax and the CUDA compiler packages, without their dependencies (about 670 MB; no
-# GPU, driver or cuDNN needed). The CUDA 12.9 tools are the versions tested with jax 0.10.2.
-$(VENV)/.installed-aot: $(VENV)/.installed
+# What the tests need beyond the demo: llama.cpp (the deploy extra, built from source once), and
+# for tests/aot_test.py's GPU compiles without a GPU (tsld_jax.aot) the CUDA plugin of the
+# installed jax and the CUDA compiler packages, without their dependencies (about 670 MB; no GPU,
+# driver or cuDNN needed). The CUDA 12.9 tools are the versions tested with jax 0.10.2.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[dev,deploy]" "jax==$(JAX)" "jaxlib==$(JAX)"
 	JAX_VERSION="$$($(BIN)/python -c 'import jax; print(jax.__version__)')" && \
 	$(BIN)/python -m pip install --quiet --no-deps "jax-cuda12-plugin==$$JAX_VERSION" \
 	    "jax-cuda12-pjrt==$$JAX_VERSION" nvidia-cuda-nvcc-cu12==12.9.86 \
 	    nvidia-nvjitlink-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79
 	touch $@
 
-test: $(VENV)/.installed-aot
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
