@@ -147,7 +147,9 @@ def test_bad_input_is_one_line_error(case, tmp_path, tiny_dir, shared_data):
         model, data = directory, str(tmp_path)
     elif case == "hub_offline":
         model = "some-org/some-model"
-    result = _run_cli("--model", model, "--task", "ptb", "--data-dir", data, "--quiet")
+    result = _run_cli(
+        "--model", model, "--task", "ptb", "--data-dir", data, "--block-size", "32", "--quiet"
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]

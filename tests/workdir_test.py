@@ -167,7 +167,7 @@ def test_two_runs_one_workdir(tmp_path, shared_data):
         out, err = third.communicate(timeout=300)
     assert f"taking over the lock of a run that is gone (pid {first.pid} on host" in err
     assert "resuming with changed settings: log.every_steps 1 -> 2" in out
-    assert f"resuming from step {saved[-1]}" in out and "checkpoint saved" in out
+    assert f"resuming from step {saved[-1]}" in out and "checkpoint" in err and "saved in" in err
     assert third.returncode in (0, 128 + signal.SIGTERM), err[-3000:]
     assert (tmp_path / LOCK).read_text() == ""  # released
     # A run with another identity stops with one line, before touching anything.
