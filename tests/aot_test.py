@@ -6,7 +6,9 @@ plugin (`.ci/run` installs it). The memory analyses are printed at the end of th
 
 Coverage of the train step: every loss kind, both compute dtypes and every remat mode appear
 on both targets, in six combinations per target rather than all 30 (each compile of the
-SmolLM2 step takes about half a minute on a 2-core CPU).
+SmolLM2 step takes about 35 s of one core). The train, evaluation and generation programs of
+both targets are compiled once, by one module fixture, several at a time
+(`aot.compile_programs`: XLA compiles without holding the GIL); the tests read the results.
 """
 
 import re
@@ -19,7 +21,12 @@ from tsld_jax import aot, sharding
 from tsld_jax.models import decoder
 from tsld_jax.quant.quantizers import QuantSpec
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # jax 0.10.2 writes these programs to the persistent cache but cannot read them back
+    # without a GPU (INVALID_ARGUMENT); it then recompiles. See aot.compile_programs.
+    pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry"),
+]
 
 TARGETS = ("a100-40gb", "h200")
 SPEC = aot.SMOLLM2_135M
@@ -36,16 +43,25 @@ TRAIN_CASES = [
 _TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
-@pytest.fixture(scope="module")
-def memory_report(request):
-    lines = []
-    yield lines
-    terminal = request.config.pluginmanager.getplugin("terminalreporter")
-    if terminal is not None and lines:
-        terminal.write_line("")
-        terminal.write_line("XLA:GPU memory analysis (per device, deviceless compile):")
-        for line in lines:
-            terminal.write_line("  " + line)
+EVAL_CASES = [
+    ("forward", "float"),
+    ("forward", "fake_quantized"),
+    ("forward", "packed"),
+    ("choice", "float"),
+    ("choice", "packed"),
+    ("prefill", "float"),
+    ("prefill", "fake_quantized"),
+    ("prefill", "packed"),
+    ("decode", "float"),
+    ("decode", "fake_quantized"),
+    ("decode", "packed"),
+]
+_BUILDERS = {
+    "forward": aot.forward_program,
+    "choice": aot.choice_program,
+    "prefill": aot.prefill_program,
+    "decode": aot.decode_program,
+}
 
 
 @pytest.fixture(scope="module", params=TARGETS)
@@ -57,10 +73,39 @@ def _mesh(target):
     return aot.gpu_mesh(target, num_devices=1)
 
 
-def _compile(program, target, name, memory_report):
-    compiled, memory = aot.compile_program(program)
-    memory_report.append(f"{target:<10} {name:<34} {memory}")
-    return compiled, memory
+def _program(target, kind, *case):
+    mesh = _mesh(target)
+    if kind == "train":
+        loss, dtype, remat = case
+        return aot.train_step_program(SPEC, mesh, loss=loss, dtype=dtype, remat=remat)
+    program, model = case
+    # Packed models run in bf16, as they are deployed; the others in float32.
+    dtype = jnp.bfloat16 if model == "packed" else jnp.float32
+    return _BUILDERS[program](SPEC, mesh, kind=model, dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def compiled(request):
+    """(target, "train" | "eval", *case) -> (compiled, memory), or the error compiling raised."""
+    keys = [(t, "train", *case) for t in TARGETS for case in TRAIN_CASES]
+    keys += [(t, "eval", *case) for t in TARGETS for case in EVAL_CASES]
+    results = aot.compile_programs({key: _program(*key) for key in keys})
+    yield results
+    lines = ["", "XLA:GPU memory analysis (per device, deviceless compile):"]
+    for (target, _, *case), result in results.items():
+        if not isinstance(result, Exception):
+            lines.append(f"  {target:<10} {' '.join(case):<28} {result[1]}")
+    # Printed past pytest's output capture, so that passing runs show it too.
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\n".join(lines))
+
+
+def _result(compiled, key):
+    result = compiled[key]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def test_target_devices():
@@ -97,66 +142,36 @@ def test_joined_linears_backward_compiles_for_any_row_count(target, rows, dtype)
         )
         return jnp.sum(q * q) + jnp.sum(k * v) + jnp.sum(jax.nn.silu(gate) * up)
 
-    mesh = _mesh(target)
-    program = aot.Program(
-        jax.jit(jax.grad(loss, argnums=(0, 1))),
-        jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=mesh_rep(mesh)), (layers, x)
-        ),
-        {},
+    replicated = jax.sharding.NamedSharding(_mesh(target), jax.sharding.PartitionSpec())
+    args = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), (layers, x)
     )
-    aot.compile_program(program)
-
-
-def mesh_rep(mesh):
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    aot.compile_program(aot.Program(jax.jit(jax.grad(loss, argnums=(0, 1))), args, {}))
 
 
 @pytest.mark.parametrize(
     ("loss", "dtype", "remat"), TRAIN_CASES, ids=["-".join(c) for c in TRAIN_CASES]
 )
-def test_train_step_compiles(target, loss, dtype, remat, memory_report):
-    program = aot.train_step_program(SPEC, _mesh(target), loss=loss, dtype=dtype, remat=remat)
-    _, memory = _compile(program, target, f"train {loss} {dtype} remat={remat}", memory_report)
-    # Latent f32 weights, two AdamW moments and the f32 teacher: 4 x 135M x 4 bytes.
-    assert 2.0 * GB < memory.arguments < 2.3 * GB
-    assert memory.aliased > 0.9 * (memory.arguments - 0.6 * GB)  # the state is donated
+def test_train_step_compiles(target, loss, dtype, remat, compiled):
+    _, memory = _result(compiled, (target, "train", loss, dtype, remat))
+    # The state: latent f32 weights and two AdamW moments, 3 x 135M x 4 bytes, donated; plus
+    # the f32 teacher, except for "gt", whose program does not read it (jit drops it).
+    state = 3 * 4 * 134.5e6
+    teacher = 0 if loss == "gt" else 4 * 134.5e6
+    assert memory.arguments == pytest.approx(state + teacher, rel=0.02)
+    assert memory.aliased == pytest.approx(state, rel=0.02)
     assert memory.total < 40 * GB  # fits an A100-40GB with room to spare
     assert memory.temporaries < 8 * GB
 
 
-EVAL_CASES = [
-    ("forward", "float"),
-    ("forward", "fake_quantized"),
-    ("forward", "packed"),
-    ("choice", "float"),
-    ("choice", "packed"),
-    ("prefill", "float"),
-    ("prefill", "fake_quantized"),
-    ("prefill", "packed"),
-    ("decode", "float"),
-    ("decode", "fake_quantized"),
-    ("decode", "packed"),
-]
-_BUILDERS = {
-    "forward": aot.forward_program,
-    "choice": aot.choice_program,
-    "prefill": aot.prefill_program,
-    "decode": aot.decode_program,
-}
-
-
 @pytest.mark.parametrize(("program", "kind"), EVAL_CASES, ids=["-".join(c) for c in EVAL_CASES])
-def test_evaluation_and_generation_compile(target, program, kind, memory_report):
-    # Packed models run in bf16, as they are deployed; the others in float32.
-    dtype = jnp.bfloat16 if kind == "packed" else jnp.float32
-    built = _BUILDERS[program](SPEC, _mesh(target), kind=kind, dtype=dtype)
-    compiled, memory = _compile(built, target, f"{program} {kind}", memory_report)
+def test_evaluation_and_generation_compile(target, program, kind, compiled):
+    result, memory = _result(compiled, (target, "eval", program, kind))
     assert memory.total < 10 * GB
     if kind == "packed":
         # "auto" picked the Pallas kernel for this GPU program although the host is a CPU.
-        assert _TRITON_CALL in aot.lower(built).as_text()
-        assert "quantized_matmul_w2" in compiled.as_text()
+        assert _TRITON_CALL in aot.lower(_program(target, "eval", program, kind)).as_text()
+        assert "quantized_matmul_w2" in result.as_text()
 
 
 def test_packed_forward_on_the_cpu_runs_xla_dot():
