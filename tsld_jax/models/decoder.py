@@ -31,9 +31,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tsld_jax.models import pipeline as pipeline_lib
 from tsld_jax.models.spec import ModelSpec
 
 Params = dict[str, Any]
+Pipeline = pipeline_lib.Pipeline
 Quantizer = Callable[[str, Params], jax.Array]
 
 LINEAR_NAMES = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/up", "mlp/gate", "mlp/down")
@@ -327,6 +329,7 @@ def forward(
     quantizer: Quantizer | None = None,
     collect: Sequence[str] = (),
     remat: bool | str = False,
+    pipeline: pipeline_lib.Pipeline | None = None,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Runs the decoder.
 
@@ -343,12 +346,22 @@ def forward(
         block), one of REMAT_MODES: "none" (or False) keeps every activation; "dots" keeps only
         the matmul outputs and recomputes the cheap rest (norms, activations, fake-quantized
         kernels); "full" (or True) keeps only each block's input.
+      pipeline: run the layer scan as a microbatched pipeline over the mesh's "stage" axis
+        (`pipeline.Pipeline`); not with `collect`. Same result as without, up to rounding.
 
     Returns:
       logits (B, T, V), or (logits, aux) when `collect` is not empty.
     """
     h, per_layer, _ = _trunk(
-        params, tokens_BxT, spec, mask_BxT, positions_BxT, quantizer, collect, remat=remat
+        params,
+        tokens_BxT,
+        spec,
+        mask_BxT,
+        positions_BxT,
+        quantizer,
+        collect,
+        remat=remat,
+        pipeline=pipeline,
     )
     logits = unembed(params, h, spec)
     if not collect:
@@ -450,7 +463,16 @@ def _rematerialised(step: Callable, remat: bool | str | None) -> Callable:
 
 
 def _trunk(
-    params, tokens_BxT, spec, mask_BxT, positions_BxT, quantizer, collect, cache=None, remat=False
+    params,
+    tokens_BxT,
+    spec,
+    mask_BxT,
+    positions_BxT,
+    quantizer,
+    collect,
+    cache=None,
+    remat=False,
+    pipeline=None,
 ):
     """Embedding and the scanned blocks; the one body behind `forward` and `hidden_states`."""
     windows_L = jnp.asarray(spec.layer_windows(), dtype=jnp.int32)
@@ -483,6 +505,20 @@ def _trunk(
             return (valid_BxTxS & inside)[:, None, None]
 
     h = embed(params, tokens_BxT, positions_BxT, spec)
+
+    if pipeline is not None and (pipeline.stages > 1 or pipeline.microbatches > 1):
+        if cache is not None or collect:
+            raise ValueError("a pipelined forward takes no cache and collects nothing")
+
+        def layer_fn(layer, h, positions_BxT, mask_BxT, window):
+            allowed = attention_mask(index_T, index_T, mask_BxT, window)
+            return _block(layer, h, spec, positions_BxT, allowed, quantizer)[0]
+
+        body = _rematerialised(layer_fn, remat)
+        h = pipeline_lib.run(
+            body, params["layers"], windows_L, h, positions_BxT, mask_BxT, pipeline
+        )
+        return h, {}, None
 
     # With a cache, the stacked keys/values ride in the scan's carry and each layer updates its
     # own slots in place. (Passing them as per-layer inputs and writing the new slots after the

@@ -1,0 +1,91 @@
+"""The pipelined QAT-TSLD loss and gradients equal the unpipelined single-device ones: 2 and 4
+stages, alone and with data, fsdp and tensor parallelism, on conftest's `mesh_devices`."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import tiny_models
+from jax.sharding import NamedSharding, PartitionSpec
+
+from tsld_jax import sharding, train_step
+from tsld_jax.models import decoder, pipeline
+from tsld_jax.quant import rules
+
+# Four layers (two or four stages), a batch of 8 (4 microbatches of 2 rows; one row per data x
+# fsdp device), some left padding so that the per-microbatch masks and positions matter.
+SPEC = tiny_models.llama_spec(
+    vocab_size=64,
+    hidden_size=16,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=4,
+    mlp_size=32,
+    num_layers=4,
+)
+LOSS = ml_collections.ConfigDict({"kind": "tsld", "temperature": 10.0, "chunk_size": 8})
+
+
+def _setup():
+    teacher = decoder.init_params(jax.random.key(0), SPEC, std=0.2)
+    student = jax.tree.map(lambda x: x + 0.01, teacher)
+    tokens = jax.random.randint(jax.random.key(1), (8, 12), 0, SPEC.vocab_size)
+    attention = jnp.ones_like(tokens).at[1, :3].set(0).at[6, :5].set(0)
+    batch = {"tokens": tokens, "attention_mask": attention, "loss_mask": attention}
+    return student, teacher, batch
+
+
+def _grad_fn(pipe=None):
+    loss_fn = train_step.make_loss_fn(
+        SPEC, rules.default_rules(), LOSS, remat="dots", pipeline=pipe
+    )
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+@pytest.fixture(scope="module")
+def reference(mesh_devices):
+    student, teacher, batch = _setup()
+    args = jax.device_put((student, teacher, batch), mesh_devices[0])
+    (loss, _), grads = jax.jit(_grad_fn())(*args)
+    return loss, grads
+
+
+def _check(loss, grads, reference):
+    ref_loss, ref_grads = reference
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_schedule_on_one_device(reference, mesh_devices):
+    # The schedule alone (no mesh, no ppermute): 4 stages of one layer, 4 microbatches.
+    student, teacher, batch = _setup()
+    args = jax.device_put((student, teacher, batch), mesh_devices[0])
+    (loss, _), grads = jax.jit(_grad_fn(pipeline.Pipeline(4, 4)))(*args)
+    _check(loss, grads, reference)
+
+
+# (stage, data, fsdp, tensor)
+MESHES = [(2, 1, 1, 1), (4, 1, 1, 1), (2, 2, 2, 1), (2, 1, 2, 2), (4, 1, 1, 2)]
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "stage{}_data{}_fsdp{}_tensor{}".format(*s))
+def test_pipelined_step_equals_single_device(shape, reference, mesh_devices):
+    stage, data, fsdp, tensor = shape
+    if stage * data * fsdp * tensor > len(mesh_devices):
+        pytest.skip(f"needs {stage * data * fsdp * tensor} devices")
+    devices = mesh_devices[: stage * data * fsdp * tensor]
+    mesh = sharding.make_mesh(data, fsdp, tensor, devices=devices, stage=stage)
+    student, teacher, batch = _setup()
+    param_sh = sharding.param_shardings(student, mesh)
+    kernel = param_sh["layers"]["attn"]["q"]["kernel"].spec
+    assert kernel[0] == "stage"  # the layers really are split over the stages
+    replicated = NamedSharding(mesh, PartitionSpec())
+    fn = jax.jit(
+        _grad_fn(pipeline.Pipeline(stage, 2, mesh)),
+        in_shardings=(param_sh, param_sh, sharding.batch_sharding(mesh)),
+        out_shardings=((replicated, replicated), param_sh),
+    )
+    (loss, _), grads = fn(student, teacher, batch)
+    _check(loss, grads, reference)
