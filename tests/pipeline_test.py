@@ -1,6 +1,11 @@
 """The pipelined QAT-TSLD loss and gradients equal the unpipelined single-device ones: 2 and 4
 stages, alone and with data, fsdp and tensor parallelism, on conftest's `mesh_devices`."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,6 +29,8 @@ SPEC = tiny_models.llama_spec(
     mlp_size=32,
     num_layers=4,
 )
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "tsld_jax_test_jit")
 LOSS = ml_collections.ConfigDict({"kind": "tsld", "temperature": 10.0, "chunk_size": 8})
 
 
@@ -89,3 +96,56 @@ def test_pipelined_step_equals_single_device(shape, reference, mesh_devices):
     )
     (loss, _), grads = fn(student, teacher, batch)
     _check(loss, grads, reference)
+
+
+def _train_py(workdir, shared_data, devices, *flags):
+    # train.py on the smoke config in a subprocess with `devices` fake CPU devices (keeping
+    # conftest's scheduler flag: collectives on 2 cores deadlock under the concurrent one).
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+        "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+        "JAX_COMPILATION_CACHE_DIR": CACHE,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--config",
+        os.path.join(ROOT, "configs", "smoke.py"),
+        "--workdir",
+        str(workdir),
+        "--config.data.name=ptb",
+        f"--config.data.dir={shared_data}",
+        "--config.train.steps=3",
+        "--config.checkpoint.every_steps=3",
+        "--config.log.progress=False",
+        "--config.eval.baselines=False",
+        "--config.data.eval_blocks=1",
+        *flags,
+    ]
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _losses(workdir):
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_train_py_two_stages_matches_unpipelined(tmp_path, shared_data):
+    plain = _train_py(tmp_path / "plain", shared_data, 1)
+    piped = _train_py(
+        tmp_path / "piped",
+        shared_data,
+        2,
+        "--config.mesh.stage=2",
+        "--config.train.microbatches=2",
+    )
+    for process in (plain, piped):
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+    want, got = _losses(tmp_path / "plain"), _losses(tmp_path / "piped")
+    assert len(want) == 3
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -43,6 +43,7 @@ RESUMABLE_FIELDS = (
     "train.steps",  # How long the run goes (the lr schedule stretches to the new total).
     "train.epochs",
     "train.remat",  # What the backward recomputes: memory and speed, the same maths.
+    "train.microbatches",  # The pipeline's schedule: the same maths, up to rounding.
     "data.eval_split",  # What is evaluated, and when.
     "data.eval_blocks",
     "eval.",
