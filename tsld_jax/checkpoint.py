@@ -111,10 +111,13 @@ def check_resume(cfg, workdir: str) -> None:
         if resumable:
             print(f"resuming with changed settings: {_show(resumable)}")
             logging.info("resuming with changed settings: %s", _show(resumable))
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(cfg.to_json(indent=2))
-    os.replace(tmp, path)
+    import jax
+
+    if jax.process_index() == 0:  # one writer in a multi-process run (all hold the same config)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(cfg.to_json(indent=2))
+        os.replace(tmp, path)
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -328,8 +328,9 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
             None if isinstance(student.tokenizer, named.ByteTokenizer) else student.tokenizer,
         )
         results["export"] = export
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if jax.process_index() == 0:  # every process holds the same results
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
     print(
         "results: "
         + ", ".join(
