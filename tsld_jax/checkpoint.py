@@ -342,6 +342,15 @@ def restore_params(cfg, workdir: str, step: int | None = None):
     params = recipe.initial_student_params(student.params, rules, cfg)
     # The optimizer's state shapes do not depend on the number of steps.
     abstract, _, _ = recipe.abstract_state(cfg, params, cfg.train.steps)
+    # Onto this process's first device, whatever mesh saved it: without a target sharding
+    # orbax would rebuild the saving run's, which names devices (and, from a multi-process
+    # run, processes) that an evaluation does not have.
+    import jax
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
+    )
     state, _ = read_checkpoint(workdir, abstract, step)
     return state.params, student, recipe.make_quantizer(rules), int(state.step)
 
