@@ -149,3 +149,37 @@ def test_train_py_two_stages_matches_unpipelined(tmp_path, shared_data):
     want, got = _losses(tmp_path / "plain"), _losses(tmp_path / "piped")
     assert len(want) == 3
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, devices, message",
+    [
+        ({"mesh.stage": 0}, 8, "config.mesh.stage: must be >= 1"),
+        ({"train.microbatches": 3}, 8, "config.train.microbatches: must divide"),
+        ({"mesh.stage": 3}, 8, "config.mesh.stage: 3 stages do not divide"),
+        ({"mesh.stage": 4}, 8, "config.mesh.stage: 4 stages do not divide model.random"),
+        ({"mesh.stage": 2, "loss.kind": "l2l"}, 8, "config.loss.kind: l2l"),
+        ({"mesh.stage": 2, "train.microbatches": 4}, 8, "config.train.microbatches: 4 micro"),
+    ],
+)
+def test_pipeline_config_errors_name_the_field(overrides, devices, message):
+    import importlib.util
+
+    from tsld_jax import config_utils
+
+    spec = importlib.util.spec_from_file_location(
+        "smoke", os.path.join(ROOT, "configs", "smoke.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, ROOT)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(ROOT)
+    cfg = module.get_config()
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        cfg[section][field] = value
+    with pytest.raises(config_utils.ConfigError, match=message):
+        config_utils.validate(cfg)
+        config_utils.validate_mesh(cfg, devices)
