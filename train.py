@@ -36,9 +36,19 @@ def _define_flags(argv) -> tuple[flags.FlagValues, flags.FlagHolder]:
     flags.DEFINE_bool(
         "multihost",
         False,
-        "Call jax.distributed.initialize() first (one process per host).",
+        "Join a multi-process run first (one process per host): jax.distributed, with the "
+        "coordinator, process count and id from the flags below, the environment "
+        "(JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or the cluster "
+        "(SLURM, Open MPI).",
         flag_values=values,
     )
+    flags.DEFINE_string(
+        "coordinator_address", None, "--multihost: host:port of process 0.", flag_values=values
+    )
+    flags.DEFINE_integer(
+        "num_processes", None, "--multihost: number of processes.", flag_values=values
+    )
+    flags.DEFINE_integer("process_id", None, "--multihost: this process's id.", flag_values=values)
     return values, config
 
 
@@ -50,12 +60,10 @@ def main(argv) -> int:
     except cli_errors.UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    import jax
-
-    from tsld_jax import trainer
+    from tsld_jax import multihost, trainer
 
     if values.multihost:
-        jax.distributed.initialize()  # Coordinator and process ids from the cluster environment.
+        multihost.initialize(values.coordinator_address, values.num_processes, values.process_id)
     with cli_errors.one_line_errors() as outcome:
         results = trainer.train_and_evaluate(config, values.workdir)
         if results.get("stopped"):

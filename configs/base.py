@@ -59,6 +59,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eps = 1e-8
     c.train.grad_clip = 1.0  # Global-norm gradient clipping (HF Trainer's default); 0 disables.
     c.train.grad_accum = 1  # Micro-batches per step; batch_size must divide by it.
+    # Pipeline microbatches: with mesh.stage > 1, each (accumulation) micro-batch is split into
+    # this many microbatches that flow through the stages one after another. The pipeline's idle
+    # share is (stage - 1) / (microbatches + stage - 1): take microbatches >= 2 x mesh.stage.
+    # batch_size / grad_accum must divide by it, and each microbatch over mesh data x fsdp.
+    c.train.microbatches = 1
     # float32 (default) or bfloat16 compute. PAPER.md: bf16 QAT was clearly worse (OPT-1.3B PTB
     # W2 TSLD 13.24 in fp32 vs 14.81 in bf16), so latent weights and math stay fp32 by default.
     c.train.dtype = "float32"
@@ -93,6 +98,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # Data-parallel axis size; -1 takes the devices the other axes leave.
     c.mesh.fsdp = 1  # Parameter/optimizer-state sharding axis.
     c.mesh.tensor = 1  # Tensor-parallel axis (heads, MLP width, vocabulary).
+    # Pipeline stages: the stacked layers split into this many contiguous stages, each on its own
+    # devices (stage x data x fsdp x tensor = the device count); num_layers must divide by it.
+    # Composes with the other axes; the stages run train.microbatches as a GPipe schedule. Not
+    # with loss.kind "l2l" (its per-layer targets are not collected through the pipeline).
+    c.mesh.stage = 1
 
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10  # Metrics to metrics.jsonl / TensorBoard every N steps.

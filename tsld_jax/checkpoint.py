@@ -43,6 +43,7 @@ RESUMABLE_FIELDS = (
     "train.steps",  # How long the run goes (the lr schedule stretches to the new total).
     "train.epochs",
     "train.remat",  # What the backward recomputes: memory and speed, the same maths.
+    "train.microbatches",  # The pipeline's schedule: the same maths, up to rounding.
     "data.eval_split",  # What is evaluated, and when.
     "data.eval_blocks",
     "eval.",
@@ -110,10 +111,13 @@ def check_resume(cfg, workdir: str) -> None:
         if resumable:
             print(f"resuming with changed settings: {_show(resumable)}")
             logging.info("resuming with changed settings: %s", _show(resumable))
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(cfg.to_json(indent=2))
-    os.replace(tmp, path)
+    import jax
+
+    if jax.process_index() == 0:  # one writer in a multi-process run (all hold the same config)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(cfg.to_json(indent=2))
+        os.replace(tmp, path)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -338,6 +342,15 @@ def restore_params(cfg, workdir: str, step: int | None = None):
     params = recipe.initial_student_params(student.params, rules, cfg)
     # The optimizer's state shapes do not depend on the number of steps.
     abstract, _, _ = recipe.abstract_state(cfg, params, cfg.train.steps)
+    # Onto this process's first device, whatever mesh saved it: without a target sharding
+    # orbax would rebuild the saving run's, which names devices (and, from a multi-process
+    # run, processes) that an evaluation does not have.
+    import jax
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
+    )
     state, _ = read_checkpoint(workdir, abstract, step)
     return state.params, student, recipe.make_quantizer(rules), int(state.step)
 

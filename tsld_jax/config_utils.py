@@ -168,6 +168,25 @@ def validate(config) -> None:
     _check_optimizer(train, config.guard)
     _require(train.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {train.grad_accum}")
     _require(
+        train.microbatches >= 1, "train.microbatches", f"must be >= 1, got {train.microbatches}"
+    )
+    stage = config.mesh.stage
+    _require(stage >= 1, "mesh.stage", f"must be >= 1, got {stage}")
+    if stage > 1 or train.microbatches > 1:
+        _require(
+            loss.kind != "l2l",
+            "loss.kind",
+            "l2l needs every layer's hidden states and attention scores, which the pipeline "
+            "(mesh.stage > 1 or train.microbatches > 1) does not collect",
+        )
+    if config.model.name_or_path == "random" and stage > 1:
+        layers = config.model.random.num_layers
+        _require(
+            layers % stage == 0,
+            "mesh.stage",
+            f"{stage} stages do not divide model.random.num_layers={layers}",
+        )
+    _require(
         train.remat in REMAT_MODES,
         "train.remat",
         f"must be one of {REMAT_MODES}, got {train.remat!r}",
@@ -187,6 +206,13 @@ def validate(config) -> None:
         data.batch_size % train.grad_accum == 0,
         "train.grad_accum",
         f"must divide data.batch_size={data.batch_size}, got {train.grad_accum}",
+    )
+    micro = data.batch_size // max(train.grad_accum, 1)
+    _require(
+        micro % max(train.microbatches, 1) == 0,
+        "train.microbatches",
+        f"must divide the per-step micro-batch data.batch_size / train.grad_accum = {micro}, "
+        f"got {train.microbatches}",
     )
     if data.dir:
         _require(os.path.isdir(data.dir), "data.dir", f"{data.dir!r} is not a directory")
@@ -247,6 +273,13 @@ def validate(config) -> None:
 def validate_mesh(config, device_count: int) -> None:
     """Raises ConfigError when the mesh does not fit `device_count` devices or the batch does not
     split over it; needs no compilation, so the trainer calls it before loading anything."""
+    stage = config.mesh.stage
+    _require(
+        device_count % stage == 0,
+        "mesh.stage",
+        f"{stage} stages do not divide the {device_count} devices",
+    )
+    device_count //= stage  # what each stage has for data x fsdp x tensor
     sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
     fixed = math.prod(size for size in sizes.values() if size != -1)
     free = [axis for axis, size in sizes.items() if size == -1]
@@ -254,14 +287,16 @@ def validate_mesh(config, device_count: int) -> None:
     _require(
         device_count % fixed == 0,
         "mesh",
-        f"data x fsdp x tensor = {fixed} does not divide the {device_count} devices",
+        f"data x fsdp x tensor = {fixed} does not divide the {device_count} devices of each of "
+        f"the {stage} stages",
     )
     for axis in free:
         sizes[axis] = device_count // fixed
     _require(
         math.prod(sizes.values()) == device_count,
         "mesh",
-        f"data x fsdp x tensor = {math.prod(sizes.values())} but there are {device_count} devices",
+        f"stage x data x fsdp x tensor = {stage * math.prod(sizes.values())} but there are "
+        f"{device_count * stage} devices",
     )
     data, train = config.data, config.train
     micro = data.batch_size // train.grad_accum
@@ -271,6 +306,23 @@ def validate_mesh(config, device_count: int) -> None:
         "data.batch_size",
         f"{data.batch_size} (per micro-batch {micro}) must divide over the {ways} data x fsdp "
         "devices of the mesh",
+    )
+    rows = micro // train.microbatches
+    _require(
+        rows % ways == 0,
+        "train.microbatches",
+        f"{train.microbatches} microbatches of {micro} rows leave {rows} per microbatch, which "
+        f"does not divide over the {ways} data x fsdp devices of the mesh",
+    )
+
+
+def validate_pipeline(config, num_layers: int) -> None:
+    """Raises ConfigError when the model's layers do not split into config.mesh.stage stages."""
+    stage = config.mesh.stage
+    _require(
+        num_layers % stage == 0,
+        "mesh.stage",
+        f"{stage} stages do not divide the model's {num_layers} layers",
     )
 
 

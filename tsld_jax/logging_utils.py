@@ -11,12 +11,19 @@ from tqdm.auto import tqdm
 
 
 class MetricsWriter:
-    """Appends metrics to WORKDIR/metrics.jsonl and TensorBoard event files in WORKDIR."""
+    """Appends metrics to WORKDIR/metrics.jsonl and TensorBoard event files in WORKDIR.
+
+    In a multi-process run every process computes the same metrics; only process 0 writes them
+    (otherwise each line would appear once per process).
+    """
 
     def __init__(self, workdir: str, tensorboard: bool = True):
+        import jax
+
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
-        if tensorboard:
+        self._primary = jax.process_index() == 0
+        if tensorboard and self._primary:
             try:
                 from tensorboardX import SummaryWriter
 
@@ -31,6 +38,8 @@ class MetricsWriter:
             record[key] = (
                 value if not isinstance(value, float) or math.isfinite(value) else str(value)
             )
+        if not self._primary:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:

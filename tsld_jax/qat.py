@@ -28,6 +28,7 @@ def qat_loss(
     temperature: float = losses.DEFAULT_TEMPERATURE,
     chunk_size: int | None = losses.DEFAULT_CHUNK_SIZE,
     remat: bool = False,
+    pipeline: decoder.Pipeline | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """The loss of one QAT step, differentiable with respect to the student only.
 
@@ -48,6 +49,10 @@ def qat_loss(
       temperature: tau of TSLD's token-scale softmax.
       chunk_size: tokens per chunk of the memory-lean loss pass; None for the naive one.
       remat: recompute the student's blocks in the backward pass (see `decoder.forward`).
+      pipeline: run both models' layers as a microbatched pipeline over the mesh's "stage"
+        axis (see `decoder.forward`). The teacher runs pipelined too: its layers are sharded
+        over the stages like the student's, so an unpipelined teacher would gather every one of
+        its layers onto every stage's devices, the memory the stage axis exists to save.
 
     Returns:
       (loss, parts) as `losses.distillation_loss` returns them.
@@ -73,6 +78,7 @@ def qat_loss(
             quantizer=quantizer,
             collect=collect,
             remat=remat,
+            pipeline=pipeline,
         )
         return out if collect else (out, None)
 

@@ -2,7 +2,7 @@
 
 Two tables decide where a parameter lives: ordered (path regex -> logical axis names) rules give
 each parameter's axes meaning ("embed", "heads", "mlp", "vocab", "layers"), and the mesh rules
-map logical names to mesh axes ("data", "fsdp", "tensor"). The path matcher is the one that
+map logical names to mesh axes ("stage", "data", "fsdp", "tensor"). The path matcher is the one that
 decides quantization (`quant.rules.match_rules`). An axis whose size the mesh axis does not
 divide is replicated instead (tiny models on many devices stay correct, just less sharded).
 """
@@ -19,7 +19,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tsld_jax.quant import rules as rules_lib
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# "stage" first: pipeline stages exchange only one microbatch's activations per step, so they
+# take the slowest links (across hosts); tensor parallelism, which talks every layer, the fastest.
+MESH_AXES = ("stage", "data", "fsdp", "tensor")
 
 # Logical axes of every parameter of the decoder (first match wins; catch-all: replicated).
 LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...] | None], ...] = (
@@ -36,22 +38,29 @@ LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...] | None], ...] = (
 )
 
 # Logical axis -> mesh axis. FSDP shards the model width; tensor parallelism shards heads, the
-# MLP width and the vocabulary (Megatron-style column/row splits).
+# MLP width and the vocabulary (Megatron-style column/row splits); pipeline stages split the
+# stacked layers into contiguous blocks, one per stage (`models.pipeline`).
 MESH_RULES: dict[str, str | None] = {
     "embed": "fsdp",
     "heads": "tensor",
     "mlp": "tensor",
     "vocab": "tensor",
-    "layers": None,
+    "layers": "stage",
 }
 
 # Batches: the batch axis is split over every data-like axis.
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one axis may be -1 to take the devices the others leave."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, stage: int = 1) -> Mesh:
+    """A (stage, data, fsdp, tensor) mesh; one of data/fsdp/tensor may be -1 to take the devices
+    the others leave."""
     devices = jax.devices() if devices is None else devices
+    if stage < 1:
+        raise ValueError(f"the stage axis must be >= 1, got {stage}")
+    if len(devices) % stage:
+        raise ValueError(f"{len(devices)} devices do not split into {stage} pipeline stages")
+    stage_devices, devices = devices, devices[: len(devices) // stage]
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh sizes must be positive (one may be -1), got {sizes}")
@@ -65,7 +74,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
             f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
             f"{int(np.prod(sizes))} devices, {len(devices)} are available"
         )
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    return Mesh(np.asarray(stage_devices).reshape([stage, *sizes]), MESH_AXES)
 
 
 def _spec_for(shape: tuple[int, ...], logical, mesh: Mesh, name: str) -> PartitionSpec:

@@ -61,11 +61,14 @@ def init_state(params, optimizer, seed: int) -> TrainState:
     )
 
 
-def make_loss_fn(spec: ModelSpec, rules, loss_cfg, compute_dtype=jnp.float32, remat=False):
+def make_loss_fn(
+    spec: ModelSpec, rules, loss_cfg, compute_dtype=jnp.float32, remat=False, pipeline=None
+):
     """loss_fn(params, teacher_params, batch) -> (loss, parts) for one (micro-)batch.
 
     The objective itself is `qat.qat_loss`; this binds the config and the compute dtype (bf16
-    casts the latent fp32 weights for the forward passes only).
+    casts the latent fp32 weights for the forward passes only) and the optional
+    `decoder.Pipeline` both forward passes run as.
     """
 
     def cast(tree):
@@ -84,16 +87,28 @@ def make_loss_fn(spec: ModelSpec, rules, loss_cfg, compute_dtype=jnp.float32, re
             temperature=loss_cfg.temperature,
             chunk_size=loss_cfg.chunk_size or None,
             remat=remat,
+            pipeline=pipeline,
         )
 
     return loss_fn
 
 
 def make_train_step(
-    spec, rules, loss_cfg, optimizer, grad_accum: int = 1, compute_dtype=jnp.float32, remat=False
+    spec,
+    rules,
+    loss_cfg,
+    optimizer,
+    grad_accum: int = 1,
+    compute_dtype=jnp.float32,
+    remat=False,
+    pipeline=None,
 ):
-    """step(state, batch, teacher_params) -> (state, metrics); pure, to be jitted by the caller."""
-    loss_fn = make_loss_fn(spec, rules, loss_cfg, compute_dtype, remat)
+    """step(state, batch, teacher_params) -> (state, metrics); pure, to be jitted by the caller.
+
+    `pipeline` (a `decoder.Pipeline`) splits each accumulation micro-batch further into the
+    pipeline's microbatches; the two compose (batch = grad_accum x microbatches x rows).
+    """
+    loss_fn = make_loss_fn(spec, rules, loss_cfg, compute_dtype, remat, pipeline)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch, teacher_params):

@@ -18,7 +18,7 @@ from tsld_jax import checkpoint as checkpoint_lib
 from tsld_jax import config_utils, data, guard, logging_utils, recipe, sharding, train_step
 from tsld_jax import workdir as workdir_lib
 from tsld_jax.evaluation import perplexity
-from tsld_jax.models import hf, named
+from tsld_jax.models import decoder, hf, named
 from tsld_jax.quant import rules as rules_lib
 
 
@@ -144,7 +144,11 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
             "reach train.lr"
         )
 
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    config_utils.validate_pipeline(cfg, student.spec.num_layers)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, stage=cfg.mesh.stage)
+    pipeline = None
+    if cfg.mesh.stage > 1 or cfg.train.microbatches > 1:
+        pipeline = decoder.Pipeline(cfg.mesh.stage, cfg.train.microbatches, mesh)
     abstract_state, optimizer, schedule = recipe.abstract_state(cfg, params, total_steps)
     state_shardings = sharding.state_shardings(abstract_state, optimizer, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -158,6 +162,7 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
             cfg.train.grad_accum,
             compute_dtype,
             cfg.train.remat,
+            pipeline,
         ),
         in_shardings=(state_shardings, batch_sharding, None),
         out_shardings=(state_shardings, None),
@@ -323,8 +328,9 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
             None if isinstance(student.tokenizer, named.ByteTokenizer) else student.tokenizer,
         )
         results["export"] = export
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if jax.process_index() == 0:  # every process holds the same results
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
     print(
         "results: "
         + ", ".join(

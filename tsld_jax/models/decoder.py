@@ -31,9 +31,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tsld_jax.models import pipeline as pipeline_lib
 from tsld_jax.models.spec import ModelSpec
 
 Params = dict[str, Any]
+Pipeline = pipeline_lib.Pipeline
 Quantizer = Callable[[str, Params], jax.Array]
 
 LINEAR_NAMES = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/up", "mlp/gate", "mlp/down")
@@ -362,6 +364,7 @@ def forward(
     collect: Sequence[str] = (),
     remat: bool | str = False,
     packed_kernel: str = "auto",
+    pipeline: pipeline_lib.Pipeline | None = None,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Runs the decoder.
 
@@ -381,6 +384,8 @@ def forward(
       packed_kernel: the matmul of packed layers (a packed model), one of `export.KERNELS`:
         "auto" runs the Pallas kernel where the program is compiled for a GPU and XLA's
         dequantize-then-dot elsewhere; "pallas", "interpret" or "xla" force one.
+      pipeline: run the layer scan as a microbatched pipeline over the mesh's "stage" axis
+        (`pipeline.Pipeline`); not with `collect`. Same result as without, up to rounding.
 
     Returns:
       logits (B, T, V), or (logits, aux) when `collect` is not empty.
@@ -395,6 +400,7 @@ def forward(
         collect,
         remat=remat,
         packed_kernel=packed_kernel,
+        pipeline=pipeline,
     )
     logits = unembed(params, h, spec)
     if not collect:
@@ -516,6 +522,7 @@ def _trunk(
     cache=None,
     remat=False,
     packed_kernel="auto",
+    pipeline=None,
 ):
     """Embedding and the scanned blocks; the one body behind `forward` and `hidden_states`."""
     from tsld_jax.quant import export  # lazy, as in linear()
@@ -551,6 +558,22 @@ def _trunk(
             return (valid_BxTxS & inside)[:, None, None]
 
     h = embed(params, tokens_BxT, positions_BxT, spec)
+
+    if pipeline is not None and (pipeline.stages > 1 or pipeline.microbatches > 1):
+        if cache is not None or collect:
+            raise ValueError("a pipelined forward takes no cache and collects nothing")
+
+        def layer_fn(layer, h, positions_BxT, mask_BxT, window):
+            allowed = attention_mask(index_T, index_T, mask_BxT, window)
+            return _block(
+                layer, h, spec, positions_BxT, allowed, quantizer, packed_kernel=packed_kernel
+            )[0]
+
+        body = _rematerialised(layer_fn, remat)
+        h = pipeline_lib.run(
+            body, params["layers"], windows_L, h, positions_BxT, mask_BxT, pipeline
+        )
+        return h, {}, None
 
     # With a cache, the stacked keys/values ride in the scan's carry and each layer updates its
     # own slots in place. (Passing them as per-layer inputs and writing the new slots after the
