@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import checkpoint_test
+import jax
 import pytest
 import train_test
 
@@ -96,6 +97,8 @@ def test_file_workdir_stops_before_any_model_is_loaded(tmp_path, monkeypatch, ca
     path = tmp_path / "file"
     path.write_text("mine")
     cfg = checkpoint_test._smoke_config()
+    # A mesh that fits the suite's 8 fake devices (the mesh is checked before the workdir).
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
     with cli_errors.one_line_errors() as outcome:
         trainer.train_and_evaluate(cfg, str(path))
     assert outcome.code == 2 and path.read_text() == "mine"

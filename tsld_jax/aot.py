@@ -17,7 +17,7 @@ its cuDNN check and stays unregistered; jax then still falls back to the CPU).
 Typical use:
 
     from tsld_jax import aot
-    mesh = aot.gpu_mesh("h200", num_devices=8)
+    mesh = aot.gpu_mesh("h200", num_devices=1)
     program = aot.train_step_program(aot.SMOLLM2_135M, mesh, loss="tsld", remat="dots")
     compiled, memory = aot.compile_program(program)
     print(memory)  # per device: arguments, outputs, temporaries, code, total

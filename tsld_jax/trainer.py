@@ -102,10 +102,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     stored one (resume means the same run) before any model is loaded or anything compiled.
     """
     config_utils.validate(cfg)
+    # Before anything is loaded, sampled or compiled (jax.device_count() compiles nothing).
+    config_utils.validate_mesh(cfg, jax.device_count())
     with workdir_lib.hold(workdir):
         checkpoint_lib.check_resume(cfg, workdir)
-        # Before anything is loaded, sampled or compiled (jax.device_count() compiles nothing).
-        config_utils.validate_mesh(cfg, jax.device_count())
         try:
             return _train(cfg, workdir)
         except OSError as error:
