@@ -41,3 +41,60 @@ def config(model: str, stage: str):
         c.quant.method, c.quant.bits = "twn", 2
         c.train.lr, c.train.epochs = qat_lr, qat_epochs
     return c
+
+
+def _gpt2(d, layers, heads):
+    return {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024} | {
+        "n_embd": d,
+        "n_layer": layers,
+        "n_head": heads,
+    }
+
+
+def _opt(d, layers, heads, ffn):
+    return {"model_type": "opt", "vocab_size": 50272, "max_position_embeddings": 2048} | {
+        "hidden_size": d,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "ffn_dim": ffn,
+        "do_layer_norm_before": True,
+        "word_embed_proj_dim": d,
+    }
+
+
+# The Hugging Face config.json fields the decoder reads (models/spec.py's spec_from_hf_config),
+# per hub id of TABLE: `train.py --plan` builds the architecture from these without the
+# weights or the network (values from each model's config.json on the hub).
+HF_CONFIGS = {
+    "gpt2": _gpt2(768, 12, 12),
+    "gpt2-medium": _gpt2(1024, 24, 16),
+    "gpt2-large": _gpt2(1280, 36, 20),
+    "gpt2-xl": _gpt2(1600, 48, 25),
+    "facebook/opt-125m": _opt(768, 12, 12, 3072),
+    "facebook/opt-1.3b": _opt(2048, 24, 32, 8192),
+    "facebook/opt-2.7b": _opt(2560, 32, 32, 10240),
+    "facebook/opt-6.7b": _opt(4096, 32, 32, 16384),
+    "EleutherAI/gpt-neo-1.3B": {
+        "model_type": "gpt_neo",
+        "vocab_size": 50257,
+        "hidden_size": 2048,
+        "num_layers": 24,
+        "num_heads": 16,
+        "max_position_embeddings": 2048,
+        "attention_types": [[["global", "local"], 12]],
+        "window_size": 256,
+        "intermediate_size": None,
+        "activation_function": "gelu_new",
+    },
+    "huggyllama/llama-7b": {
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "intermediate_size": 11008,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+    },
+}
