@@ -21,12 +21,27 @@ TABLE = {
 }
 
 
-def config(model: str, stage: str):
+# Mesh settings per hardware target, chosen from `train.py --plan` (docs/scaling.md). The batch
+# of 4 sequences splits over data x fsdp, so on 8 devices at most 4 of them shard the batch and
+# the other factor is tensor parallelism (heads, MLP width, vocabulary). Per-row overrides below.
+TARGETS = {
+    "": {},
+    "8xa100": {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2},
+    "1xh100": {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1},
+}
+# (model, stage, target) -> extra settings where the target's defaults do not fit.
+TARGET_OVERRIDES: dict[tuple[str, str, str], dict] = {}
+
+
+def config(model: str, stage: str, target: str = ""):
     """PTB, batch 4 x 512, AdamW with linear decay, fp32; `stage` is "fp" or "tsld".
 
     The FP stage fine-tunes with the gt loss and writes the teacher to WORKDIR/export; the TSLD
-    stage starts from it: --config.model.name_or_path=FP_WORKDIR/export.
+    stage starts from it: --config.model.name_or_path=FP_WORKDIR/export. `target` picks the
+    mesh (and where needed remat and teacher dtype) that fits that hardware (TARGETS).
     """
+    if target not in TARGETS:
+        raise ValueError(f"unknown config target {target!r}; expected one of {sorted(TARGETS)}")
     hub_id, fp_lr, fp_epochs, qat_lr, qat_epochs = TABLE[model]
     c = base.get_config()
     c.model.name_or_path = hub_id
@@ -40,6 +55,10 @@ def config(model: str, stage: str):
         c.stage, c.loss.kind = "qat", "tsld"
         c.quant.method, c.quant.bits = "twn", 2
         c.train.lr, c.train.epochs = qat_lr, qat_epochs
+    settings = TARGETS[target] | TARGET_OVERRIDES.get((model, stage, target), {})
+    for field, value in settings.items():
+        section, name = field.split(".")
+        c[section][name] = value
     return c
 
 
