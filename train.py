@@ -49,7 +49,36 @@ def _define_flags(argv) -> tuple[flags.FlagValues, flags.FlagHolder]:
         "num_processes", None, "--multihost: number of processes.", flag_values=values
     )
     flags.DEFINE_integer("process_id", None, "--multihost: this process's id.", flag_values=values)
+    flags.DEFINE_string(
+        "plan",
+        None,
+        "Compile the step for TARGET (a100-40gb:8, h100-80gb:1, h200:1, cpu:N) without its "
+        "hardware, print the per-device memory plan and exit; trains nothing.",
+        flag_values=values,
+    )
+    flags.DEFINE_string(
+        "plan-json", None, "With --plan: also write the plan as JSON here.", flag_values=values
+    )
     return values, config
+
+
+def _plan(config, target: str, json_path: str | None) -> int:
+    import json
+
+    kind, _, count = target.partition(":")
+    if kind == "cpu" and count.isdigit() and "jax" not in sys.modules:
+        # Fake CPU devices must be asked for before jax starts.
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
+        )
+    from tsld_jax import plan
+
+    out = plan.plan(config, target)
+    print(plan.format_plan(out))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
 
 
 def main(argv) -> int:
@@ -60,6 +89,10 @@ def main(argv) -> int:
     except cli_errors.UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if values.plan:
+        with cli_errors.one_line_errors() as outcome:
+            outcome.code = _plan(config, values.plan, values["plan-json"].value)
+        return outcome.code
     from tsld_jax import multihost, trainer
 
     if values.multihost:

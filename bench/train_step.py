@@ -110,7 +110,8 @@ def run_jax(args) -> dict:
         ),
         donate_argnums=(0,),
     )
-    teacher = model.params
+    # config.model.teacher_dtype: the teacher's weights (and forward) in bf16 or float32.
+    teacher = jax.tree.map(lambda x: x.astype(args.teacher_dtype), model.params)
     state = train_step.init_state(jax.tree.map(jnp.copy, model.params), optimizer, 0)
     state, metrics = step(state, batch, teacher)  # compile + warm-up
     jax.block_until_ready(metrics)
@@ -225,6 +226,12 @@ def main():
         default="dots",
         help="jax: what the backward recomputes (config.train.remat; train.py's default: dots)",
     )
+    parser.add_argument(
+        "--teacher-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="jax: config.model.teacher_dtype (the student's latent weights stay float32)",
+    )
     args = parser.parse_args()
     if args.impl:
         result = run_jax(args) if args.impl == "jax" else run_torch(args)
@@ -248,6 +255,8 @@ def main():
                 str(args.steps),
                 "--remat",
                 args.remat,
+                "--teacher-dtype",
+                args.teacher_dtype,
                 *flags,
             ],
             capture_output=True,

@@ -21,12 +21,27 @@ TABLE = {
 }
 
 
-def config(model: str, stage: str):
+# Mesh settings per hardware target, chosen from `train.py --plan` (docs/scaling.md). The batch
+# of 4 sequences splits over data x fsdp, so on 8 devices at most 4 of them shard the batch and
+# the other factor is tensor parallelism (heads, MLP width, vocabulary). Per-row overrides below.
+TARGETS = {
+    "": {},
+    "8xa100": {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2},
+    "1xh100": {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1},
+}
+# (model, stage, target) -> extra settings where the target's defaults do not fit.
+TARGET_OVERRIDES: dict[tuple[str, str, str], dict] = {}
+
+
+def config(model: str, stage: str, target: str = ""):
     """PTB, batch 4 x 512, AdamW with linear decay, fp32; `stage` is "fp" or "tsld".
 
     The FP stage fine-tunes with the gt loss and writes the teacher to WORKDIR/export; the TSLD
-    stage starts from it: --config.model.name_or_path=FP_WORKDIR/export.
+    stage starts from it: --config.model.name_or_path=FP_WORKDIR/export. `target` picks the
+    mesh (and where needed remat and teacher dtype) that fits that hardware (TARGETS).
     """
+    if target not in TARGETS:
+        raise ValueError(f"unknown config target {target!r}; expected one of {sorted(TARGETS)}")
     hub_id, fp_lr, fp_epochs, qat_lr, qat_epochs = TABLE[model]
     c = base.get_config()
     c.model.name_or_path = hub_id
@@ -40,4 +55,65 @@ def config(model: str, stage: str):
         c.stage, c.loss.kind = "qat", "tsld"
         c.quant.method, c.quant.bits = "twn", 2
         c.train.lr, c.train.epochs = qat_lr, qat_epochs
+    settings = TARGETS[target] | TARGET_OVERRIDES.get((model, stage, target), {})
+    for field, value in settings.items():
+        section, name = field.split(".")
+        c[section][name] = value
     return c
+
+
+def _gpt2(d, layers, heads):
+    return {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024} | {
+        "n_embd": d,
+        "n_layer": layers,
+        "n_head": heads,
+    }
+
+
+def _opt(d, layers, heads, ffn):
+    return {"model_type": "opt", "vocab_size": 50272, "max_position_embeddings": 2048} | {
+        "hidden_size": d,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "ffn_dim": ffn,
+        "do_layer_norm_before": True,
+        "word_embed_proj_dim": d,
+    }
+
+
+# The Hugging Face config.json fields the decoder reads (models/spec.py's spec_from_hf_config),
+# per hub id of TABLE: `train.py --plan` builds the architecture from these without the
+# weights or the network (values from each model's config.json on the hub).
+HF_CONFIGS = {
+    "gpt2": _gpt2(768, 12, 12),
+    "gpt2-medium": _gpt2(1024, 24, 16),
+    "gpt2-large": _gpt2(1280, 36, 20),
+    "gpt2-xl": _gpt2(1600, 48, 25),
+    "facebook/opt-125m": _opt(768, 12, 12, 3072),
+    "facebook/opt-1.3b": _opt(2048, 24, 32, 8192),
+    "facebook/opt-2.7b": _opt(2560, 32, 32, 10240),
+    "facebook/opt-6.7b": _opt(4096, 32, 32, 16384),
+    "EleutherAI/gpt-neo-1.3B": {
+        "model_type": "gpt_neo",
+        "vocab_size": 50257,
+        "hidden_size": 2048,
+        "num_layers": 24,
+        "num_heads": 16,
+        "max_position_embeddings": 2048,
+        "attention_types": [[["global", "local"], 12]],
+        "window_size": 256,
+        "intermediate_size": None,
+        "activation_function": "gelu_new",
+    },
+    "huggyllama/llama-7b": {
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "intermediate_size": 11008,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+    },
+}

@@ -112,3 +112,33 @@ def test_group_size_not_dividing_names_the_parameter(tmp_path):
     assert result.returncode == 2
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")][0]
     assert "config.quant" in error and "group_size=5" in error and "layers/" in error
+
+
+@pytest.mark.parametrize("target, devices", [("8xa100", 8), ("1xh100", 1), ("", 1), ("", 4)])
+def test_paper_targets_keep_the_recipe_and_split_the_batch(target, devices, monkeypatch):
+    # docs/scaling.md: each row's target variant (CONFIG.py:8xa100) keeps the paper's batch
+    # 4 x 512 and learning rates; its mesh takes that many devices and splits the batch.
+    sys.path.insert(0, ROOT)
+    try:
+        from configs import paper
+    finally:
+        sys.path.remove(ROOT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for model, (_, fp_lr, _, qat_lr, _) in paper.TABLE.items():
+        for stage, lr in (("fp", fp_lr), ("tsld", qat_lr)):
+            path = os.path.join(ROOT, "configs", f"{model}_{stage}.py")
+            sys.path.insert(0, ROOT)
+            try:
+                spec = importlib.util.spec_from_file_location("config_under_test", path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                config = module.get_config(target)
+            finally:
+                sys.path.remove(ROOT)
+            assert (config.data.batch_size, config.data.block_size, config.train.lr) == (
+                4,
+                512,
+                lr,
+            )
+            config_utils.validate(config)
+            config_utils.validate_mesh(config, devices)

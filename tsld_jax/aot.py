@@ -405,6 +405,7 @@ def train_step_program(
     quant: Any = None,
     grad_accum: int = 1,
     chunk_size: int = 128,
+    teacher_dtype: str = "float32",
 ) -> Program:
     """The trainer's QAT step, as `trainer.train` jits it: state sharded by
     `sharding.state_shardings` and donated, batch split over data x fsdp, teacher as an argument.
@@ -420,6 +421,7 @@ def train_step_program(
       quant: rules, a spec tree or a QuantSpec; None means ternary TWN (the default config).
       grad_accum: micro-batches per step.
       chunk_size: the TSLD loss's chunk (0: unchunked).
+      teacher_dtype: "float32" or "bfloat16" (config.model.teacher_dtype).
     """
     import ml_collections
 
@@ -439,6 +441,10 @@ def train_step_program(
     state = jax.eval_shape(lambda p: train_step.init_state(p, optimizer, 0), params)
     state_shardings = sharding.state_shardings(state, optimizer, mesh)
     compute_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    teacher_params = abstract_params(
+        spec, {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[teacher_dtype]
+    )
+    teacher_shardings = sharding.param_shardings(teacher_params, mesh)
     step = jax.jit(
         train_step.make_train_step(
             spec,
@@ -449,7 +455,7 @@ def train_step_program(
             compute_dtype,
             remat,
         ),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh), None),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
@@ -457,7 +463,7 @@ def train_step_program(
         name: _batched(mesh, (batch_size, length), jnp.int32)
         for name in ("tokens", "attention_mask", "loss_mask")
     }
-    teacher = _abstract(params, sharding.param_shardings(params, mesh))
+    teacher = _abstract(teacher_params, teacher_shardings)
     return Program(step, (_abstract(state, state_shardings), batch, teacher), {})
 
 

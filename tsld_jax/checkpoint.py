@@ -56,6 +56,12 @@ RESUMABLE_FIELDS = (
 )
 
 
+# Fields added after runs already existed, with the value that matches what those runs did: a
+# stored config.json without them compares as if it held that value, so older runs resume.
+# (Not resumable fields: `model.teacher_dtype` changes the loss, so changing it is a new run.)
+ADDED_FIELDS: dict[str, Any] = {"model.teacher_dtype": "float32"}
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
@@ -78,7 +84,8 @@ def config_changes(
     missing = "<absent>"
     identity, resumable = [], []
     for name in sorted(set(old_flat) | set(new_flat)):
-        old, value = old_flat.get(name, missing), new_flat.get(name, missing)
+        old = old_flat.get(name, ADDED_FIELDS.get(name, missing))
+        value = new_flat.get(name, missing)
         if old != value:
             (resumable if is_resumable_field(name) else identity).append((name, old, value))
     return identity, resumable

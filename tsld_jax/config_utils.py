@@ -192,6 +192,11 @@ def validate(config) -> None:
         f"must be one of {REMAT_MODES}, got {train.remat!r}",
     )
     _require(
+        config.model.teacher_dtype in ("float32", "bfloat16"),
+        "model.teacher_dtype",
+        f"must be float32 or bfloat16, got {config.model.teacher_dtype!r}",
+    )
+    _require(
         train.dtype in ("float32", "bfloat16"),
         "train.dtype",
         f"must be float32 or bfloat16, got {train.dtype!r}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from tsld_jax import config_utils, train_step
 from tsld_jax.models import decoder, load_model, named
@@ -45,6 +46,27 @@ def load_models(cfg, teacher: bool = True) -> tuple[LoadedModel, LoadedModel | N
             f"({teacher_model.spec.vocab_size} vs {student.spec.vocab_size})"
         )
     return student, teacher_model
+
+
+TEACHER_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def teacher_params(teacher_params, cfg, shardings=None):
+    """The teacher's parameters as the train step takes them: in `model.teacher_dtype`, and when
+    `shardings` (from `sharding.param_shardings`) is given, placed there, each device receiving
+    only its shard (not replicated: the step jits them with these shardings)."""
+    dtype = TEACHER_DTYPES[cfg.model.teacher_dtype]
+
+    def one(x, s=None):
+        if s is None:
+            return x.astype(dtype)
+        x = jax.device_put(x, s)
+        # Cast shard by shard, on the devices: never a whole cast copy on one device.
+        return x if x.dtype == dtype else jax.jit(lambda a: a.astype(dtype), out_shardings=s)(x)
+
+    if shardings is None:
+        return jax.tree.map(one, teacher_params)
+    return jax.tree.map(one, teacher_params, shardings)
 
 
 def quant_rules(cfg):

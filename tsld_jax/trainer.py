@@ -152,6 +152,11 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
     abstract_state, optimizer, schedule = recipe.abstract_state(cfg, params, total_steps)
     state_shardings = sharding.state_shardings(abstract_state, optimizer, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
+    # The teacher is sharded like the student (each device holds its shard, never all of it)
+    # and passed with explicit shardings, in model.teacher_dtype.
+    teacher_shardings = (
+        sharding.param_shardings(teacher.params, mesh) if teacher is not None else None
+    )
     compute_dtype = jnp.bfloat16 if cfg.train.dtype == "bfloat16" else jnp.float32
     step_fn = jax.jit(
         train_step.make_train_step(
@@ -164,7 +169,7 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
             cfg.train.remat,
             pipeline,
         ),
-        in_shardings=(state_shardings, batch_sharding, None),
+        in_shardings=(state_shardings, batch_sharding, teacher_shardings),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
@@ -206,7 +211,11 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
                 )
             writer.write(0, {f"baseline_{k}": v for k, v in results.items()})
             print("baselines: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
-    teacher_params = teacher.params if teacher is not None else None
+    teacher_params = (
+        recipe.teacher_params(teacher.params, cfg, teacher_shardings)
+        if teacher is not None
+        else None
+    )
     start = int(state.step)
     profile = config_utils.profile_range(cfg)
     progress = logging_utils.progress(total_steps, start, cfg.log.progress)
