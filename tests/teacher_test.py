@@ -63,7 +63,8 @@ def test_teacher_sharded_over_fsdp(mesh_devices):
     placed = recipe.teacher_params(params, cfg, shardings)
     kernel = placed["layers"]["mlp"]["up"]["kernel"]
     assert kernel.dtype == jnp.bfloat16
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    # Layers map to the pipeline's "stage" axis (size 1 here: not split).
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("stage", "fsdp", "tensor")
     assert kernel.addressable_shards[0].data.shape == (4, 64 // 8, 128)
     np.testing.assert_array_equal(
         np.asarray(kernel, np.float32),
