@@ -97,11 +97,21 @@ def main(argv) -> int:
 
     if values.multihost:
         multihost.initialize(values.coordinator_address, values.num_processes, values.process_id)
+    from tsld_jax import workdir
+
     with cli_errors.one_line_errors() as outcome:
         results = trainer.train_and_evaluate(config, values.workdir)
         if results.get("stopped"):
             # The shell's convention, so that `train.py && eval.py` does not go on.
             outcome.code = 128 + results["signal"]
+    if isinstance(outcome.error, workdir.WriteFailure):
+        # A save in flight when the workdir stopped taking writes leaves orbax threads waiting
+        # (for minutes, until orbax's async timeout) for signals that never come, and Python's
+        # exit would wait for them. Nothing they hold can land on this workdir: the checkpoints
+        # that did are complete on disk, and the error line has named the last of them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(outcome.code)
     return outcome.code
 
 

@@ -149,7 +149,7 @@ def last_kept(workdir: str) -> str:
     return f"step {steps[-1]} ({os.path.join(checkpoint_dir(workdir), str(steps[-1]))})"
 
 
-def write_failure(workdir: str, error: OSError) -> workdir_lib.WorkdirError:
+def write_failure(workdir: str, error: OSError) -> workdir_lib.WriteFailure:
     """The one-line error of a workdir that stopped taking writes mid-run."""
     kept = last_kept(workdir)
     then = (
@@ -158,7 +158,7 @@ def write_failure(workdir: str, error: OSError) -> workdir_lib.WorkdirError:
         if kept != "none"
         else "no checkpoint was saved yet"
     )
-    return workdir_lib.WorkdirError(
+    return workdir_lib.WriteFailure(
         f"--workdir {workdir} is no longer writable ({error.strerror}: {error.filename}); {then}"
     )
 

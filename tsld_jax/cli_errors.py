@@ -15,6 +15,7 @@ class UsageError(ValueError):
 @dataclasses.dataclass
 class Outcome:
     code: int = 0
+    error: BaseException | None = None  # the user error that set `code`, if one did
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -44,6 +45,7 @@ def one_line_errors():
     except user_error_types() as error:
         print(f"error: {error}", file=sys.stderr)
         outcome.code = 2
+        outcome.error = error
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         outcome.code = 130

@@ -47,6 +47,14 @@ class WorkdirError(RuntimeError):
     """A workdir a run cannot use: a file, not writable, held by another run, another run's."""
 
 
+class WriteFailure(WorkdirError):
+    """A workdir that stopped taking writes in the middle of a run (read-only, full, removed).
+
+    The process that raised it may still have checkpoint threads waiting on writes that will
+    never land (see train.py, which does not wait for them at exit).
+    """
+
+
 def prepare(workdir: str) -> None:
     """Creates the workdir and checks that it is a writable directory, before any real work.
 
