@@ -17,14 +17,16 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
-from tests import tiny_models
-from tsld_jax import export_cli
-from tsld_jax.models import decoder, gguf_export, load_model
-from tsld_jax.quant import rules as rules_lib
-from tsld_jax.quant.quantizers import QuantSpec
+# Every test here builds its models in transformers' PyTorch; .ci/py312 runs without torch.
+torch = pytest.importorskip("torch")
+import transformers  # noqa: E402
+
+from tests import tiny_models  # noqa: E402
+from tsld_jax import export_cli  # noqa: E402
+from tsld_jax.models import decoder, gguf_export, load_model  # noqa: E402
+from tsld_jax.quant import rules as rules_lib  # noqa: E402
+from tsld_jax.quant.quantizers import QuantSpec  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F16_SCALE = 2.0**-11  # relative rounding of a float16 scale
