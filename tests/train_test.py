@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tsld_jax import checkpoint
+from tsld_jax import checkpoint, run_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "tsld_jax_test_jit")
@@ -85,6 +85,8 @@ def test_run_writes_logs_and_results(uninterrupted):
     assert json.load(open(workdir / "config.json"))["loss"]["kind"] == "tsld"
     assert "qat_ppl" in json.load(open(workdir / "results.json"))
     assert "results:" in result.stdout
+    with open(workdir / "curves.png", "rb") as f:  # the run's loss and perplexity curves
+        assert f.read(4) == b"\x89PNG"
 
 
 def test_sigkill_and_corrupt_checkpoint_resume_bit_exact(uninterrupted, tmp_path, shared_data):
@@ -224,4 +226,6 @@ def test_fp_then_qat_recipe(tmp_path, shared_data):
     assert qat.returncode == 0, qat.stderr[-3000:]
     results = json.load(open(tmp_path / "qat" / "results.json"))
     assert {"teacher_ppl", "ptq_ppl", "qat_ppl"} <= set(results)
+    summary = run_summary.closing_lines(results, None, results["step"] * 4 * 32)
+    assert summary and summary[0] in qat.stdout  # what the run showed, in its own words
     shutil.rmtree(tmp_path / "qat")

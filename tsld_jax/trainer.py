@@ -15,7 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsld_jax import checkpoint as checkpoint_lib
-from tsld_jax import config_utils, data, guard, logging_utils, recipe, sharding, train_step
+from tsld_jax import (
+    config_utils,
+    data,
+    guard,
+    logging_utils,
+    recipe,
+    run_summary,
+    sharding,
+    train_step,
+)
 from tsld_jax import workdir as workdir_lib
 from tsld_jax.evaluation import perplexity
 from tsld_jax.models import decoder, hf, named
@@ -311,6 +320,8 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
         checkpointer.close()
     if stopped_by is not None:
         writer.close()
+        if jax.process_index() == 0:
+            run_summary.plot_curves(workdir, run_summary.baselines(workdir))
         name = signal.Signals(stopped_by).name
         print(
             f"stopped by {name} at step {int(state.step)}; checkpoint {int(state.step)} saved in "
@@ -337,14 +348,19 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
             None if isinstance(student.tokenizer, named.ByteTokenizer) else student.tokenizer,
         )
         results["export"] = export
+    # A resumed run logged its baselines before its first step, in an earlier process.
+    results = run_summary.baselines(workdir) | results
     if jax.process_index() == 0:  # every process holds the same results
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
+        run_summary.plot_curves(workdir, results)
     print(
         "results: "
         + ", ".join(
             f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()
         )
     )
+    for line in run_summary.closing_lines(results, cfg, final_step * tokens_per_step):
+        print(line)
     logging.info("final results %s", results)
     return results
