@@ -1,0 +1,108 @@
+"""experiments/paper_table.py on a tiny table: rows recorded with their config, never
+recomputed, the report written; the small model's builder gives a loadable word-level model."""
+
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train_test  # noqa: E402
+
+from experiments import paper_table, ptb_word_model  # noqa: E402
+
+
+def test_word_model_covers_ptb_and_ends_lines_with_eos(tmp_path, shared_data):
+    from tsld_jax.models import load_model
+
+    directory = ptb_word_model.build(
+        str(tmp_path / "m"), str(shared_data), hidden=16, layers=1, heads=2, positions=32
+    )
+    model = load_model(directory)
+    vocabulary = ptb_word_model.ptb_vocabulary(str(shared_data))
+    assert model.spec.vocab_size == len(vocabulary) == 10000  # PTB's 10k words with <unk>, + <eos>
+    ids = model.tokenizer("the <unk> said")["input_ids"]
+    assert ids == [vocabulary.index(w) for w in ("the", "<unk>", "said", "<eos>")]
+    valid = (shared_data / "ptb" / "ptb.valid.txt").read_text().split()
+    assert set(valid) <= set(vocabulary)  # the closed vocabulary: no word of valid is unknown
+    assert model.spec.family == "gpt2" and model.spec.position_limit == 32
+
+
+@pytest.fixture(scope="module")
+def tiny_table(tmp_path_factory, shared_data):
+    import tiny_models
+
+    base = tmp_path_factory.mktemp("paper_table")
+    model_dir = base / "model"
+    tiny_models.save("llama_tied", str(model_dir))
+    words = (shared_data / "ptb" / "ptb.train.txt").read_text().split()[:2000]
+    tiny_models.save_word_tokenizer(str(model_dir), sorted(set(words))[: tiny_models.VOCAB - 1])
+    table = paper_table.Table(
+        name="tiny", title="a tiny test table", student=str(model_dir), block_size=32,
+        batch_size=4, fp_epochs=0.0005, fp_lr=1e-3, fp_warmup=0, qat_epochs=0.0005,
+        qat_lr=1e-3, qat_warmup=0, seeds=(0,), losses=("tsld",), eval_blocks=4,
+        eval_batch=4,
+    )  # fmt: skip
+    return table, base
+
+
+def test_rows_are_recorded_and_never_recomputed(tiny_table, shared_data, monkeypatch):
+    table, base = tiny_table
+    monkeypatch.setattr(paper_table, "RESULTS", str(base / "results"))
+    # train.py runs inherit the environment: one device (not conftest's 8), the tests' cache.
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", train_test.CACHE)
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    results = paper_table.run_table(table, str(shared_data), str(base / "runs"), None)
+    assert list(results["rows"]) == ["fp", "ptq", "tsld_s0"]
+    steps = results["rows"]["tsld_s0"]["steps"]
+    assert steps == round(0.0005 * (results["train_blocks"] // 4)) and steps >= 2
+    for row in ("fp", "tsld_s0"):
+        record = results["rows"][row]
+        assert record["wall_s"] > 0 and record["machine"]["cores"] and record["train_py"]
+        assert np.isfinite([record["validation"], record["test"]]).all()
+        assert record["curve"] and record["curve"][-1][0] == record["steps"] * 4 * 32
+    assert "--config.loss.kind=tsld" in results["rows"]["tsld_s0"]["train_py"]
+    # Round-to-nearest ternary changes the teacher (its own row, not a copy of fp's).
+    assert results["rows"]["ptq"]["validation"] != pytest.approx(results["rows"]["fp"]["validation"])
+    # The analysis of the students it has (tsld here): one value per position of the block.
+    positions = results["positions"]["tsld_s0"]
+    assert len(positions["kl"]) == 32 and min(positions["kl"]) >= 0
+    assert all(0 <= a <= 1 for a in positions["agreement"])
+    # The tsld student's checkpoint, evaluated again, gives the recorded perplexity.
+    from tsld_jax import checkpoint
+
+    run = checkpoint.restore_for_eval(str(base / "runs" / "tiny" / "tsld_s0"))
+    again = paper_table.split_ppl(
+        run["params"], run["spec"], run["tokenizer"], table, str(shared_data), run["quantizer"]
+    )
+    assert again["validation"] == pytest.approx(results["rows"]["tsld_s0"]["validation"])
+
+    stored = json.load(open(base / "results" / "tiny.json"))
+    assert stored["rows"].keys() == results["rows"].keys()
+    markdown = (base / "results" / "tiny.md").read_text()
+    assert "| tsld_s0 | tsld | 0 |" in markdown and "Error along the sequence" in markdown
+    assert (base / "results" / "tiny_curves.png").exists()
+    assert (base / "results" / "tiny_positions.png").exists()
+
+    def no_training(*args):
+        raise AssertionError("a finished row was trained again")
+
+    monkeypatch.setattr(paper_table, "train_row", no_training)
+    again = paper_table.run_table(table, str(shared_data), str(base / "runs"), None)
+    assert again["rows"] == stored["rows"]
+
+
+def test_a_larger_table_keeps_its_rows_apart(tiny_table):
+    table, _ = tiny_table
+    bigger = dataclasses.replace(table, seeds=(0, 1))
+    overrides = paper_table.row_overrides(
+        bigger, "tsld_s1", "/data", {"init": "i", "teacher": "t"}, 4000
+    )
+    assert "--config.seed=1" in overrides and "--config.model.name_or_path=t" in overrides
+    assert "--config.train.steps=1" in overrides  # 0.0005 epochs of 1000 batches, rounded up to 1
