@@ -104,15 +104,19 @@ def run_jax(args) -> dict:
     )
     loss_cfg = ml_collections.ConfigDict({"kind": "tsld", "temperature": 10.0, "chunk_size": 128})
     optimizer, _ = train_step.make_optimizer(train_cfg, 1000)
-    step = jax.jit(
-        train_step.make_train_step(
-            model.spec, rules.default_rules(), loss_cfg, optimizer, remat=args.remat
-        ),
-        donate_argnums=(0,),
-    )
     # config.model.teacher_dtype: the teacher's weights (and forward) in bf16 or float32.
     teacher = jax.tree.map(lambda x: x.astype(args.teacher_dtype), model.params)
     state = train_step.init_state(jax.tree.map(jnp.copy, model.params), optimizer, 0)
+    if args.stage == 1 and args.microbatches == 1:
+        step = jax.jit(
+            train_step.make_train_step(
+                model.spec, rules.default_rules(), loss_cfg, optimizer, remat=args.remat
+            ),
+            donate_argnums=(0,),
+        )
+    else:
+        step, state, batch, teacher = _pipelined(args, model.spec, loss_cfg, optimizer, state,
+                                                 batch, teacher)  # fmt: skip
     state, metrics = step(state, batch, teacher)  # compile + warm-up
     jax.block_until_ready(metrics)
     times = []
@@ -130,6 +134,34 @@ def run_jax(args) -> dict:
         "device": f"{device.device_kind} ({device.platform})",
         "peak_device_mib": stats["peak_bytes_in_use"] / 2**20 if stats else None,
     }
+
+
+def _pipelined(args, spec, loss_cfg, optimizer, state, batch, teacher):
+    """The step as train.py builds it for config.mesh.stage / train.microbatches: a (stage,)
+    mesh over that many devices (fake CPU devices here, see main), everything placed with the
+    trainer's shardings."""
+    import jax
+
+    from tsld_jax import sharding, train_step
+    from tsld_jax.models import decoder
+    from tsld_jax.quant import rules
+
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[: args.stage], stage=args.stage)
+    pipeline = decoder.Pipeline(args.stage, args.microbatches, mesh)
+    state_shardings = sharding.state_shardings(jax.eval_shape(lambda s: s, state), optimizer, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    teacher_shardings = sharding.param_shardings(teacher, mesh)
+    step = jax.jit(
+        train_step.make_train_step(
+            spec, rules.default_rules(), loss_cfg, optimizer, remat=args.remat, pipeline=pipeline
+        ),
+        in_shardings=(state_shardings, batch_sharding, teacher_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
+    place = jax.device_put
+    return (step, place(state, state_shardings), place(batch, batch_sharding),
+            place(teacher, teacher_shardings))  # fmt: skip
 
 
 def run_torch(args) -> dict:
@@ -232,7 +264,25 @@ def main():
         default="float32",
         help="jax: config.model.teacher_dtype (the student's latent weights stay float32)",
     )
+    parser.add_argument(
+        "--stage",
+        type=int,
+        default=1,
+        help="jax: pipeline stages (config.mesh.stage), on as many devices (fake CPU devices "
+        "on a CPU host: they share its cores, so this measures the schedule's overhead)",
+    )
+    parser.add_argument(
+        "--microbatches", type=int, default=1, help="jax: config.train.microbatches"
+    )
     args = parser.parse_args()
+    if args.impl == "jax" and args.stage > 1 and "jax" not in sys.modules:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={args.stage}"
+            # As tests/conftest.py: the concurrency-optimized scheduler can deadlock fake
+            # devices' collectives on few cores.
+            + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+        )
     if args.impl:
         result = run_jax(args) if args.impl == "jax" else run_torch(args)
         result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -257,6 +307,10 @@ def main():
                 args.remat,
                 "--teacher-dtype",
                 args.teacher_dtype,
+                "--stage",
+                str(args.stage),
+                "--microbatches",
+                str(args.microbatches),
                 *flags,
             ],
             capture_output=True,
@@ -271,6 +325,7 @@ def main():
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; batch {args.batch} x "
         f"{args.length}; median of {args.steps} steps after one warm-up; remat={args.remat}; "
+        f"teacher {args.teacher_dtype}; stage {args.stage} x {args.microbatches} microbatches; "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} (both processes)"
     )
     for impl, r in results.items():
@@ -283,7 +338,8 @@ def main():
             f"({r['version']}, {r['device']})"
         )
     summary = {"batch": args.batch, "length": args.length, "model": args.model,
-               "tiny": args.tiny, "remat": args.remat, "results": results,
+               "tiny": args.tiny, "remat": args.remat, "teacher_dtype": args.teacher_dtype,
+               "stage": args.stage, "microbatches": args.microbatches, "results": results,
                "failures": failures}  # fmt: skip
     if {"jax", "torch"} <= set(results):
         jax_r, torch_r = results["jax"], results["torch"]
