@@ -106,3 +106,18 @@ def test_a_larger_table_keeps_its_rows_apart(tiny_table):
     )
     assert "--config.seed=1" in overrides and "--config.model.name_or_path=t" in overrides
     assert "--config.train.steps=1" in overrides  # 0.0005 epochs of 1000 batches, rounded up to 1
+
+
+def test_llama_cpp_check_scores_tokens_as_the_training_loss_does():
+    import jax.numpy as jnp
+
+    from experiments import llama_cpp_check
+    from tsld_jax import losses
+
+    rng = np.random.default_rng(0)
+    logits_TxV = rng.normal(size=(12, 50)).astype(np.float32) * 3
+    tokens_T = rng.integers(0, 50, size=12)
+    nll = llama_cpp_check.next_token_nll(logits_TxV, tokens_T)
+    # losses.gt: the mean next-token cross-entropy of the student's logits for positions 0..T-2
+    expected = losses.gt(jnp.asarray(logits_TxV[None, :-1]), jnp.asarray(tokens_T[None, 1:]))
+    assert nll.shape == (11,) and float(nll.mean()) == pytest.approx(float(expected), rel=1e-5)
