@@ -202,8 +202,15 @@ def train_row(workdir: str, overrides: list[str]) -> float:
     if os.path.exists(_wall_file(workdir)):
         with open(_wall_file(workdir)) as f:
             previous = json.load(f)["wall_s"]
-    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
-               os.path.join(ROOT, "configs", "base.py"), "--workdir", workdir, *overrides]
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--config",
+        os.path.join(ROOT, "configs", "base.py"),
+        "--workdir",
+        workdir,
+        *overrides,
+    ]
     print("+ " + " ".join(command[1:]), flush=True)
     started = time.perf_counter()
     with open(os.path.join(workdir, "paper_table.log"), "a") as log:
@@ -235,8 +242,15 @@ def split_ppl(params, spec, tokenizer, table: Table, data_dir: str, quantizer=No
     out = {}
     for split in ("validation", "test"):
         result = perplexity.run(
-            params, spec, tokenizer, task="ptb", split=split, data_dir=data_dir,
-            block_size=table.block_size, batch_size=table.eval_batch, quantizer=quantizer,
+            params,
+            spec,
+            tokenizer,
+            task="ptb",
+            split=split,
+            data_dir=data_dir,
+            block_size=table.block_size,
+            batch_size=table.eval_batch,
+            quantizer=quantizer,
             progress=False,
         )
         out[split] = result["ppl"]
@@ -266,8 +280,14 @@ def position_errors(teacher_dir: str, workdir: str, table: Table, data_dir: str)
         perplexity.load_lines("ptb", "validation", data_dir), teacher.tokenizer, table.block_size
     )
     errors = divergence.position_errors(
-        teacher.params, teacher.spec, run["params"], run["spec"], blocks,
-        batch_size=table.eval_batch, quantizer=run["quantizer"], progress=False,
+        teacher.params,
+        teacher.spec,
+        run["params"],
+        run["spec"],
+        blocks,
+        batch_size=table.eval_batch,
+        quantizer=run["quantizer"],
+        progress=False,
     )
     return {k: [float(x) for x in v] for k, v in errors.items()} | {"blocks": len(blocks)}
 
@@ -309,7 +329,8 @@ def run_table(table: Table, data_dir: str, runs: str, only: list[str] | None) ->
         print(f"== {table.name}: {row}", flush=True)
         started = time.perf_counter()
         record: dict[str, Any] = {
-            "date": datetime.date.today().isoformat(), "machine": machine(),
+            "date": datetime.date.today().isoformat(),
+            "machine": machine(),
         }
         if row == "ptq":
             if "fp" not in results["rows"]:
@@ -407,12 +428,19 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        loss = "gt (FP)" if name == "fp" else "none (RTN)" if name == "ptq" else name.rsplit("_s", 1)[0]
+        loss = (
+            "gt (FP)"
+            if name == "fp"
+            else "none (RTN)"
+            if name == "ptq"
+            else name.rsplit("_s", 1)[0]
+        )
         seed = r.get("seed", "")
         steps = r.get("steps", "")
         wall = f"{r['wall_s'] / 60:.1f} min"
         lines.append(
-            f"| {name} | {loss} | {seed} | {steps} | {r['validation']:.2f} | {r['test']:.2f} | {wall} |"
+            f"| {name} | {loss} | {seed} | {steps} | {r['validation']:.2f} | {r['test']:.2f} "
+            f"| {wall} |"
         )
     summary = []
     for loss in table["losses"]:
@@ -424,8 +452,14 @@ def markdown(results: dict) -> str:
                 f"{mean_t:.2f} ± {(max(test) - min(test)) / 2:.2f} |"
             )
     if summary:
-        lines += ["", "Over seeds (mean ± half the range):", "",
-                  "| loss | seeds | val ppl | test ppl |", "|---|---|---|---|", *summary]
+        lines += [
+            "",
+            "Over seeds (mean ± half the range):",
+            "",
+            "| loss | seeds | val ppl | test ppl |",
+            "|---|---|---|---|",
+            *summary,
+        ]
     if results.get("reruns"):
         lines += ["", "Re-runs from the recorded config (a fresh workdir):", ""]
         for name, r in results["reruns"].items():
@@ -434,10 +468,14 @@ def markdown(results: dict) -> str:
                 f"test {r['test']:.2f} (table {rows[name]['test']:.2f})"
             )
     if results.get("positions"):
-        lines += ["", "Error along the sequence (PTB validation; KL(teacher || student) in nats, "
-                  "mean over the first and last eighth of the positions):", "",
-                  "| student | KL first | KL last | top-1 agree first | top-1 agree last |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Error along the sequence (PTB validation; KL(teacher || student) in nats, "
+            "mean over the first and last eighth of the positions):",
+            "",
+            "| student | KL first | KL last | top-1 agree first | top-1 agree last |",
+            "|---|---|---|---|---|",
+        ]
         for name, p in results["positions"].items():
             eighth = max(1, len(p["kl"]) // 8)
             kl, ag = p["kl"], p["agreement"]
@@ -446,8 +484,11 @@ def markdown(results: dict) -> str:
                 f"{sum(ag[:eighth]) / eighth:.3f} | {sum(ag[-eighth:]) / eighth:.3f} |"
             )
     machine_info = next(iter(rows.values()))["machine"] if rows else {}
-    lines += ["", f"Machine: {machine_info.get('cpu', '?')}, {machine_info.get('cores', '?')} "
-              f"cores, {machine_info.get('backend', '?')}, jax {machine_info.get('jax', '?')}."]
+    lines += [
+        "",
+        f"Machine: {machine_info.get('cpu', '?')}, {machine_info.get('cores', '?')} "
+        f"cores, {machine_info.get('backend', '?')}, jax {machine_info.get('jax', '?')}.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -69,7 +69,9 @@ def test_rows_are_recorded_and_never_recomputed(tiny_table, shared_data, monkeyp
         assert record["curve"] and record["curve"][-1][0] == record["steps"] * 4 * 32
     assert "--config.loss.kind=tsld" in results["rows"]["tsld_s0"]["train_py"]
     # Round-to-nearest ternary changes the teacher (its own row, not a copy of fp's).
-    assert results["rows"]["ptq"]["validation"] != pytest.approx(results["rows"]["fp"]["validation"])
+    assert results["rows"]["ptq"]["validation"] != pytest.approx(
+        results["rows"]["fp"]["validation"]
+    )
     # The analysis of the students it has (tsld here): one value per position of the block.
     positions = results["positions"]["tsld_s0"]
     assert len(positions["kl"]) == 32 and min(positions["kl"]) >= 0
