@@ -46,7 +46,7 @@ def tiny_table(tmp_path_factory, shared_data):
         name="tiny", title="a tiny test table", student=str(model_dir), block_size=32,
         batch_size=4, fp_epochs=0.0005, fp_lr=1e-3, fp_warmup=0, qat_epochs=0.0005,
         qat_lr=1e-3, qat_warmup=0, seeds=(0,), losses=("tsld",), eval_blocks=4,
-        eval_batch=4,
+        eval_batch=4, final_blocks=16,
     )  # fmt: skip
     return table, base
 
@@ -89,6 +89,7 @@ def test_rows_are_recorded_and_never_recomputed(tiny_table, shared_data, monkeyp
     assert stored["rows"].keys() == results["rows"].keys()
     markdown = (base / "results" / "tiny.md").read_text()
     assert "| tsld_s0 | tsld | 0 |" in markdown and "Error along the sequence" in markdown
+    assert "over the first 16 blocks of each split" in markdown
     assert (base / "results" / "tiny_curves.png").exists()
     assert (base / "results" / "tiny_positions.png").exists()
 

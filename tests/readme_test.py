@@ -1,14 +1,18 @@
 """Every command block of README.md runs, with small limits, so that the README cannot rot.
 
-Bash blocks run in order in one scratch directory laid out like a checkout (the commands, the
-configs and `../shared` beside it), so that a later block can read what an earlier one wrote
-(`eval.py --checkpoint runs/smollm2`). Each `python train.py` / `python eval.py` line gets flags
+Bash blocks run in one scratch directory laid out like a checkout (the commands, the configs
+and `../shared` beside it). A command that names a path an earlier one named (`runs/smollm2`,
+`results/...`) runs after it, in README order (`eval.py --checkpoint runs/smollm2` reads what
+`train.py --workdir runs/smollm2` wrote); chains that share no path run two at a time, since
+each command is a process that spends much of its time on one core (imports, loading,
+tracing, XLA's compiles). Each `python train.py` / `python eval.py` line gets flags
 appended that shrink its work (later flags win in both parsers); lines that set up or run the
 whole suite are listed in SKIPPED and not run here (`.ci/run` runs `make test` itself). A command
 this file does not know fails the test, so a new README command needs a rule here. Python blocks
 run in order in one namespace.
 """
 
+import concurrent.futures
 import os
 import re
 import shlex
@@ -98,6 +102,51 @@ def checkout(tmp_path_factory, shared_data):
     return work
 
 
+_PATHS = re.compile(r"\b(?:runs|results)/[\w.-]+")
+
+
+def _chains(commands: list[str]) -> list[list[str]]:
+    """The commands in chains: each chain keeps README order and holds every command that
+    names a path (under runs/ or results/) another of its commands names."""
+    chains: list[list[str]] = []
+    owner: dict[str, int] = {}
+    for command in commands:
+        paths = set(_PATHS.findall(command))
+        joined = sorted({owner[p] for p in paths if p in owner})
+        if joined:
+            index = joined[0]
+            for other in reversed(joined[1:]):  # a command that links two chains joins them
+                chains[index] += chains[other]
+                chains[other] = []
+                for p, i in owner.items():
+                    if i == other:
+                        owner[p] = index
+        else:
+            index = len(chains)
+            chains.append([])
+        chains[index].append(command)
+        for p in paths:
+            owner[p] = index
+    return [chain for chain in chains if chain]
+
+
+def test_chains_keep_dependent_commands_in_order():
+    commands = [
+        "python eval.py --output results/a.json",
+        "python train.py --workdir runs/x",
+        "python train.py --workdir runs/y",
+        "python eval.py --checkpoint runs/x",
+        "python export.py --checkpoint runs/x --output m.gguf",
+    ]
+    assert _chains(commands) == [
+        [commands[0]],
+        [commands[1], commands[3], commands[4]],
+        [commands[2]],
+    ]
+    linked = commands[:3] + ["python tool.py runs/x runs/y"]
+    assert _chains(linked) == [[commands[0]], [commands[1], commands[2], linked[3]]]
+
+
 @pytest.mark.slow
 def test_readme_bash_blocks_run(checkout):
     env = {
@@ -107,18 +156,25 @@ def test_readme_bash_blocks_run(checkout):
         "JAX_COMPILATION_CACHE_DIR": CACHE,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
-    ran = 0
-    for block in _blocks("bash"):
-        for command in _commands(block):
-            shrunk = _shrunk(command)
-            if shrunk is None:
-                continue
+    commands = [c for block in _blocks("bash") for c in _commands(block) if _shrunk(c)]
+
+    def run_chain(chain: list[str]) -> list[tuple[str, subprocess.CompletedProcess]]:
+        done = []
+        for command in chain:
             result = subprocess.run(
-                shrunk, shell=True, cwd=checkout, env=env, capture_output=True, text=True
-            )
-            assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
-            ran += 1
-    assert ran >= 7
+                _shrunk(command), shell=True, cwd=checkout, env=env, capture_output=True,
+                text=True,
+            )  # fmt: skip
+            done.append((command, result))
+            if result.returncode != 0:
+                break  # what follows in the chain reads what this one should have written
+        return done
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        finished = [run for chain in pool.map(run_chain, _chains(commands)) for run in chain]
+    for command, result in finished:
+        assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+    assert len(finished) == len(commands) >= 7
     assert (checkout / "results" / "smollm2_ptb.json").exists()
     assert (checkout / "runs" / "smollm2" / "results.json").exists()
 
