@@ -56,6 +56,11 @@ _MAGIC = 8388608.0  # 2^23: float32 integers from 2^23 to 2^24 have unit spacing
 _MAGIC_BITS = 0x4B000000  # its bit pattern
 # Programs a decode launch aims for: about two per SM of an H100 (132 SMs) or A100 (108).
 _TARGET_PROGRAMS = 264
+# K splits must divide the K tile count, and some K give few divisors: LLaMA's down projection
+# (K = 11008 = 43 tiles of 256, a prime count) got no split, 32 programs for an H100's 132 SMs.
+# Such a launch halves its K tile, down to this, while that buys more programs (11008: 172
+# tiles of 64, 4 splits, 128 programs); a smaller tile costs more loop overhead per weight.
+_MIN_SPLIT_BLOCK_K = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,13 +122,21 @@ def _fit(blocks: BlockSizes, packed: PackedWeight, m: int) -> tuple[BlockSizes, 
             f"with group size {packed.group_size}; use a group size that is a multiple of "
             f"{per_word}"
         )
-    k_blocks = kp // block_k
     mp = -(-m // block_m) * block_m
-    splits = blocks.k_splits
-    if splits <= 0:
-        tiles = (mp // block_m) * (np_ // block_n)
-        splits = max(1, -(-_TARGET_PROGRAMS // tiles))
-    splits = max(d for d in range(1, min(splits, k_blocks) + 1) if k_blocks % d == 0)
+    tiles = (mp // block_m) * (np_ // block_n)
+    wanted = blocks.k_splits if blocks.k_splits > 0 else max(1, -(-_TARGET_PROGRAMS // tiles))
+
+    def splits_for(block_k: int) -> int:  # the most splits <= wanted that divide the K tiles
+        k_blocks = kp // block_k
+        return max(d for d in range(1, min(wanted, k_blocks) + 1) if k_blocks % d == 0)
+
+    splits = splits_for(block_k)
+    if blocks.k_splits <= 0:
+        while tiles * splits < _TARGET_PROGRAMS // 2 and block_k // 2 >= _MIN_SPLIT_BLOCK_K:
+            smaller = block_k // 2
+            if smaller % per_word or splits_for(smaller) <= splits:
+                break
+            block_k, splits = smaller, splits_for(smaller)
     fitted = dataclasses.replace(
         blocks, block_m=block_m, block_n=block_n, block_k=block_k, k_splits=splits
     )

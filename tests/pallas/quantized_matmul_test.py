@@ -3,6 +3,8 @@
 The kernels run natively on a GPU and in Pallas interpret mode elsewhere (CPU CI).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +113,33 @@ def test_dispatch_by_rows():
     assert (prefill.block_m, prefill.k_splits, mp) == (128, 1, 4096)
     group, _ = qmm._fit(qmm.DECODE, _abstract((512, 64), ASYM4), 1)
     assert group.block_k == 32  # a K tile never crosses a scale group
+
+
+def test_awkward_k_takes_smaller_tiles_to_fill_the_gpu():
+    # LLaMA-7B's down projection: K = 11008 is 43 K tiles of 256 (prime: no split), so one
+    # decode token had 32 programs; 64-row tiles give 172 = 4 x 43 and 4 splits.
+    down, _ = qmm._fit(qmm.DECODE, _abstract((11008, 4096), TWN), 1)
+    assert (down.block_k, down.k_splits) == (64, 4)
+    assert (4096 // down.block_n) * down.k_splits == 128
+    # Shapes whose tiles already split enough keep the default tile.
+    square, _ = qmm._fit(qmm.DECODE, _abstract((8192, 8192), TWN), 1)
+    assert (square.block_k, square.k_splits) == (256, 4)
+    up, _ = qmm._fit(qmm.DECODE, _abstract((4096, 11008), TWN), 1)
+    assert (up.block_k, up.k_splits) == (256, 4)
+    # Explicit splits are kept as given; the K tile never goes below the floor.
+    fixed, _ = qmm._fit(
+        dataclasses.replace(qmm.DECODE, k_splits=1), _abstract((11008, 4096), TWN), 1
+    )
+    assert (fixed.block_k, fixed.k_splits) == (256, 1)
+    # And the result is still the product: 5 K tiles of 256 (prime) become 20 tiles of 64.
+    for spec in (TWN, ASYM4, SYM8):
+        x, packed = _problem(spec, (1, 1280), 1280, 128, jnp.float32, seed=3)
+        fitted, _ = qmm._fit(qmm.select_block_sizes(1, jnp.float32), packed, 1)
+        # (asym4's 32-row scale groups cap its K tile at 32 from the start: 40 splits.)
+        expected = (32, 40) if spec is ASYM4 else (64, 20)
+        assert (fitted.block_k, fitted.k_splits) == expected
+        out = qmm.quantized_matmul(x, packed, interpret=INTERPRET)
+        assert _relative_error(out, x, packed) < TOLERANCE[jnp.float32]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
