@@ -51,6 +51,7 @@ def tiny_table(tmp_path_factory, shared_data):
     return table, base
 
 
+@pytest.mark.slow  # train.py end to end, twice (as train_test's runs; .ci/py312 skips them)
 def test_rows_are_recorded_and_never_recomputed(tiny_table, shared_data, monkeypatch):
     table, base = tiny_table
     monkeypatch.setattr(paper_table, "RESULTS", str(base / "results"))
