@@ -88,7 +88,11 @@ _BRANCH = re.compile(r"\bBRA\b[^`]*`\((\.L_x_\d+)\)")
 
 
 def loop_body(sass: str) -> list[str]:
-    """The opcodes of the K loop: the longest backward branch's span that holds an MMA."""
+    """The opcodes of the K loop: the longest backward branch's span that holds an MMA.
+
+    A launch of one K step per program has no K loop (the compiler drops a one-trip loop):
+    then the whole kernel is what a program runs for its one tile, and is returned.
+    """
     opcodes, labels, loops = [], {}, []
     for line in sass.splitlines():
         label = _LABEL.match(line)
@@ -103,7 +107,7 @@ def loop_body(sass: str) -> list[str]:
         if branch and branch.group(1) in labels:  # a label already seen: a backward branch
             loops.append(opcodes[labels[branch.group(1)] :])
     with_mma = [body for body in loops if any(op in _MMA for op in body)]
-    return max(with_mma or loops or [[]], key=len)
+    return max(with_mma, key=len) if with_mma else opcodes
 
 
 def packed_bytes(packed) -> int:
@@ -177,13 +181,37 @@ def _count(opcode: str, sass: str) -> int:
     return len(re.findall(r"\b" + opcode + r"\b", sass))
 
 
+def _make_ttir(ir_path: str, arch: int) -> str:
+    """Runs Triton's first stage (`make_ttir`: canonicalize, combine, CSE ...) on the lowered IR.
+
+    `triton.compile` skips that stage for an IR file (it takes the file as already made), but
+    XLA runs the same passes first when it compiles a Pallas kernel, and they matter: the
+    combine pass folds `acc + dot(a, b)` into the dot's accumulator. Returns the new path.
+    """
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = ir.parse_mlir_module(ir_path, context)
+    module.context = context
+    backend.make_ttir(module, {}, None, arch)
+    made = ir_path[: -len(".ttir")] + ".made.ttir"
+    with open(made, "w") as f:
+        f.write(str(module))
+    return made
+
+
 def compile_report(ir_path: str, arch: int, num_warps: int, num_stages: int) -> dict:
     """Compiles Triton IR for sm_<arch>: resources, whole-kernel and K-loop instruction counts."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     kernel = triton.compile(
-        ir_path,
+        _make_ttir(ir_path, arch),
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )

@@ -56,11 +56,9 @@ _MAGIC = 8388608.0  # 2^23: float32 integers from 2^23 to 2^24 have unit spacing
 _MAGIC_BITS = 0x4B000000  # its bit pattern
 # Programs a decode launch aims for: about two per SM of an H100 (132 SMs) or A100 (108).
 _TARGET_PROGRAMS = 264
-# K splits must divide the K tile count, and some K give few divisors: LLaMA's down projection
-# (K = 11008 = 43 tiles of 256, a prime count) got no split, 32 programs for an H100's 132 SMs.
-# Such a launch halves its K tile, down to this, while that buys more programs (11008: 172
-# tiles of 64, 4 splits, 128 programs); a smaller tile costs more loop overhead per weight.
-_MIN_SPLIT_BLOCK_K = 64
+# 8-bit codes take a byte per weight in shared memory, four times the 2-bit words: their K
+# tile is capped here so that the pipeline stages fit an A100's 163 KB.
+_INT8_MAX_BLOCK_K = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +72,14 @@ class BlockSizes:
       block_k: K rows per step of a program's loop; lowered to the largest power of two that
         divides the padded K and the scale group, and is a multiple of the packing.
       k_splits: programs sharing one output tile along K (partial sums added afterwards); 0
-        picks enough to give about `_TARGET_PROGRAMS` programs.
+        picks enough to give about `_TARGET_PROGRAMS` programs. Splits need not divide the
+        K tile count: each takes ceil(tiles / splits) tiles, and the steps past the last
+        tile read zero activations.
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining depth of the K loop.
+      pairs: unpack 2- and 4-bit codes two per 32-bit operation into 16-bit floats
+        (`_paired_fields_dot`) where the activations are bf16/f16 and block_k >= 8 x values
+        per word; False expands the words into float32 rows first (the first kernel's way).
     """
 
     block_m: int
@@ -85,17 +88,20 @@ class BlockSizes:
     k_splits: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    pairs: bool = True
 
 
 # Launch defaults, checked by bench/kernels_static.py against the sm_80/sm_90 compilers: no spills,
-# shared memory within an A100's 163 KB and an H100's 227 KB (docs/kernels.md).
-DECODE = BlockSizes(block_m=16, block_n=128, block_k=256, k_splits=0, num_warps=8, num_stages=4)
+# shared memory within an A100's 163 KB and an H100's 227 KB (docs/kernels.md). Decode: 4 warps
+# and 512-row K tiles give each thread 256 weights a tile, over which the loop's fixed costs
+# (addresses, barriers) spread thin: W2 unpacks at under 2 instructions a weight on sm_90.
+DECODE = BlockSizes(block_m=16, block_n=128, block_k=512, k_splits=0, num_warps=4, num_stages=4)
 # 17..64 rows: one 64-row tile (weights still read once); half the K tile and one stage fewer,
 # since the activation tile grows fourfold.
 DECODE_WIDE = BlockSizes(
-    block_m=64, block_n=128, block_k=128, k_splits=0, num_warps=8, num_stages=3
+    block_m=64, block_n=128, block_k=256, k_splits=0, num_warps=4, num_stages=3
 )
-PREFILL = BlockSizes(block_m=128, block_n=128, block_k=64, k_splits=1, num_warps=8, num_stages=3)
+PREFILL = BlockSizes(block_m=128, block_n=128, block_k=128, k_splits=1, num_warps=8, num_stages=3)
 
 
 def _pow2_at_most(x: int) -> int:
@@ -115,7 +121,8 @@ def _fit(blocks: BlockSizes, packed: PackedWeight, m: int) -> tuple[BlockSizes, 
     per_word = packed.values_per_word
     block_m = min(blocks.block_m, max(16, 1 << max(m - 1, 0).bit_length()))
     block_n = _largest_pow2_divisor_at_most(np_, blocks.block_n)
-    block_k = _largest_pow2_divisor_at_most(math.gcd(kp, packed.group_rows), blocks.block_k)
+    cap = min(blocks.block_k, _INT8_MAX_BLOCK_K) if per_word == 1 else blocks.block_k
+    block_k = _largest_pow2_divisor_at_most(math.gcd(kp, packed.group_rows), cap)
     if block_k % per_word:
         raise NotImplementedError(
             f"no K tile fits a {packed.container_bits}-bit packing ({per_word} values per word) "
@@ -124,21 +131,14 @@ def _fit(blocks: BlockSizes, packed: PackedWeight, m: int) -> tuple[BlockSizes, 
         )
     mp = -(-m // block_m) * block_m
     tiles = (mp // block_m) * (np_ // block_n)
+    k_tiles = kp // block_k
     wanted = blocks.k_splits if blocks.k_splits > 0 else max(1, -(-_TARGET_PROGRAMS // tiles))
-
-    def splits_for(block_k: int) -> int:  # the most splits <= wanted that divide the K tiles
-        k_blocks = kp // block_k
-        return max(d for d in range(1, min(wanted, k_blocks) + 1) if k_blocks % d == 0)
-
-    splits = splits_for(block_k)
-    if blocks.k_splits <= 0:
-        while tiles * splits < _TARGET_PROGRAMS // 2 and block_k // 2 >= _MIN_SPLIT_BLOCK_K:
-            smaller = block_k // 2
-            if smaller % per_word or splits_for(smaller) <= splits:
-                break
-            block_k, splits = smaller, splits_for(smaller)
+    # As many splits as wanted, each of ceil(k_tiles / splits) tiles, then as few splits as
+    # that length needs: LLaMA's K = 11008 (43 tiles of 256, a prime count) splits 9 ways
+    # in 5 tiles each (2 idle steps of 45) rather than not at all.
+    steps = -(-k_tiles // min(wanted, k_tiles))
     fitted = dataclasses.replace(
-        blocks, block_m=block_m, block_n=block_n, block_k=block_k, k_splits=splits
+        blocks, block_m=block_m, block_n=block_n, block_k=block_k, k_splits=-(-k_tiles // steps)
     )
     return fitted, mp
 
@@ -154,16 +154,22 @@ def _kernel(
     has_zeros: bool,
     block_k: int,
     k_steps: int,
+    k_tiles: int,
     group_rows: int,
     compute_dtype,
+    pairs: bool,
+    one_group: bool,
 ):
-    if has_zeros:
-        zeros_ref, out_ref = rest
-    else:
-        (out_ref,) = rest
+    rest = list(rest)
+    sums_ref = rest.pop(0) if pairs else None
+    zeros_ref = rest.pop(0) if has_zeros else None
+    (out_ref,) = rest
     block_m = x_ref.shape[0]
     block_n = codes_ref.shape[-1]
     first_step = pl.program_id(2) * k_steps
+    # Splits need not divide the K tiles: the last one then starts early, at k_tiles - k_steps,
+    # and its x holds zeros for the tiles it shares with the one before (`_split_layout`).
+    first_tile = jnp.minimum(first_step, k_tiles - k_steps)
     words_per_tile = block_k // per_word
     # Codes become floats without an int-to-float conversion (a quarter-rate instruction that
     # would bound decoding): OR-ing a non-negative integer u < 2^23 into the mantissa of 2^23
@@ -171,9 +177,26 @@ def _kernel(
     # leaves the integer value, exact in float32 and then in the activations' dtype.
     base = offset if per_word > 1 else offset + 128
 
-    def step(i, acc_MxN):
-        kk = first_step + i  # this tile's index along the padded K
-        x_MxK = x_ref[:, pl.ds(kk * block_k, block_k)].astype(compute_dtype)
+    def step(i, carry):
+        acc_MxN, xsum_Mx1 = carry
+        kx = first_step + i  # this step's K tile in x's layout (`_split_layout`)
+        kk = first_tile + i  # and in the weights'
+        if pairs and one_group:  # the scale and the offset are applied once, after the loop
+            acc_MxN = _paired_fields_dot(
+                acc_MxN, x_ref, codes_ref, kx, kk, cbits, per_word, block_k, compute_dtype
+            )
+            return acc_MxN, xsum_Mx1 + sums_ref[:, pl.ds(kx, 1)]
+        group = (kk * block_k) // group_rows
+        mult_1xN = mult_ref[pl.ds(group, 1), :]
+        zero_1xN = zeros_ref[pl.ds(group, 1), :] if has_zeros else 0.0
+        if pairs:
+            partial_MxN = _paired_fields_dot(
+                jnp.zeros_like(acc_MxN), x_ref, codes_ref, kx, kk, cbits, per_word, block_k,
+                compute_dtype,
+            )  # fmt: skip
+            xsum_tile_Mx1 = sums_ref[:, pl.ds(kx, 1)]
+            return acc_MxN + unbias(partial_MxN, xsum_tile_Mx1, mult_1xN, zero_1xN), xsum_Mx1
+        x_MxK = x_ref[:, pl.ds(kx * block_k, block_k)].astype(compute_dtype)
         if per_word == 1:
             unsigned_KxN = codes_ref[pl.ds(kk * block_k, block_k), :].astype(jnp.int32) + 128
         else:
@@ -183,18 +206,100 @@ def _kernel(
             fields_WxPxN = lax.shift_right_logical(words_WxN[:, None, :], shift_1xPx1)
             unsigned_KxN = (fields_WxPxN & (2**cbits - 1)).reshape(block_k, block_n)
         magic_KxN = lax.bitcast_convert_type(unsigned_KxN | _MAGIC_BITS, jnp.float32)
-        group = (kk * block_k) // group_rows
-        mult_1xN = mult_ref[pl.ds(group, 1), :]
-        if has_zeros:
-            bias_1xN = zeros_ref[pl.ds(group, 1), :] + (_MAGIC + base)
-            w_KxN = (magic_KxN - bias_1xN).astype(compute_dtype)
-        else:
-            w_KxN = (magic_KxN - (_MAGIC + base)).astype(compute_dtype)
+        w_KxN = (magic_KxN - (zero_1xN + (_MAGIC + base))).astype(compute_dtype)
         partial_MxN = jnp.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32)
-        return acc_MxN + partial_MxN * mult_1xN
+        return acc_MxN + partial_MxN * mult_1xN, xsum_Mx1
 
-    acc_MxN = lax.fori_loop(0, k_steps, step, jnp.zeros((block_m, block_n), jnp.float32))
+    def unbias(raw_MxN, xsum_Mx1, mult_1xN, zero_1xN):
+        # The dots saw 1 + u / 2^c for code u: rescale, and take away x's sums times the
+        # offset the values carried (1 + (base + zero) / 2^c), per row and column.
+        shift_1xN = 1.0 + (zero_1xN + base) * (0.5**cbits)
+        return (raw_MxN - xsum_Mx1 * shift_1xN) * (mult_1xN * 2.0**cbits)
+
+    carry = (jnp.zeros((block_m, block_n), jnp.float32), jnp.zeros((block_m, 1), jnp.float32))
+    acc_MxN, xsum_Mx1 = lax.fori_loop(0, k_steps, step, carry)
+    if pairs and one_group:
+        group = (first_tile * block_k) // group_rows
+        zero_1xN = zeros_ref[pl.ds(group, 1), :] if has_zeros else 0.0
+        acc_MxN = unbias(acc_MxN, xsum_Mx1, mult_ref[pl.ds(group, 1), :], zero_1xN)
     out_ref[...] = acc_MxN.astype(out_ref.dtype)
+
+
+# 16-bit floats: mantissa bits, and the bit pattern of 1.0.
+_HALF_FORMATS = {jnp.dtype(jnp.bfloat16): (7, 0x3F80), jnp.dtype(jnp.float16): (10, 0x3C00)}
+# A dot covers at least this many K rows (mma k16 for 16-bit operands).
+_MIN_DOT_K = 16
+
+
+def _paired_fields_dot(acc_MxN, x_ref, codes_ref, kx, kk, cbits, per_word, block_k, dtype):
+    """`acc + x_tile @ (1 + U / 2^c)`: x's K tile kx, the codes U of K tile kk, two codes per
+    32-bit operation (the dots add into acc, which Triton folds into the matrix unit's
+    accumulator).
+
+    Field f and field f + P/2 of a word sit 16 bits apart, in its two halves. One shift puts
+    both at the top of a 16-bit float's mantissa and one AND-OR (a LOP3) sets their exponent:
+    the word is then two 16-bit floats 1 + u / 2^c, exactly (u < 2^c), and is already the
+    pair of K-adjacent operands one register of the matrix unit takes. Pair g of the tile's
+    word rows is the `(2W, N)` operand with rows `2j, 2j + 1` = fields g, g + P/2 of word row
+    j; x comes with its tile's columns in that order (`_paired_order`), one dot per pair.
+    """
+    mantissa_bits, one_bits = _HALF_FORMATS[jnp.dtype(dtype)]
+    low = mantissa_bits - cbits  # where a code's lowest bit goes
+    mask = ((2**cbits - 1) << low) * 0x10001
+    one = one_bits * 0x10001
+    words = block_k // per_word
+    words_WxN = codes_ref[pl.ds(kk * words, words), :]
+    for g in range(per_word // 2):
+        move = cbits * g - low
+        if move > 0:
+            moved_WxN = lax.shift_right_logical(words_WxN, move)
+        elif move < 0:
+            moved_WxN = lax.shift_left(words_WxN, -move)
+        else:
+            moved_WxN = words_WxN
+        halves_WxN = (moved_WxN & mask) | one
+        lo_WxN = lax.bitcast_convert_type(halves_WxN.astype(jnp.int16), dtype)
+        hi_WxN = lax.bitcast_convert_type(
+            lax.shift_right_logical(halves_WxN, 16).astype(jnp.int16), dtype
+        )
+        w_2WxN = jnp.stack([lo_WxN, hi_WxN], axis=-1).transpose(0, 2, 1)
+        w_2WxN = w_2WxN.reshape(2 * words, w_2WxN.shape[-1])
+        x_Mx2W = x_ref[:, pl.ds(kx * block_k + g * 2 * words, 2 * words)].astype(dtype)
+        acc_MxN = acc_MxN + jnp.dot(x_Mx2W, w_2WxN, preferred_element_type=jnp.float32)
+    return acc_MxN
+
+
+def _pairs_apply(blocks: BlockSizes, packed: PackedWeight, dtype) -> bool:
+    """Whether a fitted launch unpacks codes in pairs (`_paired_fields_dot`): 2-/4-bit codes,
+    16-bit activations, and a K tile whose per-pair dots still cover 16 rows (mma k16)."""
+    per_word = packed.values_per_word
+    return (
+        blocks.pairs
+        and per_word > 1
+        and jnp.dtype(_compute_dtype(dtype)) in _HALF_FORMATS
+        and 2 * blocks.block_k // per_word >= _MIN_DOT_K
+    )
+
+
+def _split_layout(x_MxK: jax.Array, block_k: int, k_steps: int, splits: int) -> jax.Array:
+    """x laid out as `splits` runs of `k_steps` K tiles: where the splits overrun the K tiles,
+    the last run starts with zero tiles (its program reads those tiles' weights, which the run
+    before it has already added)."""
+    overrun = (splits * k_steps - x_MxK.shape[1] // block_k) * block_k
+    if not overrun:
+        return x_MxK
+    last = (splits - 1) * k_steps * block_k
+    zeros = jnp.zeros((x_MxK.shape[0], overrun), x_MxK.dtype)
+    return jnp.concatenate([x_MxK[:, :last], zeros, x_MxK[:, last:]], axis=1)
+
+
+def _paired_order(x_MxK: jax.Array, block_k: int, per_word: int) -> jax.Array:
+    """x with each K tile's columns in the order `_paired_fields_dot` takes them: column
+    `2 W g + 2 j + h` of a tile (W word rows) holds its column `P j + g + h P / 2`."""
+    m, kp = x_MxK.shape
+    w = block_k // per_word
+    tiles = x_MxK.reshape(m, kp // block_k, w, 2, per_word // 2)
+    return tiles.transpose(0, 1, 4, 2, 3).reshape(m, kp)
 
 
 def _compute_dtype(dtype) -> jnp.dtype:
@@ -207,19 +312,28 @@ def _matmul_2d(x_MxK: jax.Array, packed: PackedWeight, interpret: bool, blocks: 
     m, k = x_MxK.shape
     kp, np_ = packed.padded_shape
     blocks, mp = _fit(blocks, packed, m)
+    bm, bn, bk, splits = blocks.block_m, blocks.block_n, blocks.block_k, blocks.k_splits
+    k_tiles = kp // bk
+    k_steps = -(-k_tiles // splits)
+    kx = splits * k_steps * bk  # x's K in the split layout: whole steps for every split
     x_MxK = jnp.pad(x_MxK, ((0, mp - m), (0, kp - k))) if (mp, kp) != (m, k) else x_MxK
+    x_MxK = _split_layout(x_MxK, bk, k_steps, splits)
     mult, zeros = qtensor.kernel_multipliers(packed)
     words = packed.codes.shape[0]
     groups = mult.shape[0]
-    bm, bn, bk, splits = blocks.block_m, blocks.block_n, blocks.block_k, blocks.k_splits
-    k_steps = kp // bk // splits
+    per_word = packed.values_per_word
+    pairs = _pairs_apply(blocks, packed, x_MxK.dtype)
 
     in_specs = [
-        pl.BlockSpec((bm, kp), lambda i, j, s: (i, 0)),
+        pl.BlockSpec((bm, kx), lambda i, j, s: (i, 0)),
         pl.BlockSpec((words, bn), lambda i, j, s: (0, j)),
         pl.BlockSpec((groups, bn), lambda i, j, s: (0, j)),
     ]
     args = [x_MxK, packed.codes, mult]
+    if pairs:
+        sums = x_MxK.astype(jnp.float32).reshape(mp, kx // bk, bk).sum(axis=-1)
+        args = [_paired_order(x_MxK, bk, per_word), packed.codes, mult, sums]
+        in_specs.append(pl.BlockSpec((bm, kx // bk), lambda i, j, s: (i, 0)))
     if zeros is not None:
         in_specs.append(pl.BlockSpec((groups, bn), lambda i, j, s: (0, j)))
         args.append(zeros)
@@ -237,8 +351,13 @@ def _matmul_2d(x_MxK: jax.Array, packed: PackedWeight, interpret: bool, blocks: 
         has_zeros=zeros is not None,
         block_k=bk,
         k_steps=k_steps,
+        k_tiles=k_tiles,
         group_rows=packed.group_rows,
         compute_dtype=_compute_dtype(x_MxK.dtype),
+        pairs=pairs,
+        # Each program's K range lies in one scale group (channel and tensor scales always;
+        # group scales when the splits are whole groups and the last does not start early).
+        one_group=groups == 1 or (packed.group_rows % (k_steps * bk) == 0 and kx == kp),
     )
     compiler_params = None
     if _TritonParams is not None and not interpret:

@@ -33,6 +33,19 @@ def test_loop_body_is_the_backward_branch_span_that_holds_the_mma():
     assert kernels_static.loop_body(SASS) == ["LOP3", "HMMA", "SHF", "BRA"]
 
 
+def test_a_kernel_without_a_k_loop_counts_whole():
+    # One K step per program: the one-trip loop is gone, the whole kernel is the tile's work
+    # (the trailing self-branch that parks a finished warp is no K loop).
+    sass = """
+        /*0000*/                   LOP3.LUT R2, R3, 0x3, RZ, 0xc0, !PT ;
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, RZ ;
+        /*0020*/                   EXIT ;
+.L_x_9:
+        /*0030*/                   BRA `(.L_x_9) ;
+"""
+    assert kernels_static.loop_body(sass) == ["LOP3", "HMMA", "EXIT", "BRA"]
+
+
 def test_prediction_floors_by_hand():
     gpu = kernels_static.GPUS[90]
     k = n = 8192

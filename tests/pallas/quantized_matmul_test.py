@@ -107,7 +107,7 @@ def test_dispatch_by_rows():
     assert qmm.select_block_sizes(qmm.DECODE_MAX_M + 1) is qmm.PREFILL
     packed = _abstract((4096, 4096), TWN)
     decode, mp = qmm._fit(qmm.DECODE, packed, 1)
-    assert (decode.block_m, mp, decode.block_k) == (16, 16, 256)
+    assert (decode.block_m, mp, decode.block_k) == (16, 16, 512)
     assert decode.k_splits * (4096 // decode.block_n) >= 256  # enough programs for one row
     prefill, mp = qmm._fit(qmm.PREFILL, packed, 4096)
     assert (prefill.block_m, prefill.k_splits, mp) == (128, 1, 4096)
@@ -115,31 +115,63 @@ def test_dispatch_by_rows():
     assert group.block_k == 32  # a K tile never crosses a scale group
 
 
-def test_awkward_k_takes_smaller_tiles_to_fill_the_gpu():
-    # LLaMA-7B's down projection: K = 11008 is 43 K tiles of 256 (prime: no split), so one
-    # decode token had 32 programs; 64-row tiles give 172 = 4 x 43 and 4 splits.
+def test_awkward_k_splits_unevenly_to_fill_the_gpu():
+    # LLaMA-7B's down projection: K = 11008 is 43 K tiles of 256 (prime: no even split), so one
+    # decode token had 32 programs; 9 splits of 5 tiles (the last starts 2 tiles early) give 288.
     down, _ = qmm._fit(qmm.DECODE, _abstract((11008, 4096), TWN), 1)
-    assert (down.block_k, down.k_splits) == (64, 4)
-    assert (4096 // down.block_n) * down.k_splits == 128
-    # Shapes whose tiles already split enough keep the default tile.
+    assert (down.block_k, down.k_splits) == (256, 9)
+    assert (4096 // down.block_n) * down.k_splits == 288
+    # Shapes whose tiles split evenly keep the default tile and split exactly.
     square, _ = qmm._fit(qmm.DECODE, _abstract((8192, 8192), TWN), 1)
-    assert (square.block_k, square.k_splits) == (256, 4)
-    up, _ = qmm._fit(qmm.DECODE, _abstract((4096, 11008), TWN), 1)
-    assert (up.block_k, up.k_splits) == (256, 4)
-    # Explicit splits are kept as given; the K tile never goes below the floor.
+    assert (square.block_k, square.k_splits) == (512, 4)
+    # Explicit splits are kept as given.
     fixed, _ = qmm._fit(
         dataclasses.replace(qmm.DECODE, k_splits=1), _abstract((11008, 4096), TWN), 1
     )
     assert (fixed.block_k, fixed.k_splits) == (256, 1)
-    # And the result is still the product: 5 K tiles of 256 (prime) become 20 tiles of 64.
-    for spec in (TWN, ASYM4, SYM8):
-        x, packed = _problem(spec, (1, 1280), 1280, 128, jnp.float32, seed=3)
-        fitted, _ = qmm._fit(qmm.select_block_sizes(1, jnp.float32), packed, 1)
-        # (asym4's 32-row scale groups cap its K tile at 32 from the start: 40 splits.)
-        expected = (32, 40) if spec is ASYM4 else (64, 20)
-        assert (fitted.block_k, fitted.k_splits) == expected
-        out = qmm.quantized_matmul(x, packed, interpret=INTERPRET)
-        assert _relative_error(out, x, packed) < TOLERANCE[jnp.float32]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
+@pytest.mark.parametrize(
+    "spec", [TWN, QuantSpec("asym", 4, "group", 128), SYM8], ids=lambda s: s.method
+)
+@pytest.mark.parametrize(("block_k", "splits"), [(128, 3), (128, 4), (256, 2)])
+def test_uneven_splits(spec, dtype, block_k, splits):
+    # K = 1280: 10 tiles of 128 in 3 splits of 4 (the last starts 2 tiles early and reads
+    # zeros there), in 4 splits of 3; 5 tiles of 256 in 2 splits of 3 (ternary; 128-row scale
+    # groups and 8-bit codes cap the tile at 128: 10 tiles in 2 splits of 5).
+    x, packed = _problem(spec, (3, 1280), 1280, 128, dtype, seed=block_k + splits)
+    blocks = dataclasses.replace(qmm.DECODE, block_k=block_k, k_splits=splits)
+    fitted, _ = qmm._fit(blocks, packed, 3)
+    assert fitted.k_splits == splits and fitted.block_k == (block_k if spec is TWN else 128)
+    out = qmm.quantized_matmul(x, packed, interpret=INTERPRET, block_sizes=blocks)
+    assert _relative_error(out, x, packed) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
+@pytest.mark.parametrize(
+    "spec",
+    [TWN, QuantSpec("asym", 4, "group", 128), QuantSpec("sym", 4, "group", 256)],
+    ids=lambda s: f"{s.method}{s.bits}",
+)
+def test_paired_unpacking_equals_expanded_rows(spec, dtype):
+    # The two unpackings of 2-/4-bit codes (two codes per 32-bit op into 16-bit floats offset
+    # by 1, then x's sums taken away; or each code expanded to a float32 row) give the same
+    # product, with channel scales (applied once after the loop) and group scales (per tile).
+    x, packed = _problem(spec, (5, 1024), 1024, 192, dtype, seed=11)
+    paired = dataclasses.replace(qmm.DECODE, block_k=256, k_splits=2)
+    rows = dataclasses.replace(paired, pairs=False)
+    out_paired = qmm.quantized_matmul(x, packed, interpret=INTERPRET, block_sizes=paired)
+    out_rows = qmm.quantized_matmul(x, packed, interpret=INTERPRET, block_sizes=rows)
+    ref = np.asarray(x, np.float64) @ np.asarray(_unpack(packed), np.float64)
+    # Both within the output's rounding of the exact product, and of each other.
+    assert _relative(out_paired, ref) < TOLERANCE[jnp.bfloat16]
+    assert _relative(out_paired, out_rows) < TOLERANCE[jnp.bfloat16]
+    # The paired path is taken only where a dot still covers 16 K rows (mma k16).
+    assert qmm._pairs_apply(qmm._fit(paired, packed, 5)[0], packed, dtype)
+    small = dataclasses.replace(paired, block_k=64)
+    assert qmm._pairs_apply(qmm._fit(small, packed, 5)[0], packed, dtype) == (spec.bits == 4)
+    assert not qmm._pairs_apply(qmm._fit(paired, packed, 5)[0], packed, jnp.float32)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
