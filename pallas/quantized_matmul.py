@@ -59,6 +59,8 @@ _TARGET_PROGRAMS = 264
 # 8-bit codes take a byte per weight in shared memory, four times the 2-bit words: their K
 # tile is capped here so that the pipeline stages fit an A100's 163 KB.
 _INT8_MAX_BLOCK_K = 128
+# The smallest K tile `_fit` halves a tile to (2-bit codes unpack in pairs from 128 rows up).
+_MIN_SPLIT_BLOCK_K = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,12 +133,18 @@ def _fit(blocks: BlockSizes, packed: PackedWeight, m: int) -> tuple[BlockSizes, 
         )
     mp = -(-m // block_m) * block_m
     tiles = (mp // block_m) * (np_ // block_n)
-    k_tiles = kp // block_k
     wanted = blocks.k_splits if blocks.k_splits > 0 else max(1, -(-_TARGET_PROGRAMS // tiles))
     # As many splits as wanted, each of ceil(k_tiles / splits) tiles, then as few splits as
     # that length needs: LLaMA's K = 11008 (43 tiles of 256, a prime count) splits 9 ways
     # in 5 tiles each (2 idle steps of 45) rather than not at all.
+    k_tiles = kp // block_k
     steps = -(-k_tiles // min(wanted, k_tiles))
+    # A program of one K step has no loop to overlap loads with: halve the tile while that
+    # gives two (K = 4096 in decode: 8 splits of one 512-row tile -> of two 256-row tiles).
+    while steps < 2 and block_k // 2 >= _MIN_SPLIT_BLOCK_K and (block_k // 2) % per_word == 0:
+        block_k //= 2
+        k_tiles = kp // block_k
+        steps = -(-k_tiles // min(wanted, k_tiles))
     fitted = dataclasses.replace(
         blocks, block_m=block_m, block_n=block_n, block_k=block_k, k_splits=-(-k_tiles // steps)
     )
@@ -217,7 +225,13 @@ def _kernel(
         return (raw_MxN - xsum_Mx1 * shift_1xN) * (mult_1xN * 2.0**cbits)
 
     carry = (jnp.zeros((block_m, block_n), jnp.float32), jnp.zeros((block_m, 1), jnp.float32))
-    acc_MxN, xsum_Mx1 = lax.fori_loop(0, k_steps, step, carry)
+    # The trip count is k_steps, written from the grid's size (read at run time) so that the
+    # compiler cannot see it: LLVM unrolls a short constant loop fully, which undoes Triton's
+    # software pipelining and, with a 64-row tile on sm_80, ran out of registers (160 bytes
+    # of spills, bench/kernels_static.py).
+    steps_left = (pl.num_programs(2) - pl.program_id(2)) * k_steps
+    trip_count = jnp.minimum(k_steps, steps_left)
+    acc_MxN, xsum_Mx1 = lax.fori_loop(0, trip_count, step, carry)
     if pairs and one_group:
         group = (first_tile * block_k) // group_rows
         zero_1xN = zeros_ref[pl.ds(group, 1), :] if has_zeros else 0.0

@@ -107,7 +107,8 @@ def test_dispatch_by_rows():
     assert qmm.select_block_sizes(qmm.DECODE_MAX_M + 1) is qmm.PREFILL
     packed = _abstract((4096, 4096), TWN)
     decode, mp = qmm._fit(qmm.DECODE, packed, 1)
-    assert (decode.block_m, mp, decode.block_k) == (16, 16, 512)
+    # 8 tiles of 512 would give 8 splits of one step (no loop to pipeline): 16 tiles of 256.
+    assert (decode.block_m, mp, decode.block_k, decode.k_splits) == (16, 16, 256, 8)
     assert decode.k_splits * (4096 // decode.block_n) >= 256  # enough programs for one row
     prefill, mp = qmm._fit(qmm.PREFILL, packed, 4096)
     assert (prefill.block_m, prefill.k_splits, mp) == (128, 1, 4096)
