@@ -279,14 +279,14 @@ def main():
                 jax.ShapeDtypeStruct((k, n), jnp.float32),
             )
             for m in args.rows:
-                launch = qmm.select_block_sizes(m, args.dtype)
-                blocks, _ = qmm._fit(launch, packed, m)
-                title = (
-                    f"{name} K={k} N={n} M={m:<5} tile {blocks.block_m}x{blocks.block_n}x"
-                    f"{blocks.block_k} splits={blocks.k_splits} warps={blocks.num_warps} "
-                    f"stages={blocks.num_stages}"
-                )
                 for arch in args.arch:
+                    launch = qmm.select_block_sizes(m, args.dtype, arch)
+                    blocks, _ = qmm._fit(launch, packed, m)
+                    title = (
+                        f"{name} K={k} N={n} M={m:<5} tile {blocks.block_m}x{blocks.block_n}x"
+                        f"{blocks.block_k} splits={blocks.k_splits} warps={blocks.num_warps} "
+                        f"stages={blocks.num_stages}"
+                    )
                     # Lowered per target: from jax 0.11 the Triton module records the arch.
                     ir = triton_ir((m, k), packed, blocks, jnp.dtype(args.dtype), arch)
                     path = os.path.join(out, f"{name}_k{k}_n{n}_m{m}.sm{arch}.ttir")

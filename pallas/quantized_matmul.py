@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
+from pallas import targets
 from tsld_jax.quant import qtensor
 from tsld_jax.quant.qtensor import PackedWeight
 
@@ -59,6 +60,8 @@ _TARGET_PROGRAMS = 264
 # 8-bit codes take a byte per weight in shared memory, four times the 2-bit words: their K
 # tile is capped here so that the pipeline stages fit an A100's 163 KB.
 _INT8_MAX_BLOCK_K = 128
+# K loops of at least this many steps keep a constant trip count (see `_kernel`).
+_CONSTANT_TRIP_COUNT = 16
 # The smallest K tile `_fit` halves a tile to (2-bit codes unpack in pairs from 128 rows up).
 _MIN_SPLIT_BLOCK_K = 128
 
@@ -98,12 +101,23 @@ class BlockSizes:
 # and 512-row K tiles give each thread 256 weights a tile, over which the loop's fixed costs
 # (addresses, barriers) spread thin: W2 unpacks at under 2 instructions a weight on sm_90.
 DECODE = BlockSizes(block_m=16, block_n=128, block_k=512, k_splits=0, num_warps=4, num_stages=4)
-# 17..64 rows: one 64-row tile (weights still read once); half the K tile and one stage fewer,
-# since the activation tile grows fourfold.
+# 17..64 rows: one 64-row tile (weights still read once); half the K tile and two stages,
+# since the activation tile and the accumulators grow fourfold (with three, the 8-bit launch
+# spilled 64 bytes on sm_80).
 DECODE_WIDE = BlockSizes(
-    block_m=64, block_n=128, block_k=256, k_splits=0, num_warps=4, num_stages=3
+    block_m=64, block_n=128, block_k=256, k_splits=0, num_warps=4, num_stages=2
 )
+# Prefill dequantizes each weight tile once into shared memory for the tensor cores. On sm_90
+# (wgmma reads its weight operand from shared memory) the paired unpacking of 128-row tiles is
+# the cheaper; on sm_80 (mma operands in registers: each of the warps along M unpacks the tile
+# again) the expanded 64-row tiles are, and keep the tensor cores the bound (docs/kernels.md).
 PREFILL = BlockSizes(block_m=128, block_n=128, block_k=128, k_splits=1, num_warps=8, num_stages=3)
+PREFILL_SM80 = dataclasses.replace(PREFILL, block_k=64, pairs=False)
+# Float32 activations (expanded rows: twice the shared memory per element, and no paired
+# unpacking): the first kernel's launches with half its K tiles, which fit an A100's 163 KB.
+DECODE_F32 = BlockSizes(block_m=16, block_n=128, block_k=128, k_splits=0, num_warps=8, num_stages=4)
+DECODE_WIDE_F32 = dataclasses.replace(DECODE_F32, block_m=64, block_k=64, num_stages=3)
+PREFILL_F32 = dataclasses.replace(PREFILL_SM80, block_k=32)
 
 
 def _pow2_at_most(x: int) -> int:
@@ -171,6 +185,7 @@ def _kernel(
     rest = list(rest)
     sums_ref = rest.pop(0) if pairs else None
     zeros_ref = rest.pop(0) if has_zeros else None
+    steps_ref = rest.pop(0) if k_steps < _CONSTANT_TRIP_COUNT else None
     (out_ref,) = rest
     block_m = x_ref.shape[0]
     block_n = codes_ref.shape[-1]
@@ -225,12 +240,12 @@ def _kernel(
         return (raw_MxN - xsum_Mx1 * shift_1xN) * (mult_1xN * 2.0**cbits)
 
     carry = (jnp.zeros((block_m, block_n), jnp.float32), jnp.zeros((block_m, 1), jnp.float32))
-    # The trip count is k_steps, written from the grid's size (read at run time) so that the
-    # compiler cannot see it: LLVM unrolls a short constant loop fully, which undoes Triton's
-    # software pipelining and, with a 64-row tile on sm_80, ran out of registers (160 bytes
-    # of spills, bench/kernels_static.py).
-    steps_left = (pl.num_programs(2) - pl.program_id(2)) * k_steps
-    trip_count = jnp.minimum(k_steps, steps_left)
+    # A short loop's trip count (k_steps) comes in as data so that the compiler cannot see it:
+    # LLVM unrolls a loop of a few known steps fully, which undoes Triton's software
+    # pipelining and, with a 64-row tile on sm_80, ran out of registers (160 bytes of spills,
+    # bench/kernels_static.py). Long loops keep the constant (cheaper addressing: prefill on
+    # sm_90 predicted 0.93x bf16 against 0.79x for W4).
+    trip_count = steps_ref[0] if steps_ref is not None else k_steps
     acc_MxN, xsum_Mx1 = lax.fori_loop(0, trip_count, step, carry)
     if pairs and one_group:
         group = (first_tile * block_k) // group_rows
@@ -351,6 +366,9 @@ def _matmul_2d(x_MxK: jax.Array, packed: PackedWeight, interpret: bool, blocks: 
     if zeros is not None:
         in_specs.append(pl.BlockSpec((groups, bn), lambda i, j, s: (0, j)))
         args.append(zeros)
+    if k_steps < _CONSTANT_TRIP_COUNT:  # the trip count, as data (see _kernel)
+        in_specs.append(pl.BlockSpec((1,), lambda i, j, s: (0,)))
+        args.append(jnp.full((1,), k_steps, jnp.int32))
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((mp, np_), x_MxK.dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
@@ -405,19 +423,21 @@ def _check(x: jax.Array, packed: PackedWeight) -> None:
         raise ValueError(f"x must be floating point, got {x.dtype}")
 
 
-def select_block_sizes(m: int, dtype=jnp.bfloat16) -> BlockSizes:
-    """The default launch for M activation rows of `dtype`.
+def select_block_sizes(m: int, dtype=jnp.bfloat16, arch: int | None = None) -> BlockSizes:
+    """The default launch for M activation rows of `dtype` on GPU architecture `arch`.
 
-    `DECODE` up to 16 rows, `DECODE_WIDE` up to `DECODE_MAX_M`, else `PREFILL`; float32
-    activations halve `block_k` (their tiles take twice the shared memory, and an A100 has 163 KB).
+    `DECODE` up to 16 rows, `DECODE_WIDE` up to `DECODE_MAX_M`, else `PREFILL` (`PREFILL_SM80`
+    before sm_90); float32 activations take the `*_F32` launches. `arch` None: the target of
+    the trace (`targets.current_arch`).
     """
+    wide = jnp.dtype(dtype).itemsize > 2
     if m <= DECODE.block_m:
-        blocks = DECODE
-    else:
-        blocks = DECODE_WIDE if m <= DECODE_MAX_M else PREFILL
-    if jnp.dtype(dtype).itemsize > 2:
-        blocks = dataclasses.replace(blocks, block_k=blocks.block_k // 2)
-    return blocks
+        return DECODE_F32 if wide else DECODE
+    if m <= DECODE_MAX_M:
+        return DECODE_WIDE_F32 if wide else DECODE_WIDE
+    if wide:
+        return PREFILL_F32
+    return PREFILL if (arch or targets.current_arch()) >= 90 else PREFILL_SM80
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -38,3 +38,20 @@ def abstract_gpu(device_kind: str = H200) -> Iterator[None]:
     )
     with jax.sharding.use_abstract_mesh(mesh):
         yield
+
+
+def current_arch(default: int = 90) -> int:
+    """The compute capability (80, 90 ...) the enclosed traces are lowered for.
+
+    The abstract GPU of `abstract_gpu` where one is in context, else the first local GPU, else
+    `default` (CPU hosts: interpret mode, where the launch only has to be correct).
+    """
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    kind = getattr(device, "device_kind", None) if device is not None else None
+    if kind:
+        return 80 if "A100" in kind or "A10" in kind else 90
+    for device in jax.devices():
+        capability = getattr(device, "compute_capability", None)
+        if device.platform == "gpu" and capability:
+            return int(str(capability).replace(".", ""))
+    return default

@@ -97,6 +97,12 @@ def test_split_k():
         x, packed = _problem(spec, (3, 256), 256, 128, jnp.float32, seed=hash(spec) % 1000)
         out = qmm.quantized_matmul(x, packed, interpret=INTERPRET, block_sizes=blocks)
         assert _relative_error(out, x, packed) < TOLERANCE[jnp.float32]
+    # One split of 16 steps: a loop long enough to keep its constant trip count.
+    long = dataclasses.replace(blocks, k_splits=1)
+    x, packed = _problem(TWN, (3, 512), 512, 128, jnp.bfloat16, seed=5)
+    assert 512 // qmm._fit(long, packed, 3)[0].block_k == qmm._CONSTANT_TRIP_COUNT
+    out = qmm.quantized_matmul(x, packed, interpret=INTERPRET, block_sizes=long)
+    assert _relative_error(out, x, packed) < TOLERANCE[jnp.bfloat16]
 
 
 def test_dispatch_by_rows():
@@ -105,6 +111,19 @@ def test_dispatch_by_rows():
     assert qmm.select_block_sizes(17) is qmm.DECODE_WIDE
     assert qmm.select_block_sizes(qmm.DECODE_MAX_M) is qmm.DECODE_WIDE
     assert qmm.select_block_sizes(qmm.DECODE_MAX_M + 1) is qmm.PREFILL
+    assert qmm.select_block_sizes(1, jnp.float32) is qmm.DECODE_F32
+    assert qmm.select_block_sizes(64, jnp.float32) is qmm.DECODE_WIDE_F32
+    assert qmm.select_block_sizes(65, jnp.float32, arch=90) is qmm.PREFILL_F32
+    # Prefill per architecture: given, or read from the GPU the trace is lowered for.
+    assert qmm.select_block_sizes(4096, arch=80) is qmm.PREFILL_SM80
+    assert qmm.select_block_sizes(4096, arch=90) is qmm.PREFILL
+    with targets.abstract_gpu(targets.A100):
+        assert targets.current_arch() == 80
+        assert qmm.select_block_sizes(4096) is qmm.PREFILL_SM80
+    with targets.abstract_gpu(targets.H100):
+        assert targets.current_arch() == 90
+    if INTERPRET:  # no GPU: the default
+        assert targets.current_arch(default=75) == 75
     packed = _abstract((4096, 4096), TWN)
     decode, mp = qmm._fit(qmm.DECODE, packed, 1)
     # 8 tiles of 512 would give 8 splits of one step (no loop to pipeline): 16 tiles of 256.
