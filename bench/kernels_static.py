@@ -122,13 +122,16 @@ def predict(gpu: Gpu, k: int, n: int, m: int, blocks, body: int, weight_bytes: i
     share = min(1.0, programs / gpu.sms)
     threads = blocks.num_warps * 32
     instructions_per_weight = body * threads / (blocks.block_k * blocks.block_n)
-    # Every M tile reads (and unpacks) all of the weights once.
-    thread_instructions = instructions_per_weight * k * n * (mp // blocks.block_m)
+    # Every M tile reads (and unpacks) all of the weights once, and splits that overrun the K
+    # tiles run their extra (zero-activation) steps too.
+    k_tiles = -(-k // blocks.block_k)
+    k_run = blocks.k_splits * -(-k_tiles // blocks.k_splits) * blocks.block_k
+    thread_instructions = instructions_per_weight * k_run * n * (mp // blocks.block_m)
     moved = weight_bytes + m * k * 2 + m * n * 2
     floors = {
         "memory": moved / (gpu.bandwidth * share),
         "issue": thread_instructions / (gpu.sms * share * _ISSUE_PER_CLOCK * gpu.clock_hz),
-        "tensor": 2 * mp * n * k / (gpu.bf16_flops * share),
+        "tensor": 2 * mp * n * k_run / (gpu.bf16_flops * share),
     }
     bf16 = max((k * n + m * k + m * n) * 2 / gpu.bandwidth, 2 * m * n * k / gpu.bf16_flops)
     predicted = max(floors.values())

@@ -148,19 +148,28 @@ def _fit(blocks: BlockSizes, packed: PackedWeight, m: int) -> tuple[BlockSizes, 
     mp = -(-m // block_m) * block_m
     tiles = (mp // block_m) * (np_ // block_n)
     wanted = blocks.k_splits if blocks.k_splits > 0 else max(1, -(-_TARGET_PROGRAMS // tiles))
-    # As many splits as wanted, each of ceil(k_tiles / splits) tiles, then as few splits as
-    # that length needs: LLaMA's K = 11008 (43 tiles of 256, a prime count) splits 9 ways
-    # in 5 tiles each (2 idle steps of 45) rather than not at all.
-    k_tiles = kp // block_k
-    steps = -(-k_tiles // min(wanted, k_tiles))
+
+    def split(k_tiles: int) -> tuple[int, int]:  # (splits, steps per split)
+        if blocks.k_splits > 0:
+            splits = min(wanted, k_tiles)
+        else:
+            # Between half and all of the wanted splits, the one that runs the fewest idle
+            # steps past the last tile (then the most): LLaMA's K = 11008 (43 tiles of 256, a
+            # prime count) splits 9 ways in 5 tiles (2 idle steps of 45) rather than not at
+            # all; 32 tiles with 5 wanted split 4 ways in 8, not 5 ways in 7 (3 idle).
+            most = min(wanted, k_tiles)
+            candidates = range(max(1, min(-(-wanted // 2), most)), most + 1)
+            splits = min(candidates, key=lambda s: (s * -(-k_tiles // s) - k_tiles, -s))
+        return splits, -(-k_tiles // splits)
+
+    splits, steps = split(kp // block_k)
     # A program of one K step has no loop to overlap loads with: halve the tile while that
     # gives two (K = 4096 in decode: 8 splits of one 512-row tile -> of two 256-row tiles).
     while steps < 2 and block_k // 2 >= _MIN_SPLIT_BLOCK_K and (block_k // 2) % per_word == 0:
         block_k //= 2
-        k_tiles = kp // block_k
-        steps = -(-k_tiles // min(wanted, k_tiles))
+        splits, steps = split(kp // block_k)
     fitted = dataclasses.replace(
-        blocks, block_m=block_m, block_n=block_n, block_k=block_k, k_splits=-(-k_tiles // steps)
+        blocks, block_m=block_m, block_n=block_n, block_k=block_k, k_splits=splits
     )
     return fitted, mp
 

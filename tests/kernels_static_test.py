@@ -1,5 +1,6 @@
 """bench/kernels_static.py's reading of compiled code and its time model, on hand-made inputs."""
 
+import dataclasses
 import os
 import sys
 
@@ -66,6 +67,15 @@ def test_prediction_floors_by_hand():
     assert issue / memory == pytest.approx(1.0, abs=0.01)
     bf16 = (k * n + k + n) * 2 / 3.35e12
     assert out["predicted_speedup_vs_bf16"] == pytest.approx(bf16 / max(memory, issue))
+    # Splits that overrun the K tiles (43 tiles in 9 splits of 5: 45 steps) pay for their
+    # extra steps in issue and tensor time, not in bytes.
+    uneven = dataclasses.replace(blocks, k_splits=9)
+    ragged = kernels_static.predict(gpu, 43 * 256, n, 1, uneven, 281.6, weight_bytes)
+    even = kernels_static.predict(gpu, 45 * 256, n, 1, uneven, 281.6, weight_bytes)
+    assert ragged["floors_us"]["issue"] == pytest.approx(even["floors_us"]["issue"])
+    assert ragged["floors_us"]["tensor"] == pytest.approx(even["floors_us"]["tensor"])
+    ragged_bytes = weight_bytes + 43 * 256 * 2 + n * 2
+    assert ragged["floors_us"]["memory"] == pytest.approx(ragged_bytes / 3.35e12 * 1e6)
     # Fewer programs than SMs: only that share of the machine works.
     few = kernels_static.predict(gpu, 256, 1024, 1, blocks, 281.6, 256 * 1024 // 4)
     assert few["programs"] == 8 * 4 and few["sm_share"] == pytest.approx(32 / 132)

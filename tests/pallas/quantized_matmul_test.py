@@ -144,6 +144,10 @@ def test_awkward_k_splits_unevenly_to_fill_the_gpu():
     # Shapes whose tiles split evenly keep the default tile and split exactly.
     square, _ = qmm._fit(qmm.DECODE, _abstract((8192, 8192), TWN), 1)
     assert (square.block_k, square.k_splits) == (512, 4)
+    # Where some split count divides the tiles, it wins over more splits that overrun: 64 rows
+    # of 8192 x 8192 want 5 splits of 32 tiles of 256 and take 4 of 8 (not 5 of 7, 3 idle).
+    wide, _ = qmm._fit(qmm.DECODE_WIDE, _abstract((8192, 8192), TWN), 64)
+    assert (wide.block_k, wide.k_splits) == (256, 4)
     # Explicit splits are kept as given.
     fixed, _ = qmm._fit(
         dataclasses.replace(qmm.DECODE, k_splits=1), _abstract((11008, 4096), TWN), 1
