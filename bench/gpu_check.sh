@@ -12,7 +12,7 @@
 #   tests          the GPU-relevant tests natively: Pallas kernels, quantizers, packing, losses,
 #                  train step, sharding, rules, QAT, the packed decoder (kernel in the model),
 #                  logit parity with transformers where torch is there
-#   kernels        bench/kernels.py: W2/W4/W8A16 against XLA's bf16 dot, K=N 4096 and 8192,
+#   kernels        bench/kernels_speed.py: W2/W4/W8A16 against XLA's bf16 dot, K=N 4096 and 8192,
 #                  M 1..4096
 #   train_step     one QAT-TSLD step at SmolLM2-135M's shapes (random weights, B=4, T=512):
 #                  tokens/s and peak device memory, against the same step in PyTorch on the GPU
@@ -132,7 +132,7 @@ run_stage env 60 bash -c 'env_report "$0"' "$WORK/env.json"
 run_stage wheels 60 bash -c install_wheels
 run_stage tests 240 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider \
   --junitxml="$WORK/tests.xml" "${TESTS[@]}"
-run_stage kernels 150 "$PY" bench/kernels.py "${KERNELS[@]}" --json "$WORK/kernels.json"
+run_stage kernels 150 "$PY" bench/kernels_speed.py "${KERNELS[@]}" --json "$WORK/kernels.json"
 run_stage train_step 150 "$PY" bench/train_step.py --model random --impls "${IMPLS[@]}" \
   "${STEP[@]}" --json "$WORK/train_step.json"
 run_stage packed_forward 100 "$PY" bench/packed_forward.py "${FORWARD[@]}" \

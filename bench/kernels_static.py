@@ -7,7 +7,7 @@ target architecture (sm_80 = A100, sm_90 = H100/H200) with the launch's warps an
 prints what the compiler reports: shared memory, registers, stack (spills), and the counts of
 the instructions that matter (HGMMA/HMMA tensor-core ops, I2F conversions, LDGSTS async copies).
 It answers "does it compile, does it fit, does it spill, which matrix instructions" at no device
-time; it does not time anything (bench/kernels.py does, on a GPU).
+time; it does not time anything (bench/kernels_speed.py does, on a GPU).
 
 It also predicts each launch's time from the compiled code (`predict`): the K loop's body in
 the SASS (the span of the backward branch that holds the matrix instructions) is what every

@@ -1,16 +1,22 @@
 """bench/kernels_static.py's reading of compiled code and its time model, on hand-made inputs."""
 
 import dataclasses
+import importlib.util
 import os
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+from pallas import quantized_matmul as qmm
 
-import kernels_static  # noqa: E402
-
-from pallas import quantized_matmul as qmm  # noqa: E402
+# Loaded from its path: bench/ on sys.path would let its scripts shadow installed packages for
+# every later test of the session (names_test.py).
+_SPEC = importlib.util.spec_from_file_location(
+    "kernels_static",
+    os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "kernels_static.py"),
+)
+kernels_static = sys.modules["kernels_static"] = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(kernels_static)
 
 SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;

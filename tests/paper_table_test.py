@@ -101,6 +101,27 @@ def test_rows_are_recorded_and_never_recomputed(tiny_table, shared_data, monkeyp
     again = paper_table.run_table(table, str(shared_data), str(base / "runs"), None)
     assert again["rows"] == stored["rows"]
 
+    # A new checkout has the JSON but not the runs: a row still to run needs the teacher, which
+    # is trained again from the fp row's recorded config and must give its perplexities; here
+    # the record is altered, so the rebuilt teacher must be refused (and kept as a re-run).
+    import shutil
+
+    monkeypatch.undo()  # train_row again (the environment of the first run is restored below)
+    monkeypatch.setattr(paper_table, "RESULTS", str(base / "results"))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", train_test.CACHE)
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    shutil.rmtree(base / "runs" / "tiny" / "fp")
+    stored["rows"]["fp"]["validation"] *= 1.01
+    json.dump(stored, open(base / "results" / "tiny.json", "w"))
+    bigger = dataclasses.replace(table, losses=("tsld", "gt"))
+    with pytest.raises(SystemExit, match="rebuilt teacher's validation perplexity"):
+        paper_table.run_table(bigger, str(shared_data), str(base / "runs"), ["gt_s0"])
+    rebuilt = json.load(open(base / "results" / "tiny.json"))["reruns"]["fp"]
+    assert rebuilt["validation"] == pytest.approx(results["rows"]["fp"]["validation"], rel=1e-6)
+    assert rebuilt["test"] == pytest.approx(results["rows"]["fp"]["test"], rel=1e-6)
+    assert (base / "runs" / "tiny" / "fp" / "export").is_dir()
+
 
 def test_a_larger_table_keeps_its_rows_apart(tiny_table):
     table, _ = tiny_table

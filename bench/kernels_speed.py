@@ -5,9 +5,9 @@ product after warm-up, its speedup over the bf16 dot, and the bytes it must move
 weights with scales and zero points, activations, output) per second as a fraction of the
 device's measured copy bandwidth (a large device-to-device copy, read plus write).
 
-    python bench/kernels.py                      # the full sweep (GPU)
-    python bench/kernels.py --smoke              # tiny shapes, interpret mode: runs on a CPU
-    python bench/kernels.py --sizes 8192 --rows 1 --json out.json
+    python bench/kernels_speed.py                      # the full sweep (GPU)
+    python bench/kernels_speed.py --smoke              # tiny shapes, interpret mode: runs on a CPU
+    python bench/kernels_speed.py --sizes 8192 --rows 1 --json out.json
 
 Timing: each measured call is one jitted function that multiplies by `copies` distinct weight
 buffers in turn (enough to exceed the L2 cache several times, so the weights come from HBM,
