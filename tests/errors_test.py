@@ -3,9 +3,11 @@ and nothing on disk lost (docs/errors.md lists the cases)."""
 
 import collections
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -318,3 +320,20 @@ def test_teacher_sampling_bar_obeys_log_progress(progress, tmp_path, capsys):
     )
     assert examples["tokens"].shape == (4, 8)
     assert ("sampling teacher data" in capsys.readouterr().err) == progress
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax_plugins.xla_cuda12") is None
+    or os.path.exists("/proc/driver/nvidia"),
+    reason="needs the CUDA plugin installed on a machine without an NVIDIA driver",
+)
+def test_cuda_plugin_without_a_gpu_prints_no_traceback():
+    # `make test` installs jax's CUDA plugin for deviceless compiles; a user's `python train.py`
+    # in that venv, without the Makefile's environment, must start on the CPU quietly.
+    env = dict(os.environ)
+    env.pop("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", None)
+    env.pop("JAX_PLATFORMS", None)
+    code = "import tsld_jax, jax; print(jax.devices()[0].platform)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "cpu", done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

@@ -1,5 +1,6 @@
 """experiments/paper_table.py on a tiny table: rows recorded with their config, never
-recomputed, the report written; the small model's builder gives a loadable word-level model."""
+recomputed, the report written, a teacher lost with the runs rebuilt and checked against its
+record; the small model's builder gives a loadable word-level model."""
 
 import dataclasses
 import json
@@ -51,14 +52,18 @@ def tiny_table(tmp_path_factory, shared_data):
     return table, base
 
 
-@pytest.mark.slow  # train.py end to end, twice (as train_test's runs; .ci/py312 skips them)
-def test_rows_are_recorded_and_never_recomputed(tiny_table, shared_data, monkeypatch):
-    table, base = tiny_table
+def _train_here(monkeypatch, base):
     monkeypatch.setattr(paper_table, "RESULTS", str(base / "results"))
     # train.py runs inherit the environment: one device (not conftest's 8), the tests' cache.
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", train_test.CACHE)
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+@pytest.mark.slow  # train.py end to end, twice (as train_test's runs; .ci/py312 skips them)
+def test_rows_are_recorded_and_never_recomputed(tiny_table, shared_data, monkeypatch):
+    table, base = tiny_table
+    _train_here(monkeypatch, base)
     results = paper_table.run_table(table, str(shared_data), str(base / "runs"), None)
     assert list(results["rows"]) == ["fp", "ptq", "tsld_s0"]
     steps = results["rows"]["tsld_s0"]["steps"]
@@ -106,11 +111,8 @@ def test_rows_are_recorded_and_never_recomputed(tiny_table, shared_data, monkeyp
     # the record is altered, so the rebuilt teacher must be refused (and kept as a re-run).
     import shutil
 
-    monkeypatch.undo()  # train_row again (the environment of the first run is restored below)
-    monkeypatch.setattr(paper_table, "RESULTS", str(base / "results"))
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", train_test.CACHE)
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    monkeypatch.undo()  # train_row again
+    _train_here(monkeypatch, base)
     shutil.rmtree(base / "runs" / "tiny" / "fp")
     stored["rows"]["fp"]["validation"] *= 1.01
     json.dump(stored, open(base / "results" / "tiny.json", "w"))

@@ -12,7 +12,8 @@ jax-cuda12-plugin==<jax version> jax-cuda12-pjrt==<jax version> nvidia-cuda-nvcc
 nvidia-nvjitlink-cu12 nvidia-cuda-runtime-cu12`, and `JAX_PLATFORMS=cpu` so the host keeps
 running on its CPU (the plugin then only serves compiles; it warns that it cannot load cuDNN),
 or `JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1` (without it, on a machine without a GPU the plugin fails
-its cuDNN check and stays unregistered; jax then still falls back to the CPU).
+its cuDNN check and stays unregistered; jax then still falls back to the CPU). `import tsld_jax`
+sets the latter where no NVIDIA driver is installed, before the first backend starts.
 
 Typical use:
 
