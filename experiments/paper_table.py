@@ -405,13 +405,7 @@ def rebuild_teacher(table: Table, results: dict, path: str, base: str, paths: di
     recorded overrides and kept as a re-run, whose perplexities must equal the recorded ones
     (training on one device is deterministic) for the new rows to share the old rows' teacher."""
     print(f"== {table.name}: fp again (the teacher's export is not in {base})", flush=True)
-    workdir = os.path.join(base, "fp")
-    record = {"date": datetime.date.today().isoformat(), "machine": machine()}
-    record["wall_s"] = train_row(workdir, results["rows"]["fp"]["train_py"])
-    record |= evaluate_row("fp", workdir, paths, table, data_dir)
-    results["reruns"]["fp"] = record
-    save_results(path, results)
-    report(results)
+    record = _train_again(table, results, path, "fp", os.path.join(base, "fp"), paths, data_dir)
     old = results["rows"]["fp"]
     for split in ("validation", "test"):
         if abs(record[split] - old[split]) > 1e-3 * old[split]:
@@ -431,7 +425,16 @@ def rerun(table: Table, row: str, data_dir: str, runs: str) -> dict:
         raise SystemExit(f"error: {table.name} has no finished training row {row!r}")
     base = os.path.join(runs, table.name)
     paths = {"init": os.path.join(base, "init"), "teacher": os.path.join(base, "fp", "export")}
-    workdir = os.path.join(base, f"{row}_rerun")
+    return _train_again(
+        table, results, path, row, os.path.join(base, f"{row}_rerun"), paths, data_dir
+    )
+
+
+def _train_again(
+    table: Table, results: dict, path: str, row: str, workdir: str, paths: dict, data_dir: str
+) -> dict:
+    """Row `row` trained again in `workdir` from its recorded overrides, evaluated, and kept
+    under the table's re-runs."""
     record = {"date": datetime.date.today().isoformat(), "machine": machine()}
     record["wall_s"] = train_row(workdir, results["rows"][row]["train_py"])
     record |= evaluate_row(row, workdir, paths, table, data_dir)
