@@ -216,6 +216,21 @@ def test_read_only_workdir_at_start(tmp_path, shared_data):
     assert os.listdir(tmp_path) == ["notes.txt"]
 
 
+def _make_read_only(pid, path):
+    # Bind the path onto itself in the run's mount namespace, then remount that bind read-only.
+    # The kernel refuses the remount (EBUSY) while a file is open for writing through the new
+    # bind, which a checkpoint save in between does: CI saw `mount --bind -o ro`, which makes the
+    # two calls at once, fail so. The remount is tried again until no write is in flight.
+    enter = ["nsenter", "-t", str(pid), "-m", "mount"]
+    subprocess.run([*enter, "--bind", str(path), str(path)], check=True)
+    for _ in range(100):
+        remount = subprocess.run([*enter, "-o", "remount,bind,ro", str(path)], capture_output=True)
+        if remount.returncode == 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"could not remount {path} read-only: {remount.stderr.decode()}")
+
+
 @pytest.mark.parametrize("target", ["workdir", "checkpoints"])
 def test_workdir_goes_read_only_mid_run(target, tmp_path, shared_data):
     # The read-only mount goes on top of the live run's workdir (or only its checkpoints/, so
@@ -224,9 +239,7 @@ def test_workdir_goes_read_only_mid_run(target, tmp_path, shared_data):
     process = _popen(tmp_path, shared_data, *LONG, prefix=_namespace_prefix(tmp_path, False))
     try:
         _wait_for_steps(tmp_path, 5, process)
-        path = tmp_path if target == "workdir" else tmp_path / "checkpoints"
-        mount = ["mount", "--bind", "-o", "ro", str(path), str(path)]
-        subprocess.run(["nsenter", "-t", str(process.pid), "-m", *mount], check=True)
+        _make_read_only(process.pid, tmp_path if target == "workdir" else tmp_path / "checkpoints")
         out, err = process.communicate(timeout=300)
     finally:
         process.kill()
