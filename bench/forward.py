@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -21,19 +19,10 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from conftest import SHARED_DATA, smollm2_gguf_path  # noqa: E402
+from median_time import median_seconds  # noqa: E402 (bench/, the script's own folder)
 
 from tsld_jax.evaluation import perplexity  # noqa: E402
 from tsld_jax.models import load_model  # noqa: E402
-
-
-def _time(fn, repeats):
-    fn()  # warm-up (compilation for JAX)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
@@ -76,8 +65,8 @@ def main():
         return np.concatenate(losses)
 
     np.testing.assert_allclose(ours(), theirs(), rtol=2e-3)  # same work, checked
-    t_ours = _time(ours, args.repeats)
-    t_theirs = _time(theirs, args.repeats)
+    t_ours = median_seconds(ours, args.repeats)  # ours() returns numpy: it has waited
+    t_theirs = median_seconds(theirs, args.repeats)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(
         f"machine: {machine}; jax {jax.__version__} ({jax.devices()[0].platform}), "

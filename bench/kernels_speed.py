@@ -23,15 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from median_time import median_seconds  # noqa: E402 (bench/, the script's own folder)
 
 from pallas import quantized_matmul as qmm  # noqa: E402
 from tsld_jax.quant import qtensor  # noqa: E402
@@ -46,14 +46,8 @@ _CACHE_BYTES = 256 * 2**20  # weights rotated per timed call: several times an H
 
 
 def _timed(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # warm-up: compilation and autotuning stay out
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    # Two warm-ups: compilation, then Triton's autotuning, stay out.
+    return median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats, warmup=2)
 
 
 def copy_bandwidth(nbytes: int, repeats: int) -> float:

@@ -19,9 +19,7 @@ import argparse
 import inspect
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import train_step as bench_train_step  # noqa: E402
+from median_time import median_seconds  # noqa: E402
 
 from tsld_jax.models import decoder  # noqa: E402
 from tsld_jax.models.spec import spec_from_hf_config  # noqa: E402
@@ -40,24 +39,18 @@ from tsld_jax.quant.quantizers import QuantSpec  # noqa: E402
 
 def _compiled(spec, kernel, params, tokens):
     """The forward for `kernel`, traced and compiled now (so a global choice cannot leak)."""
+    fn = jax.jit(lambda p, t: decoder.forward(p, t, spec))
+    if kernel is None:  # the float model: no packed weights, no kernel to choose
+        return fn.lower(params, tokens).compile()
     if "packed_kernel" in inspect.signature(decoder.forward).parameters:
         fn = jax.jit(lambda p, t: decoder.forward(p, t, spec, packed_kernel=kernel))
-        return fn.lower(params, tokens).compile()
-    fn = jax.jit(lambda p, t: decoder.forward(p, t, spec))
-    if kernel is None:
         return fn.lower(params, tokens).compile()
     with export.use_kernel(kernel):
         return fn.lower(params, tokens).compile()
 
 
 def _time(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def main():
