@@ -22,7 +22,8 @@
 # output to $OUT/gpu_check.log ($OUT defaults to ./gpu_check_out).
 #
 # Environment: OUT; PYTHON (default python3); GPU_CHECK_CPU=1 (tiny shapes, JAX on the CPU);
-# GPU_CHECK_BUDGET (seconds for all stages, default 570).
+# GPU_CHECK_BUDGET (seconds for all stages, default 570); GPU_CHECK_STAGES (the names of the
+# stages to run, space-separated; default all: tests/gpu_check_test.py runs the bench stages).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -47,6 +48,9 @@ fi
 run_stage() {
   local name=$1 cap=$2
   shift 2
+  if [ -n "${GPU_CHECK_STAGES:-}" ] && [[ " $GPU_CHECK_STAGES " != *" $name "* ]]; then
+    return 0
+  fi
   local left=$((DEADLINE - SECONDS))
   local limit=$((cap < left ? cap : left))
   local start=$SECONDS rc status

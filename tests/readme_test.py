@@ -34,7 +34,7 @@ SKIPPED = (
     "llama-cli",  # llama.cpp's own binary; tests/export_gguf_test.py runs the file in llama.cpp
     "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest",  # the suite itself
     ".ci/py312",  # the suite on Python 3.12 (CI runs it)
-    "bash bench/gpu_check.sh",  # needs a GPU; its CPU mode is tried by hand (docs/benchmarks.md)
+    "bash bench/gpu_check.sh",  # needs a GPU; tests/gpu_check_test.py runs its CPU mode
 )
 
 SHRINK = {
