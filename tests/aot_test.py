@@ -8,9 +8,10 @@ Coverage of the train step: the configured default on both targets, both compute
 every remat mode on each target, every loss kind on one of them: seven compiles rather than
 all 60 (each compile of the SmolLM2 step takes about 35 s of one core). The loss kinds differ
 only in the elementwise and reduction head of the step, which XLA emits the same way for both
-targets; dtype and remat change the GEMMs and the fusions, where the targets differ. The train, evaluation and generation programs of
-both targets are compiled once, by one module fixture, several at a time
-(`aot.compile_programs`: XLA compiles without holding the GIL); the tests read the results.
+targets; dtype and remat change the GEMMs and the fusions, where the targets differ. The
+train, evaluation and generation programs of both targets are compiled once, by one module
+fixture, several at a time (`aot.compile_programs`: XLA compiles without holding the GIL); the
+tests read the results.
 """
 
 import re

@@ -66,7 +66,10 @@ def plot_curves(workdir: str, baselines: dict[str, float] | None = None) -> str 
     left.legend(fontsize=8)
     if ppl:
         right.plot(ppl_steps, ppl, marker="o", label="student (held out)")
-    for key, label, style in (("teacher_ppl", "teacher", "-"), ("ptq_ppl", "round-to-nearest", ":")):
+    for key, label, style in (
+        ("teacher_ppl", "teacher", "-"),
+        ("ptq_ppl", "round-to-nearest", ":"),
+    ):
         if key in baselines:
             right.axhline(baselines[key], color="black", linestyle=style, linewidth=1, label=label)
     right.set_yscale("log")

@@ -32,7 +32,9 @@ def kl_and_agreement(
 
 
 @functools.partial(jax.jit, static_argnames=("teacher_spec", "student_spec", "quantizer"))
-def _batch_errors(teacher_params, student_params, blocks_BxT, teacher_spec, student_spec, quantizer):
+def _batch_errors(
+    teacher_params, student_params, blocks_BxT, teacher_spec, student_spec, quantizer
+):
     teacher_BxTxV = decoder.forward(teacher_params, blocks_BxT, teacher_spec)
     student_BxTxV = decoder.forward(student_params, blocks_BxT, student_spec, quantizer=quantizer)
     return kl_and_agreement(teacher_BxTxV, student_BxTxV)
@@ -61,7 +63,12 @@ def position_errors(
         if real < batch_size:  # One compiled shape: pad with copies, count only the real rows.
             batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, 0)])
         kl_BxT, agree_BxT = _batch_errors(
-            teacher_params, student_params, jnp.asarray(batch), teacher_spec, student_spec, quantizer
+            teacher_params,
+            student_params,
+            jnp.asarray(batch),
+            teacher_spec,
+            student_spec,
+            quantizer,
         )
         kl_sum_T += np.asarray(kl_BxT, np.float64)[:real].sum(0)
         agree_sum_T += np.asarray(agree_BxT, np.float64)[:real].sum(0)
