@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import tiny_models
+import train_test
 
 from tsld_jax.evaluation import cli
 
@@ -187,20 +188,12 @@ def test_checkpoint_restore_gives_the_training_runs_last_perplexity(tmp_path, sh
     workdir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     train = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "train.py"),
-            "--config",
-            os.path.join(ROOT, "configs", "smoke.py"),
-            "--workdir",
-            str(workdir),
-            "--config.data.name=ptb",
-            f"--config.data.dir={shared_data}",
+        train_test._command(
+            workdir,
+            shared_data,
             "--config.train.steps=2",
             "--config.checkpoint.every_steps=2",
-            "--config.log.progress=False",
-            "--config.eval.baselines=False",
-        ],
+        ),
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -7,11 +7,11 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 
 import jax
 import ml_collections
 import numpy as np
+import train_test
 
 from tsld_jax import checkpoint
 from tsld_jax import workdir as workdir_lib
@@ -36,23 +36,15 @@ def _launch(workdir, shared_data, devices, *flags):
         "JAX_COMPILATION_CACHE_DIR": CACHE,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
-    command = [
-        sys.executable,
-        os.path.join(ROOT, "train.py"),
-        "--config",
-        os.path.join(ROOT, "configs", "smoke.py"),
-        "--workdir",
-        str(workdir),
-        "--config.data.name=ptb",
-        f"--config.data.dir={shared_data}",
+    command = train_test._command(
+        workdir,
+        shared_data,
         "--config.train.steps=4",
         "--config.checkpoint.every_steps=2",
-        "--config.log.progress=False",
-        "--config.eval.baselines=False",
         "--config.data.eval_blocks=1",
         "--config.mesh.tensor=2",  # 8 devices: data 4 x tensor 2 (the batch is 4)
         *flags,
-    ]
+    )
     return subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

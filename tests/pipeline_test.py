@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tiny_models
+import train_test
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tsld_jax import sharding, train_step
@@ -108,22 +109,14 @@ def _train_py(workdir, shared_data, devices, *flags):
         "JAX_COMPILATION_CACHE_DIR": CACHE,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
-    command = [
-        sys.executable,
-        os.path.join(ROOT, "train.py"),
-        "--config",
-        os.path.join(ROOT, "configs", "smoke.py"),
-        "--workdir",
-        str(workdir),
-        "--config.data.name=ptb",
-        f"--config.data.dir={shared_data}",
+    command = train_test._command(
+        workdir,
+        shared_data,
         "--config.train.steps=3",
         "--config.checkpoint.every_steps=3",
-        "--config.log.progress=False",
-        "--config.eval.baselines=False",
         "--config.data.eval_blocks=1",
         *flags,
-    ]
+    )
     return subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
