@@ -1,6 +1,7 @@
 """Export for deployment: `python export.py --checkpoint RUN --format gguf-tq2_0 --output m.gguf`.
 
-Formats: gguf-tq2_0, gguf-tq1_0, gguf-f16, gguf-f32 (llama.cpp), hf (transformers), packed.
+Formats: gguf-tq2_0, gguf-tq1_0, gguf-q8_0, gguf-f16, gguf-f32 (llama.cpp), hf (transformers),
+packed.
 See tsld_jax/export_cli.py for the flags and tsld_jax/models/gguf_export.py for the GGUF types.
 """
 

@@ -16,6 +16,27 @@ from tsld_jax.models.spec import spec_from_hf_config
 _INIT = 0.2
 VOCAB = 97
 
+# The rotary families' shared tiny shape.
+_ROTARY = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    initializer_range=_INIT,
+)
+# Phi3Config's default special ids (32000) lie beyond the tiny vocabulary.
+_PHI3 = dict(**_ROTARY, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
 CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=_INIT
@@ -65,6 +86,62 @@ CONFIGS = {
         tie_word_embeddings=True,
         initializer_range=_INIT,
     ),
+    # Llama 3.1/3.2's rescaled frequencies: with head_dim 8, theta 500 and an original context
+    # of 64, one frequency is kept, one interpolated and two divided by the factor.
+    "llama3_gqa_untied": lambda: transformers.LlamaConfig(
+        **_ROTARY,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        rope_parameters=_LLAMA3_ROPE,
+    ),
+    "llama3_tied": lambda: transformers.LlamaConfig(
+        **_ROTARY, num_key_value_heads=1, tie_word_embeddings=True, rope_parameters=_LLAMA3_ROPE
+    ),
+    "mistral_window": lambda: transformers.MistralConfig(
+        **_ROTARY, num_key_value_heads=2, sliding_window=3, tie_word_embeddings=False
+    ),
+    # Qwen2's q/k/v biases; the second layer slides a window of 3 (max_window_layers=1).
+    "qwen2_window": lambda: transformers.Qwen2Config(
+        **_ROTARY,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        use_sliding_window=True,
+        sliding_window=3,
+        max_window_layers=1,
+    ),
+    # Qwen3: q/k norms over an explicit head_dim (16) that differs from hidden / heads (8).
+    "qwen3": lambda: transformers.Qwen3Config(
+        **_ROTARY, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False
+    ),
+    # Gemma 3: a local layer (window 3, RoPE base 10) then a global one (base 1000, linear
+    # scaling 2), query_pre_attn_scalar 12 (not head_dim), (1 + w) norms, post norms, GeGLU.
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **_ROTARY,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=12,
+        sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+        },
+    ),
+    # Gemma 2: soft-capped scores (5) and logits (3), small enough to bend them.
+    "gemma2_softcap": lambda: transformers.Gemma2Config(
+        **_ROTARY,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=12,
+        sliding_window=3,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+    ),
+    # Phi-3: fused qkv_proj and gate_up_proj (split on import), GQA, a window on every layer.
+    "phi3_window": lambda: transformers.Phi3Config(
+        **_PHI3, num_key_value_heads=2, sliding_window=3
+    ),
+    "phi3": lambda: transformers.Phi3Config(**_PHI3, num_key_value_heads=4),
     "gpt_neo_local": lambda: transformers.GPTNeoConfig(
         vocab_size=VOCAB,
         max_position_embeddings=64,

@@ -4,9 +4,9 @@
     python export.py --model smollm2-135m --quant twn --format gguf-tq1_0 --output m.gguf
 
 Formats: gguf-tq2_0 / gguf-tq1_0 (ternary block linears in llama.cpp's ternary types, see
-`models.gguf_export`), gguf-f16 / gguf-f32 (float; quantized layers fake-quantized), hf (a
-transformers directory of the fake-quantized weights, with the quantization settings under
-"tsld_quantization" in config.json) and packed (`quant.export.save_packed`).
+`models.gguf_export`), gguf-q8_0 / gguf-f16 / gguf-f32 (float; quantized layers
+fake-quantized), hf (a transformers directory of the fake-quantized weights, with the
+quantization settings under "tsld_quantization" in config.json) and packed (`quant.export.save_packed`).
 
 Every user error prints one `error: ...` line and exits with status 2.
 """

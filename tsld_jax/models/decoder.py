@@ -8,8 +8,11 @@ Parameter layout (every kernel in Flax layout, (in_features, out_features)):
     layers/...                   leading axis L, scanned with `lax.scan`
         attn_norm/{scale,bias}   (L, D)
         attn/{q,k,v,o}/{kernel,bias}
+        attn/{q_norm,k_norm}/scale (L, K)        spec.qk_norm only
+        post_attn_norm/scale     (L, D)          spec.post_norms only
         mlp_norm/{scale,bias}    (L, D)
         mlp/{up,gate,down}/{kernel,bias}
+        post_mlp_norm/scale      (L, D)          spec.post_norms only
     final_norm/{scale,bias}      (D,)
     project_out/kernel           (D, E)          OPT-350m only
     lm_head/kernel               (E, V)          untied heads only
@@ -124,6 +127,11 @@ def _norm(p: Params, x: jax.Array, spec: ModelSpec) -> jax.Array:
     x32 = x.astype(jnp.float32)
     if spec.norm == "rmsnorm":
         x32 = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + spec.norm_eps)
+        if spec.norm_offset:
+            # Gemma multiplies by (1 + w) in float32 before rounding to the model's dtype; LLaMA
+            # rounds first and multiplies in that dtype.
+            scale = spec.norm_offset + p["scale"].astype(jnp.float32)
+            return (_trailing(scale, x.ndim) * x32).astype(x.dtype)
         return _trailing(p["scale"].astype(x.dtype), x.ndim) * x32.astype(x.dtype)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -132,7 +140,7 @@ def _norm(p: Params, x: jax.Array, spec: ModelSpec) -> jax.Array:
 
 
 def _activation(x: jax.Array, name: str) -> jax.Array:
-    if name == "gelu_new":
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
         return jax.nn.gelu(x, approximate=True)
     if name == "gelu":
         return jax.nn.gelu(x, approximate=False)
@@ -141,11 +149,10 @@ def _activation(x: jax.Array, name: str) -> jax.Array:
     return jax.nn.silu(x)
 
 
-def _rotary(x_BxTxNxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
-    # Hugging Face's "rotate_half" convention: the two halves of each head form the pairs.
-    head_dim = x_BxTxNxK.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles_BxTxK2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None]
+def _rotary(x_BxTxNxK: jax.Array, positions_BxT: jax.Array, inv_freq_K2: jax.Array) -> jax.Array:
+    # Hugging Face's "rotate_half" convention: the two halves of each head form the pairs. The
+    # inverse frequencies are the layer's own (`ModelSpec.layer_inv_frequencies`).
+    angles_BxTxK2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_K2[None, None]
     angles_BxTxK = jnp.concatenate([angles_BxTxK2, angles_BxTxK2], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(angles_BxTxK), jnp.sin(angles_BxTxK)
     x32 = x_BxTxNxK.astype(jnp.float32)
@@ -182,19 +189,29 @@ def _attend(
     keys_BxNxSxK: jax.Array,
     values_BxNxSxK: jax.Array,
     allowed: jax.Array,
-    scale: bool,
+    spec: ModelSpec,
     value_dtype: Any,
 ) -> tuple[jax.Array, jax.Array]:
-    """softmax(q k^T [/ sqrt(K)], masked) v for one tile of queries; returns (out, scores)."""
+    """softmax(soft-capped scaled q k^T, masked) v for one tile of queries; returns (out,
+    scores)."""
     scores_BxNxGxTxS = jnp.einsum(
         "bngtk,bnsk->bngts", q_BxNxGxTxK.astype(jnp.float32), keys_BxNxSxK.astype(jnp.float32)
     )
-    if scale:
+    if spec.attn_scale:
+        scores_BxNxGxTxS = scores_BxNxGxTxS * jnp.float32(spec.attn_scale)
+    else:
         scores_BxNxGxTxS = scores_BxNxGxTxS / jnp.sqrt(jnp.float32(q_BxNxGxTxK.shape[-1]))
+    if spec.attn_softcap:
+        scores_BxNxGxTxS = _softcap(scores_BxNxGxTxS, spec.attn_softcap)
     masked = jnp.where(allowed, scores_BxNxGxTxS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(masked, axis=-1).astype(value_dtype)
     out_BxNxGxTxK = jnp.einsum("bngts,bnsk->bngtk", probs, values_BxNxSxK.astype(value_dtype))
     return out_BxNxGxTxK, scores_BxNxGxTxS
+
+
+def _softcap(x: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(x / cap): Gemma 2's bound on attention scores and logits."""
+    return jnp.tanh(x / cap) * cap
 
 
 def _attention(
@@ -202,6 +219,7 @@ def _attention(
     x_BxTxD: jax.Array,
     spec: ModelSpec,
     positions_BxT: jax.Array,
+    inv_freq_K2: jax.Array,
     allowed: jax.Array,
     quantizer: Quantizer | None,
     cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
@@ -224,9 +242,12 @@ def _attention(
     q = q.reshape(batch, length, spec.num_heads, -1)
     k = k.reshape(batch, length, kv_heads, head_dim)
     v = v.reshape(batch, length, kv_heads, head_dim)
+    if spec.qk_norm:
+        q = _norm(p["q_norm"], q, spec)
+        k = _norm(p["k_norm"], k, spec)
     if spec.positional == "rotary":
-        q = _rotary(q, positions_BxT, spec.rope_theta)
-        k = _rotary(k, positions_BxT, spec.rope_theta)
+        q = _rotary(q, positions_BxT, inv_freq_K2)
+        k = _rotary(k, positions_BxT, inv_freq_K2)
     k_BxNxTxK = k.transpose(0, 2, 1, 3)
     v_BxNxTxK = v.transpose(0, 2, 1, 3)
     keys_BxNxSxK, values_BxNxSxK, new_kv = k_BxNxTxK, v_BxNxTxK, None
@@ -255,7 +276,7 @@ def _attention(
             keys_BxNxSxK[:, :, :limit],
             values_BxNxSxK[:, :, :limit],
             allowed[..., start:end, :limit],
-            spec.scale_attention,
+            spec,
             v.dtype,
         )
         outs.append(out)
@@ -286,6 +307,7 @@ def _block(
     h: jax.Array,
     spec: ModelSpec,
     positions_BxT: jax.Array,
+    inv_freq_K2: jax.Array,
     allowed: jax.Array,
     quantizer: Quantizer | None,
     cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
@@ -298,21 +320,29 @@ def _block(
             _norm(layer["attn_norm"], h, spec),
             spec,
             positions_BxT,
+            inv_freq_K2,
             allowed,
             quantizer,
             cache,
             want_scores,
             packed_kernel,
         )
+        if spec.post_norms:  # Gemma: the sublayer's output is normalised before the residual add
+            attn_out = _norm(layer["post_attn_norm"], attn_out, spec)
         h = h + attn_out
-        mlp_in = _norm(layer["mlp_norm"], h, spec)
-        h = h + _mlp(layer["mlp"], mlp_in, spec, quantizer, packed_kernel)
+        mlp_out = _mlp(
+            layer["mlp"], _norm(layer["mlp_norm"], h, spec), spec, quantizer, packed_kernel
+        )
+        if spec.post_norms:
+            mlp_out = _norm(layer["post_mlp_norm"], mlp_out, spec)
+        h = h + mlp_out
     else:  # OPT-350m: normalise after each residual add.
         attn_out, scores, new_kv = _attention(
             layer["attn"],
             h,
             spec,
             positions_BxT,
+            inv_freq_K2,
             allowed,
             quantizer,
             cache,
@@ -334,7 +364,11 @@ def default_positions(tokens_BxT: jax.Array, mask_BxT: jax.Array | None) -> jax.
 
 def embed(params: Params, tokens_BxT: jax.Array, positions_BxT: jax.Array, spec: ModelSpec):
     """Token (+ learned position) embedding, with OPT's project_in."""
-    h = jnp.take(params["embed"]["tokens"], tokens_BxT, axis=0)
+    table = params["embed"]["tokens"]
+    h = jnp.take(table, tokens_BxT, axis=0)
+    if spec.embed_scale:
+        # Gemma rounds sqrt(D) to the embedding's dtype first (25.25 for D = 640 in bfloat16).
+        h = h * jnp.asarray(spec.embed_scale, table.dtype)
     if spec.embed_proj_dim:
         h = h @ params["project_in"]["kernel"].astype(h.dtype)
     if spec.positional == "learned":
@@ -349,8 +383,11 @@ def unembed(params: Params, h_BxTxD: jax.Array, spec: ModelSpec) -> jax.Array:
     if spec.embed_proj_dim:
         h_BxTxD = h_BxTxD @ params["project_out"]["kernel"].astype(h_BxTxD.dtype)
     if spec.tie_embeddings:
-        return jnp.einsum("...e,ve->...v", h_BxTxD, params["embed"]["tokens"].astype(h_BxTxD.dtype))
-    return h_BxTxD @ params["lm_head"]["kernel"].astype(h_BxTxD.dtype)
+        table = params["embed"]["tokens"].astype(h_BxTxD.dtype)
+        logits = jnp.einsum("...e,ve->...v", h_BxTxD, table)
+    else:
+        logits = h_BxTxD @ params["lm_head"]["kernel"].astype(h_BxTxD.dtype)
+    return _softcap(logits, spec.logit_softcap) if spec.logit_softcap else logits
 
 
 def forward(
@@ -528,7 +565,11 @@ def _trunk(
     from tsld_jax.quant import export  # lazy, as in linear()
 
     export.check_kernel(packed_kernel)  # also for a float model: a typo should not pass
-    windows_L = jnp.asarray(spec.layer_windows(), dtype=jnp.int32)
+    # What differs between layers besides their parameters, scanned beside them.
+    per_layer_consts = {
+        "window": jnp.asarray(spec.layer_windows(), dtype=jnp.int32),
+        "inv_freq": jnp.asarray(spec.layer_inv_frequencies()),
+    }
     length = tokens_BxT.shape[1]
     if cache is None:
         if positions_BxT is None:
@@ -563,15 +604,22 @@ def _trunk(
         if cache is not None or collect:
             raise ValueError("a pipelined forward takes no cache and collects nothing")
 
-        def layer_fn(layer, h, positions_BxT, mask_BxT, window):
-            allowed = attention_mask(index_T, index_T, mask_BxT, window)
+        def layer_fn(layer, h, positions_BxT, mask_BxT, consts):
+            allowed = attention_mask(index_T, index_T, mask_BxT, consts["window"])
             return _block(
-                layer, h, spec, positions_BxT, allowed, quantizer, packed_kernel=packed_kernel
+                layer,
+                h,
+                spec,
+                positions_BxT,
+                consts["inv_freq"],
+                allowed,
+                quantizer,
+                packed_kernel=packed_kernel,
             )[0]
 
         body = _rematerialised(layer_fn, remat)
         h = pipeline_lib.run(
-            body, params["layers"], windows_L, h, positions_BxT, mask_BxT, pipeline
+            body, params["layers"], per_layer_consts, h, positions_BxT, mask_BxT, pipeline
         )
         return h, {}, None
 
@@ -580,14 +628,15 @@ def _trunk(
     # scan made XLA copy the whole stack once more per call: 4x slower decoding on CPU.)
     def step(carry, xs):
         h, kv = carry
-        layer, window, layer_index = xs
+        layer, consts, layer_index = xs
         layer_cache = None if kv is None else (*kv, layer_index, cache["index"])
         new_h, scores, kv = _block(
             layer,
             h,
             spec,
             positions_BxT,
-            make_mask(window),
+            consts["inv_freq"],
+            make_mask(consts["window"]),
             quantizer,
             layer_cache,
             want_scores="attn_scores" in collect,
@@ -603,7 +652,8 @@ def _trunk(
     kv = None if cache is None else (cache["keys"], cache["values"])
     layer_indices = jnp.arange(spec.num_layers, dtype=jnp.int32)
     body = _rematerialised(step, remat)
-    (h, kv), per_layer = lax.scan(body, (h, kv), (params["layers"], windows_L, layer_indices))
+    xs = (params["layers"], per_layer_consts, layer_indices)
+    (h, kv), per_layer = lax.scan(body, (h, kv), xs)
     new_cache = None
     if cache is not None:
         new_cache = {
@@ -629,10 +679,10 @@ def param_shapes(spec: ModelSpec) -> Params:
             p["bias"] = (layers, n_out)
         return p
 
-    def norm(*lead):
-        p = {"scale": (*lead, d)}
+    def norm(*lead, width=d):
+        p = {"scale": (*lead, width)}
         if spec.norm == "layernorm":
-            p["bias"] = (*lead, d)
+            p["bias"] = (*lead, width)
         return p
 
     mlp = {
@@ -641,20 +691,22 @@ def param_shapes(spec: ModelSpec) -> Params:
     }
     if spec.gated_mlp:
         mlp["gate"] = lin(d, spec.mlp_size, spec.mlp_bias)
+    attn = {
+        "q": lin(d, q_out, spec.attn_bias),
+        "k": lin(d, kv_out, spec.attn_bias),
+        "v": lin(d, kv_out, spec.attn_bias),
+        "o": lin(q_out, d, spec.attn_out_bias),
+    }
+    if spec.qk_norm:
+        attn["q_norm"] = norm(layers, width=spec.head_dim)
+        attn["k_norm"] = norm(layers, width=spec.head_dim)
     shapes: Params = {
         "embed": {"tokens": (spec.vocab_size, e)},
-        "layers": {
-            "attn_norm": norm(layers),
-            "attn": {
-                "q": lin(d, q_out, spec.attn_bias),
-                "k": lin(d, kv_out, spec.attn_bias),
-                "v": lin(d, kv_out, spec.attn_bias),
-                "o": lin(q_out, d, spec.attn_out_bias),
-            },
-            "mlp_norm": norm(layers),
-            "mlp": mlp,
-        },
+        "layers": {"attn_norm": norm(layers), "attn": attn, "mlp_norm": norm(layers), "mlp": mlp},
     }
+    if spec.post_norms:
+        shapes["layers"]["post_attn_norm"] = norm(layers)
+        shapes["layers"]["post_mlp_norm"] = norm(layers)
     if spec.positional == "learned":
         shapes["positions"] = (spec.max_positions, d)
     if spec.final_norm:
@@ -668,15 +720,15 @@ def param_shapes(spec: ModelSpec) -> Params:
 
 
 def init_params(rng: jax.Array, spec: ModelSpec, dtype=jnp.float32, std: float = 0.02) -> Params:
-    """Random parameters (normal(0, std) weights, unit norm scales, zero biases)."""
+    """Random parameters (normal(0, std) weights, unit norms, zero biases)."""
     shapes = param_shapes(spec)
     leaves, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(rng, len(leaves))
     out = []
     for (path, shape), key in zip(leaves, keys, strict=True):
         name = getattr(path[-1], "key", "")
-        if name == "scale":
-            out.append(jnp.ones(shape, dtype))
+        if name == "scale":  # a unit norm: scale 1, stored as 1 - offset where (offset + w)
+            out.append(jnp.full(shape, 1.0 - spec.norm_offset, dtype))
         elif name == "bias":
             out.append(jnp.zeros(shape, dtype))
         else:

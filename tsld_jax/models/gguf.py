@@ -1,7 +1,11 @@
 """GGUF files (llama.cpp's format) into our parameter pytree, dequantized to float.
 
-Reads the llama and gpt2 architectures, in any type `gguf.quants` dequantizes (F32, F16, Q8_0,
-Q4_1, TQ1_0, TQ2_0, ...), so `gguf_export`'s files round-trip.
+Reads every llama.cpp architecture of the family registry (`families/<family>.py`: llama,
+gpt2, qwen2, qwen3, gemma3, phi3), in any type `gguf.quants` dequantizes (F32, F16, Q8_0,
+Q4_K, Q6_K, TQ1_0, TQ2_0, ...), so `gguf_export`'s files round-trip. Tensors map straight to
+our pytree through `families.GGUF_TENSORS`; what differs between families (the metadata, fused
+tensors, LLaMA's interleaved rotary rows, Gemma's norms stored as 1 + w) comes from the
+family's record and the spec, never from a test of its name.
 """
 
 from __future__ import annotations
@@ -11,42 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from tsld_jax.models import hf
+from tsld_jax.models import decoder, families
 from tsld_jax.models.errors import LoadError
-from tsld_jax.models.spec import spec_from_hf_config
-
-# GGUF tensor name -> Hugging Face LLaMA name; `hf.params_from_hf_tensors` does the rest, so the
-# one LLaMA name table in hf.py stays the only one.
-_LLAMA_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-# GGUF -> Hugging Face GPT-2 names. GPT-2's Conv1D kernels are stored (in, out) by Hugging Face
-# and (out, in) in GGUF: the names in _GPT2_CONV1D are transposed on the way in.
-_GPT2_NAMES = {
-    "token_embd": "transformer.wte",
-    "position_embd": "transformer.wpe",
-    "output_norm": "transformer.ln_f",
-    "output": "lm_head",
-    "attn_norm": "ln_1",
-    "ffn_norm": "ln_2",
-    "attn_qkv": "attn.c_attn",
-    "attn_output": "attn.c_proj",
-    "ffn_up": "mlp.c_fc",
-    "ffn_down": "mlp.c_proj",
-}
-_GPT2_CONV1D = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
-_ARCHITECTURES = ("llama", "gpt2")
+from tsld_jax.models.spec import ModelSpec
 
 
 def _reader(path: str):
@@ -67,111 +38,168 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return value
 
 
+_REQUIRED = object()  # a metadata key without a default
+
+
+def _numpy_shape(tensor) -> tuple[int, ...]:
+    # gguf-py lists a tensor's dimensions fastest-first (ggml's ne); numpy's order is reversed.
+    return tuple(int(n) for n in reversed(tensor.shape))
+
+
+def _dequantize(path: str, tensor) -> np.ndarray:
+    import gguf as gguf_lib
+
+    try:
+        values = gguf_lib.quants.dequantize(tensor.data, tensor.tensor_type)
+    except Exception as error:
+        raise LoadError(f"{path}: cannot dequantize {tensor.name} ({error})") from None
+    return np.asarray(values, dtype=np.float32).reshape(_numpy_shape(tensor))
+
+
 def hf_config_from_gguf(path: str, reader=None) -> dict[str, Any]:
     """The Hugging Face config.json dictionary that a GGUF file's metadata describes."""
     reader = reader or _reader(path)
     arch = _field(reader, "general.architecture")
-    if arch not in _ARCHITECTURES:
-        supported = ", ".join(_ARCHITECTURES)
-        raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported (only {supported})")
-    tensor_names = {t.name for t in reader.tensors}
-    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    if arch == "gpt2":
-        hidden = int(_field(reader, "gpt2.embedding_length"))
-        positions = next(t for t in reader.tensors if t.name == "position_embd.weight")
-        return {
-            "model_type": "gpt2",
-            "architectures": ["GPT2LMHeadModel"],
-            "vocab_size": int(embed.shape[-1]),
-            "n_embd": hidden,
-            "n_layer": int(_field(reader, "gpt2.block_count")),
-            "n_head": int(_field(reader, "gpt2.attention.head_count")),
-            "n_inner": int(_field(reader, "gpt2.feed_forward_length", 4 * hidden)),
-            "n_positions": int(positions.shape[-1]),
-            "n_ctx": int(_field(reader, "gpt2.context_length", positions.shape[-1])),
-            "layer_norm_epsilon": float(_field(reader, "gpt2.attention.layer_norm_epsilon", 1e-5)),
-            "activation_function": "gelu_new",
-            "tie_word_embeddings": "output.weight" not in tensor_names,
-            "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-            "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        }
-    heads = int(_field(reader, "llama.attention.head_count"))
-    hidden = int(_field(reader, "llama.embedding_length"))
-    return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": int(_field(reader, "llama.vocab_size", int(embed.shape[-1]))),
-        "hidden_size": hidden,
-        "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, "llama.block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv", heads)),
-        "head_dim": int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
-        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
-        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        },
-        "hidden_act": "silu",
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-    }
+    try:
+        family = families.for_gguf_arch(arch)
+    except ValueError as error:
+        raise LoadError(f"{path}: {error}") from None
+    by_name = {t.name: t for t in reader.tensors}
+    shapes = {name: _numpy_shape(t) for name, t in by_name.items()}
+
+    def get(key: str, default: Any = _REQUIRED) -> Any:
+        value = _field(reader, f"{arch}.{key}", default)
+        if value is _REQUIRED:
+            raise LoadError(f"{path}: the GGUF metadata has no {arch}.{key}")
+        return value
+
+    def read(name: str) -> np.ndarray:
+        return _dequantize(path, by_name[name])
+
+    try:
+        config = family.gguf.config(get, shapes, read)
+    except KeyError as error:
+        raise LoadError(f"{path}: the GGUF file has no tensor {error}") from None
+    config["bos_token_id"] = _field(reader, "tokenizer.ggml.bos_token_id")
+    config["eos_token_id"] = _field(reader, "tokenizer.ggml.eos_token_id")
+    return config
 
 
-def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
-    # llama.cpp's converter interleaves the rotary halves of q and k; undo it for the
-    # rotate-half convention of the Hugging Face (and our) rotary embedding.
-    half = weights.shape[0] // heads // 2
-    return weights.reshape(heads, half, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
-
-
-def read_gguf_tensors(path: str, hf_config: dict[str, Any], reader=None) -> dict[str, np.ndarray]:
-    """All tensors of a LLaMA or GPT-2 GGUF file, dequantized to float32, under HF names."""
+def tensor_name(module: str, layer: int | None) -> str:
+    """llama.cpp's name of one of our modules ("attn/q", layer 3 -> "blk.3.attn_q")."""
     import gguf as gguf_lib
 
+    kind = getattr(gguf_lib.MODEL_TENSOR, families.GGUF_TENSORS[module])
+    name = gguf_lib.TENSOR_NAMES[kind]
+    return name.format(bid=layer) if layer is not None else name
+
+
+def permute_rotary(weights: np.ndarray, heads: int, inverse: bool = False) -> np.ndarray:
+    """llama.cpp's LLaMA graph rotates interleaved (even, odd) pairs; the Hugging Face layout (and
+    ours) rotates halves. Its converter reorders the rows of q and k (and their biases) head by
+    head; `inverse` undoes it."""
+    half = weights.shape[0] // heads // 2
+    split = (heads, half, 2) if inverse else (heads, 2, half)
+    return weights.reshape(*split, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def fused_parts(spec: ModelSpec) -> dict[str, tuple[families.Fused, int, int]]:
+    """Our module -> (the GGUF tensor holding it, its first row there, its rows)."""
+    parts = {}
+    layers = decoder.param_shapes(spec)["layers"]
+    for fused in families.get(spec.family).gguf.fused:
+        offset = 0
+        for module in fused.parts:
+            group, name = module.split("/")
+            rows = layers[group][name]["kernel"][-1]
+            parts[module] = (fused, offset, rows)
+            offset += rows
+    return parts
+
+
+def leaf_sources(spec: ModelSpec):
+    """Yields (our leaf path, module, GGUF suffix, per-layer?) for every parameter."""
+    for path in _leaf_paths(decoder.param_shapes(spec)):
+        per_layer = path[0] == "layers"
+        module_path = path[1:] if per_layer else path
+        leaf = module_path[-1]
+        if leaf in ("kernel", "bias", "scale"):
+            module, suffix = "/".join(module_path[:-1]), "bias" if leaf == "bias" else "weight"
+        else:
+            module, suffix = "/".join(module_path), "weight"
+        yield path, module, suffix, per_layer
+
+
+def _leaf_paths(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            paths.extend(_leaf_paths(value, (*prefix, key)))
+        else:
+            paths.append((*prefix, key))
+    return paths
+
+
+def read_params(path: str, spec: ModelSpec, reader=None) -> dict[str, Any]:
+    """Every parameter of a GGUF file as our numpy pytree (float32)."""
+    from tsld_jax.models import hf
+
     reader = reader or _reader(path)
-    gpt2 = hf_config["model_type"] == "gpt2"
-    names, layer = (_GPT2_NAMES, "transformer.h") if gpt2 else (_LLAMA_NAMES, "model.layers")
-    tensors = {}
-    for tensor in reader.tensors:
-        parts = tensor.name.split(".")
-        try:
-            if parts[0] == "blk":
-                name = f"{layer}.{parts[1]}.{names[parts[2]]}.{parts[3]}"
+    arch = families.get(spec.family).gguf
+    by_name = {t.name: t for t in reader.tensors}
+    fused = fused_parts(spec)
+    expected = decoder.param_shapes(spec)
+    heads = {"attn/q": spec.num_heads, "attn/k": spec.num_kv_heads}
+    params: dict[str, Any] = {}
+    for leaf_path, module, suffix, per_layer in leaf_sources(spec):
+        layers = range(spec.num_layers) if per_layer else [None]
+        arrays = []
+        for i in layers:
+            if module in fused:
+                holder, start, rows = fused[module]
+                name = f"{_fused_tensor_name(holder.name, i)}.{suffix}"
             else:
-                name = f"{names[parts[0]]}.{parts[1]}"
-        except (KeyError, IndexError):
-            continue  # e.g. rope_freqs: derived data we recompute.
-        try:
-            values = gguf_lib.quants.dequantize(tensor.data, tensor.tensor_type)
-        except Exception as error:
-            raise LoadError(f"{path}: cannot dequantize {tensor.name} ({error})") from None
-        values = np.asarray(values, dtype=np.float32)
-        if gpt2:
-            if parts[0] == "blk" and parts[2] in _GPT2_CONV1D and parts[3] == "weight":
-                values = values.T
-            tensors[name] = values
-            continue
-        if ".q_proj." in name:
-            values = _unpermute(values, hf_config["num_attention_heads"])
-        elif ".k_proj." in name:
-            values = _unpermute(values, hf_config["num_key_value_heads"])
-        tensors[name] = values
-    return tensors
+                name, start, rows = f"{tensor_name(module, i)}.{suffix}", 0, None
+            if name not in by_name:
+                raise LoadError(
+                    f"{path}: the GGUF file has no tensor {name!r} (needed for "
+                    f"{'/'.join(leaf_path)})"
+                )
+            value = _dequantize(path, by_name[name])
+            if rows is not None:
+                value = value[start : start + rows]
+            if arch.permute_rotary and module in heads:
+                value = permute_rotary(value, heads[module], inverse=True)
+            if leaf_path[-1] == "scale" and spec.norm_offset:
+                value = value - np.float32(spec.norm_offset)  # stored as offset + w
+            if leaf_path[-1] == "kernel":
+                value = value.T  # GGUF rows are output features; our kernels are (in, out)
+            arrays.append(value)
+        value = np.stack(arrays) if per_layer else arrays[0]
+        want = tuple(hf._get(expected, leaf_path))
+        if value.shape != want:
+            raise LoadError(
+                f"{path}: {'/'.join(leaf_path)} has shape {value.shape} in the file, the "
+                f"metadata implies {want}"
+            )
+        hf._set(params, leaf_path, np.ascontiguousarray(value, dtype=np.float32))
+    return params
+
+
+def _fused_tensor_name(kind: str, layer: int) -> str:
+    import gguf as gguf_lib
+
+    return gguf_lib.TENSOR_NAMES[getattr(gguf_lib.MODEL_TENSOR, kind)].format(bid=layer)
 
 
 def load_gguf(path: str):
     """Reads a GGUF file once: (hf_config dict, ModelSpec, numpy params)."""
+    from tsld_jax.models.spec import spec_from_hf_config
+
     reader = _reader(path)
     hf_config = hf_config_from_gguf(path, reader)
     spec = spec_from_hf_config(hf_config)
-    return (
-        hf_config,
-        spec,
-        hf.params_from_hf_tensors(read_gguf_tensors(path, hf_config, reader), spec),
-    )
+    return hf_config, spec, read_params(path, spec, reader)
 
 
 def _is_byte_vocabulary(reader) -> bool:

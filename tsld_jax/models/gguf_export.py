@@ -1,7 +1,9 @@
 """Our parameter pytree out to GGUF files that llama.cpp runs: F32, F16, and ternary TQ2_0/TQ1_0.
 
 Metadata keys and tensor names are those llama.cpp's own `convert_hf_to_gguf.py` writes for the
-family (LLaMA and GPT-2; llama.cpp has no OPT or GPT-Neo architecture, so those are refused).
+family's architecture (`families/<family>.py`: llama, gpt2, qwen2, qwen3, gemma3, phi3;
+llama.cpp has no OPT or GPT-Neo graph, so those are refused, as is any spec whose arithmetic
+llama.cpp's graph for it would not reproduce).
 The names come from the `gguf` package's constants, the writing from its `GGUFWriter` and the
 block quantization from `gguf.quants`, the same code the converter uses.
 
@@ -16,6 +18,8 @@ Which type each tensor gets:
   32-weight block holds one magnitude; it costs 8.5 bits per weight against 2.0625 (TQ2_0)
   and 1.6875 (TQ1_0), and the export reports those bytes. A ternary layer that neither type
   holds exactly is refused (`ExportError`), never approximated.
+- In the gguf-q8_0 format, every other matrix whose rows are a multiple of 32: Q8_0, rounded
+  as llama.cpp's converter does (a ternary layer only where that is exact).
 - Everything else: F16 (F32 in the gguf-f32 format).
 
 After quantizing, each ternary tensor is dequantized again with `gguf.quants.dequantize` and
@@ -34,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
+from tsld_jax.models import families
+from tsld_jax.models import gguf as gguf_import
 from tsld_jax.models.spec import ModelSpec
 
-FORMATS = ("gguf-tq2_0", "gguf-tq1_0", "gguf-f16", "gguf-f32")
+FORMATS = ("gguf-tq2_0", "gguf-tq1_0", "gguf-q8_0", "gguf-f16", "gguf-f32")
 TERNARY_FORMATS = ("gguf-tq2_0", "gguf-tq1_0")
-# llama.cpp architecture name per family; OPT and GPT-Neo have none.
-ARCHITECTURES = {"llama": "llama", "gpt2": "gpt2"}
 # Relative rounding error of a float16 scale (round to nearest, 10 explicit mantissa bits),
 # with a little room for the float32 product of Q8_0's d * 127.
 _F16_RELATIVE = 2.0**-11 * (1.0 + 1e-3)
@@ -145,18 +149,11 @@ class _Tensor:
     group_size: int | None = None  # per-group quantizers: input features per scale
 
 
-def _names():
-    import gguf
+def _quant_spec(specs: Mapping[str, Any] | None, path: str):
+    from tsld_jax.quant.quantizers import QuantSpec
 
-    return {tensor.name: name for tensor, name in gguf.TENSOR_NAMES.items()}
-
-
-def _permute_rotary(weights: np.ndarray, heads: int) -> np.ndarray:
-    # llama.cpp's LLaMA graph applies rotary embeddings to interleaved (even, odd) pairs; the
-    # Hugging Face layout (and ours) rotates halves. The converter reorders the rows of q and k
-    # (and their biases) head by head; `gguf._unpermute` is the inverse.
-    half = weights.shape[0] // heads // 2
-    return weights.reshape(heads, 2, half, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    spec = _get(specs, path) if specs is not None else None
+    return spec if isinstance(spec, QuantSpec) else None
 
 
 def _get(tree: Mapping[str, Any], path: str) -> Any:
@@ -168,113 +165,89 @@ def _get(tree: Mapping[str, Any], path: str) -> Any:
     return node
 
 
-def _quant_spec(specs: Mapping[str, Any] | None, path: str):
-    from tsld_jax.quant.quantizers import QuantSpec
-
-    spec = _get(specs, path) if specs is not None else None
-    return spec if isinstance(spec, QuantSpec) else None
-
-
-def _block_tensors(
-    params: Mapping[str, Any], spec: ModelSpec, specs: Mapping[str, Any] | None
-) -> Iterator[_Tensor]:
-    names = _names()
-    layer = lambda key, i, suffix: names[key].format(bid=i) + suffix
-
-    def linear(module: str, i: int) -> tuple[np.ndarray, np.ndarray | None, Any]:
-        kernel = np.asarray(_get(params, f"layers/{module}/kernel")[i], np.float32).T
-        bias = _get(params, f"layers/{module}/bias")
-        bias = None if bias is None else np.asarray(bias[i], np.float32)
-        return kernel, bias, _quant_spec(specs, f"layers/{module}/kernel")
-
-    def emit(key: str, i: int, kernel, bias, qspec) -> Iterator[_Tensor]:
-        yield _Tensor(
-            layer(key, i, ".weight"),
-            kernel,
-            ternary=qspec is not None,
-            group_size=qspec.group_size if qspec is not None else None,
-        )
-        if bias is not None:
-            yield _Tensor(layer(key, i, ".bias"), bias)
-
-    def norm(key: str, module: str, i: int) -> Iterator[_Tensor]:
-        yield _Tensor(layer(key, i, ".weight"), np.asarray(params["layers"][module]["scale"][i]))
-        if "bias" in params["layers"][module]:
-            yield _Tensor(layer(key, i, ".bias"), np.asarray(params["layers"][module]["bias"][i]))
-
-    for i in range(spec.num_layers):
-        yield from norm("ATTN_NORM", "attn_norm", i)
-        if spec.family == "gpt2":
-            # llama.cpp's GPT-2 graph reads one fused QKV matrix, as Hugging Face stores it.
-            parts = [linear(f"attn/{m}", i) for m in "qkv"]
-            qspecs = [p[2] for p in parts]
-            kernel = np.concatenate([p[0] for p in parts])
-            bias = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
-            fused_spec = qspecs[0] if all(s == qspecs[0] for s in qspecs) else None
-            if fused_spec is None and any(qspecs):
-                raise ExportError(
-                    "layers/attn/{q,k,v}: GPT-2's fused QKV matrix needs one quantizer for all "
-                    "three projections"
-                )
-            yield from emit("ATTN_QKV", i, kernel, bias, fused_spec)
-        else:
-            for module, key, heads in (
-                ("attn/q", "ATTN_Q", spec.num_heads),
-                ("attn/k", "ATTN_K", spec.num_kv_heads),
-                ("attn/v", "ATTN_V", 0),
-            ):
-                kernel, bias, qspec = linear(module, i)
-                if heads:
-                    kernel = _permute_rotary(kernel, heads)
-                    bias = None if bias is None else _permute_rotary(bias, heads)
-                yield from emit(key, i, kernel, bias, qspec)
-        yield from emit("ATTN_OUT", i, *linear("attn/o", i))
-        yield from norm("FFN_NORM", "mlp_norm", i)
-        if spec.gated_mlp:
-            yield from emit("FFN_GATE", i, *linear("mlp/gate", i))
-        yield from emit("FFN_UP", i, *linear("mlp/up", i))
-        yield from emit("FFN_DOWN", i, *linear("mlp/down", i))
-
-
 def _model_tensors(
     params: Mapping[str, Any], spec: ModelSpec, specs: Mapping[str, Any] | None
 ) -> Iterator[_Tensor]:
-    names = _names()
-    yield _Tensor(names["TOKEN_EMBD"] + ".weight", np.asarray(params["embed"]["tokens"]))
-    if spec.positional == "learned":
-        yield _Tensor(names["POS_EMBD"] + ".weight", np.asarray(params["positions"]))
-    yield from _block_tensors(params, spec, specs)
-    yield _Tensor(names["OUTPUT_NORM"] + ".weight", np.asarray(params["final_norm"]["scale"]))
-    if "bias" in params["final_norm"]:
-        yield _Tensor(names["OUTPUT_NORM"] + ".bias", np.asarray(params["final_norm"]["bias"]))
-    if not spec.tie_embeddings:
-        # A tied head is absent: llama.cpp then multiplies by token_embd, as the converter
-        # leaves it for tied Hugging Face checkpoints.
-        yield _Tensor(names["OUTPUT"] + ".weight", np.asarray(params["lm_head"]["kernel"]).T)
+    """Every tensor of the file, in the converter's layout, from `gguf.leaf_sources`: the same
+    walk over our pytree that the import makes, so the two cannot drift apart."""
+    arch = families.get(spec.family).gguf
+    fused = gguf_import.fused_parts(spec)
+    heads = {"attn/q": spec.num_heads, "attn/k": spec.num_kv_heads}
+    pending: dict[str, list[tuple[str, np.ndarray, Any]]] = {}  # fused tensor -> its parts
+    sources = list(gguf_import.leaf_sources(spec))
+    per_layer = [s for s in sources if s[3]]
+    top = {s[1]: s for s in sources if not s[3]}
+
+    def one(leaf_path, module, suffix, layer) -> Iterator[_Tensor]:
+        value = _get(params, "/".join(leaf_path))
+        value = np.asarray(value if layer is None else value[layer], np.float32)
+        qspec = _quant_spec(specs, "/".join(leaf_path)) if leaf_path[-1] == "kernel" else None
+        if leaf_path[-1] == "kernel":
+            value = value.T  # GGUF rows are output features
+        if leaf_path[-1] == "scale" and spec.norm_offset:
+            value = value + np.float32(spec.norm_offset)  # llama.cpp multiplies by the stored w
+        if arch.permute_rotary and module in heads:
+            value = gguf_import.permute_rotary(value, heads[module])
+        if module in fused:
+            holder, _, _ = fused[module]
+            key = f"{gguf_import._fused_tensor_name(holder.name, layer)}.{suffix}"
+            pending.setdefault(key, []).append((module, value, qspec))
+            if len(pending[key]) == len(holder.parts):
+                yield _joined(key, pending.pop(key))
+            return
+        name = f"{gguf_import.tensor_name(module, layer)}.{suffix}"
+        yield _Tensor(
+            name,
+            value,
+            ternary=qspec is not None,
+            group_size=qspec.group_size if qspec is not None else None,
+        )
+
+    for module in ("embed/tokens", "positions"):
+        if module in top:
+            yield from one(top[module][0], module, top[module][2], None)
+    for i in range(spec.num_layers):
+        for leaf_path, module, suffix, _ in per_layer:
+            yield from one(leaf_path, module, suffix, i)
+    for leaf_path, module, suffix, _ in sources:
+        if module in ("final_norm", "lm_head"):
+            # A tied head is absent: llama.cpp then multiplies by token_embd, as the converter
+            # leaves it for tied Hugging Face checkpoints.
+            yield from one(leaf_path, module, suffix, None)
+    for name, value in (arch.extra_tensors(spec) if arch.extra_tensors else {}).items():
+        yield _Tensor(name, np.asarray(value, np.float32))
+
+
+def _joined(name: str, parts: list[tuple[str, np.ndarray, Any]]) -> _Tensor:
+    """One fused GGUF tensor (GPT-2's and Phi-3's attn_qkv, Phi-3's gate|up ffn_up)."""
+    qspecs = [qspec for _, _, qspec in parts]
+    if any(q != qspecs[0] for q in qspecs):
+        modules = ", ".join(module for module, _, _ in parts)
+        raise ExportError(
+            f"{name}: llama.cpp reads {modules} as one matrix, which needs one quantizer for all"
+        )
+    qspec = qspecs[0]
+    return _Tensor(
+        name,
+        np.concatenate([value for _, value, _ in parts], axis=0),
+        ternary=qspec is not None,
+        group_size=qspec.group_size if qspec is not None else None,
+    )
 
 
 def check_supported(spec: ModelSpec) -> None:
     """Raises ExportError unless llama.cpp has a graph for exactly this architecture."""
-    if spec.family not in ARCHITECTURES:
+    arch = families.get(spec.family).gguf
+    if arch is None:
+        supported = sorted({f.gguf.arch for f in map(families.get, families.names()) if f.gguf})
         raise ExportError(
-            f"llama.cpp has no architecture for the {spec.family} family "
-            "(GGUF export supports llama and gpt2); use --format hf or packed"
+            f"llama.cpp has no architecture for the {spec.family} family (GGUF export "
+            f"supports {', '.join(supported)}); use --format hf or packed"
         )
-    if spec.family == "llama":
-        wanted = dict(norm="rmsnorm", activation="silu", gated_mlp=True, positional="rotary")
-        wanted.update(pre_norm=True, final_norm=True, scale_attention=True, embed_proj_dim=0)
-    else:
-        wanted = dict(norm="layernorm", activation="gelu_new", gated_mlp=False)
-        wanted.update(positional="learned", pre_norm=True, final_norm=True, scale_attention=True)
-        wanted.update(attn_bias=True, attn_out_bias=True, mlp_bias=True, position_offset=0)
-    for field, value in wanted.items():
-        if getattr(spec, field) != value:
-            raise ExportError(
-                f"llama.cpp's {spec.family} graph needs {field}={value!r}, this model has "
-                f"{getattr(spec, field)!r}; use --format hf or packed"
-            )
-    if spec.attention_layers and any(kind != "global" for kind in spec.attention_layers):
-        raise ExportError("llama.cpp's graphs have no local-attention layers; use --format hf")
+    try:
+        arch.check(spec)
+    except ValueError as error:
+        raise ExportError(f"{error}; use --format hf or packed") from None
 
 
 # --- Types -------------------------------------------------------------------------------------
@@ -360,17 +333,20 @@ def _write_hparams(writer, spec: ModelSpec, hf_config: Mapping[str, Any], file_t
     # checkpoint that has no n_inner, and right for the ones that do.
     writer.add_feed_forward_length(spec.mlp_size)
     writer.add_head_count(spec.num_heads)
-    if spec.family == "llama":
-        writer.add_head_count_kv(spec.num_kv_heads)
-        writer.add_rope_freq_base(spec.rope_theta)
+    if spec.norm == "rmsnorm":
         writer.add_layer_norm_rms_eps(spec.norm_eps)
-        if spec.head_dim * spec.num_heads != spec.hidden_size or hf_config.get("head_dim"):
-            writer.add_key_length(spec.head_dim)
-            writer.add_value_length(spec.head_dim)
-        writer.add_vocab_size(spec.vocab_size)
-        writer.add_rope_dimension_count(spec.head_dim)
     else:
         writer.add_layer_norm_eps(spec.norm_eps)
+    if spec.positional == "rotary":
+        writer.add_head_count_kv(spec.num_kv_heads)
+        writer.add_rope_freq_base(spec.rope_theta)
+        writer.add_key_length(spec.head_dim)
+        writer.add_value_length(spec.head_dim)
+        writer.add_vocab_size(spec.vocab_size)
+        writer.add_rope_dimension_count(spec.head_dim)
+    hparams = families.get(spec.family).gguf.hparams
+    if hparams is not None:
+        hparams(writer, spec)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -520,6 +496,7 @@ def _file_type(fmt: str) -> int:
     return {
         "gguf-f32": gguf.LlamaFileType.ALL_F32,
         "gguf-f16": gguf.LlamaFileType.MOSTLY_F16,
+        "gguf-q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
         "gguf-tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0,
         "gguf-tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0,
     }[fmt]
@@ -541,7 +518,7 @@ def write_gguf(
     Args:
       path: the .gguf file to write.
       params: the decoder's parameters (latent weights of a QAT run, or float weights).
-      spec: the architecture (llama or gpt2 family).
+      spec: the architecture (a family with a llama.cpp architecture).
       fmt: one of FORMATS.
       vocab: writes the tokenizer keys (`vocab_from_gguf`, `vocab_from_tokenizer`,
         `vocab_from_bytes`).
@@ -575,7 +552,7 @@ def write_gguf(
         raise ExportError(f"{fmt} needs ternary weights: a QAT checkpoint, or --quant twn")
     target = {"gguf-tq2_0": "TQ2_0", "gguf-tq1_0": "TQ1_0"}.get(fmt)
 
-    writer = gguf.GGUFWriter(path, ARCHITECTURES[spec.family])
+    writer = gguf.GGUFWriter(path, families.get(spec.family).gguf.arch)
     writer.add_name(name or "tsld-jax export")
     _write_hparams(writer, spec, hf_config or {}, int(_file_type(fmt)))
     vocab(writer)
@@ -588,6 +565,20 @@ def write_gguf(
         elif tensor.ternary and target is not None:
             qtype, note = _ternary_type(tensor, target)
             data = _quantize_exactly(tensor, qtype)
+        elif fmt == "gguf-q8_0" and tensor.array.shape[-1] % _Q8_BLOCK == 0:
+            # Ternary layers must come out exact (one magnitude per 32-weight block, as
+            # per-channel scales are); float ones are rounded as the converter's q8_0 does.
+            qtype = "Q8_0"
+            if tensor.ternary:
+                if not _single_magnitude(tensor.array, _Q8_BLOCK):
+                    raise ExportError(
+                        f"{tensor.name}: a {_Q8_BLOCK}-weight Q8_0 block holds more than one "
+                        "ternary magnitude; use --format hf or packed"
+                    )
+                data = _quantize_exactly(tensor, qtype)
+            else:
+                _check_float16(tensor)
+                data = gguf.quants.quantize(tensor.array, gguf.GGMLQuantizationType.Q8_0)
         else:
             _check_float16(tensor)
             qtype, data = "F16", tensor.array.astype(np.float16)

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints to and from our parameter pytree, one name table per family."""
+"""Hugging Face checkpoints to and from our parameter pytree, through the family registry's
+name tables (`families/<family>.py`): generic, no family is named here."""
 
 from __future__ import annotations
 
@@ -9,95 +10,39 @@ from typing import Any
 
 import numpy as np
 
-from tsld_jax.models import decoder
+from tsld_jax.models import decoder, families
 from tsld_jax.models.errors import LoadError
 from tsld_jax.models.spec import ModelSpec
 
-# Per family: the prefix of the base model's weights, the prefix of one block, whether the block's
-# kernels are GPT-2 Conv1D weights (stored (in, out), so no transpose), and our module name ->
-# theirs. GPT-2's fused c_attn is split into virtual "attn.q/k/v" names on import and fused back
-# on export (see _split_gpt2_qkv).
-_TABLES: dict[str, dict[str, Any]] = {
-    "gpt2": {
-        "prefix": "transformer.",
-        "layer": "h.{i}.",
-        "conv1d": True,
-        "modules": {
-            "embed/tokens": "wte",
-            "positions": "wpe",
-            "final_norm": "ln_f",
-            "attn_norm": "ln_1",
-            "mlp_norm": "ln_2",
-            "attn/q": "attn.q",
-            "attn/k": "attn.k",
-            "attn/v": "attn.v",
-            "attn/o": "attn.c_proj",
-            "mlp/up": "mlp.c_fc",
-            "mlp/down": "mlp.c_proj",
-        },
-    },
-    "opt": {
-        "prefix": "model.decoder.",
-        "layer": "layers.{i}.",
-        "conv1d": False,
-        "modules": {
-            "embed/tokens": "embed_tokens",
-            "positions": "embed_positions",
-            "project_in": "project_in",
-            "project_out": "project_out",
-            "final_norm": "final_layer_norm",
-            "attn_norm": "self_attn_layer_norm",
-            "mlp_norm": "final_layer_norm",
-            "attn/q": "self_attn.q_proj",
-            "attn/k": "self_attn.k_proj",
-            "attn/v": "self_attn.v_proj",
-            "attn/o": "self_attn.out_proj",
-            "mlp/up": "fc1",
-            "mlp/down": "fc2",
-        },
-    },
-    "llama": {
-        "prefix": "model.",
-        "layer": "layers.{i}.",
-        "conv1d": False,
-        "modules": {
-            "embed/tokens": "embed_tokens",
-            "final_norm": "norm",
-            "attn_norm": "input_layernorm",
-            "mlp_norm": "post_attention_layernorm",
-            "attn/q": "self_attn.q_proj",
-            "attn/k": "self_attn.k_proj",
-            "attn/v": "self_attn.v_proj",
-            "attn/o": "self_attn.o_proj",
-            "mlp/gate": "mlp.gate_proj",
-            "mlp/up": "mlp.up_proj",
-            "mlp/down": "mlp.down_proj",
-        },
-    },
-    "gpt_neo": {
-        "prefix": "transformer.",
-        "layer": "h.{i}.",
-        "conv1d": False,
-        "modules": {
-            "embed/tokens": "wte",
-            "positions": "wpe",
-            "final_norm": "ln_f",
-            "attn_norm": "ln_1",
-            "mlp_norm": "ln_2",
-            "attn/q": "attn.attention.q_proj",
-            "attn/k": "attn.attention.k_proj",
-            "attn/v": "attn.attention.v_proj",
-            "attn/o": "attn.attention.out_proj",
-            "mlp/up": "mlp.c_fc",
-            "mlp/down": "mlp.c_proj",
-        },
-    },
-}
+
+def _family(spec: ModelSpec) -> families.Family:
+    return families.get(spec.family)
+
+
+def fused_name(fused: families.Fused, module: str) -> str:
+    """The name under which one part of a fused tensor is kept between split and join, e.g.
+    "self_attn.qkv_proj[attn/q]" (readable in error messages)."""
+    return f"{fused.name}[{module}]"
+
+
+def _module_names(family: families.Family) -> dict[str, str]:
+    """Our module -> its checkpoint name (relative), parts of fused tensors included."""
+    names = dict(family.hf_modules)
+    for fused in family.hf_fused:
+        names.update({module: fused_name(fused, module) for module in fused.parts})
+    return names
+
+
+def part_sizes(spec: ModelSpec, fused: families.Fused) -> list[int]:
+    """Each part's width along the fused axis: its linear's output features."""
+    layers = decoder.param_shapes(spec)["layers"]
+    return [_get(layers, (*module.split("/"), "kernel"))[-1] for module in fused.parts]
 
 
 def _leaf_entries(spec: ModelSpec) -> Iterator[tuple[tuple[str, ...], str, bool, bool]]:
     """Yields (our path, their name with {i} for a layer, transpose?, per-layer?) per leaf."""
-    table = _TABLES[spec.family]
+    family = _family(spec)
+    modules = _module_names(family)
     shapes = decoder.param_shapes(spec)
     leaves = _flatten(shapes)
     for path in leaves:
@@ -111,9 +56,9 @@ def _leaf_entries(spec: ModelSpec) -> Iterator[tuple[tuple[str, ...], str, bool,
             module, suffix = "/".join(module_path[:-1]), "bias" if leaf == "bias" else "weight"
         else:
             module, suffix = "/".join(module_path), "weight"
-        name = table["modules"][module] + "." + suffix
-        name = table["prefix"] + (table["layer"] if in_layers else "") + name
-        transpose = leaf == "kernel" and not (in_layers and table["conv1d"])
+        name = modules[module] + "." + suffix
+        name = family.hf_prefix + (family.hf_layer if in_layers else "") + name
+        transpose = leaf == "kernel" and not (in_layers and family.hf_conv1d)
         yield path, name, transpose, in_layers
 
 
@@ -139,33 +84,47 @@ def _get(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
     return tree
 
 
-def _split_gpt2_qkv(tensors: dict[str, np.ndarray], num_layers: int) -> None:
-    for i in range(num_layers):
-        base = f"transformer.h.{i}.attn."
-        for suffix in ("weight", "bias"):
-            fused = tensors.pop(base + "c_attn." + suffix, None)
-            if fused is None:
-                continue
-            if fused.shape[-1] % 3:
-                raise LoadError(
-                    f"tensor {base + 'c_attn.' + suffix!r} has shape {tuple(fused.shape)}; its "
-                    "last axis must hold q, k and v (a multiple of 3)"
-                )
-            for part, name in zip(np.split(fused, 3, axis=-1), "qkv", strict=True):
-                tensors[base + name + "." + suffix] = part
+def _split_fused(tensors: dict[str, np.ndarray], spec: ModelSpec) -> None:
+    family = _family(spec)
+    for fused in family.hf_fused:
+        sizes = part_sizes(spec, fused)
+        bounds = np.cumsum(sizes)[:-1]
+        for i in range(spec.num_layers):
+            base = family.hf_prefix + family.hf_layer.format(i=i)
+            for suffix in ("weight", "bias"):
+                name = f"{base}{fused.name}.{suffix}"
+                stored = tensors.pop(name, None)
+                if stored is None:
+                    continue
+                axis = fused.axis if stored.ndim > 1 else 0
+                if stored.shape[axis] != sum(sizes):
+                    raise LoadError(
+                        f"tensor {name!r} has shape {tuple(stored.shape)}; its axis {axis} must "
+                        f"hold {', '.join(fused.parts)} ({' + '.join(map(str, sizes))} rows)"
+                    )
+                for module, part in zip(
+                    fused.parts, np.split(stored, bounds, axis=axis), strict=True
+                ):
+                    tensors[f"{base}{fused_name(fused, module)}.{suffix}"] = part
 
 
-def _fuse_gpt2_qkv(tensors: dict[str, np.ndarray], num_layers: int) -> None:
-    for i in range(num_layers):
-        base = f"transformer.h.{i}.attn."
-        for suffix in ("weight", "bias"):
-            parts = [tensors.pop(base + name + "." + suffix) for name in "qkv"]
-            tensors[base + "c_attn." + suffix] = np.concatenate(parts, axis=-1)
+def _join_fused(tensors: dict[str, np.ndarray], spec: ModelSpec) -> None:
+    family = _family(spec)
+    for fused in family.hf_fused:
+        for i in range(spec.num_layers):
+            base = family.hf_prefix + family.hf_layer.format(i=i)
+            for suffix in ("weight", "bias"):
+                names = [f"{base}{fused_name(fused, module)}.{suffix}" for module in fused.parts]
+                if names[0] not in tensors:
+                    continue
+                parts = [tensors.pop(name) for name in names]
+                axis = fused.axis if parts[0].ndim > 1 else 0
+                tensors[f"{base}{fused.name}.{suffix}"] = np.concatenate(parts, axis=axis)
 
 
 def _normalise_names(tensors: dict[str, np.ndarray], spec: ModelSpec) -> dict[str, np.ndarray]:
     # Base-model checkpoints (GPT2Model rather than GPT2LMHeadModel) omit the prefix.
-    prefix = _TABLES[spec.family]["prefix"]
+    prefix = _family(spec).hf_prefix
     out = {}
     for name, value in tensors.items():
         if name != "lm_head.weight" and not name.startswith(prefix):
@@ -177,8 +136,7 @@ def _normalise_names(tensors: dict[str, np.ndarray], spec: ModelSpec) -> dict[st
 def params_from_hf_tensors(tensors: dict[str, np.ndarray], spec: ModelSpec, dtype=np.float32):
     """Converts a flat {hf name: array} dict into our nested parameter pytree (numpy leaves)."""
     tensors = _normalise_names(tensors, spec)
-    if spec.family == "gpt2":
-        _split_gpt2_qkv(tensors, spec.num_layers)
+    _split_fused(tensors, spec)
     params: dict[str, Any] = {}
     expected_shapes = decoder.param_shapes(spec)
     for path, name, transpose, per_layer in _leaf_entries(spec):
@@ -225,8 +183,7 @@ def params_to_hf_tensors(params: dict[str, Any], spec: ModelSpec) -> dict[str, n
         )
         for hf_name, array in items:
             tensors[hf_name] = np.ascontiguousarray(array.T if transpose else array)
-    if spec.family == "gpt2":
-        _fuse_gpt2_qkv(tensors, spec.num_layers)
+    _join_fused(tensors, spec)
     return tensors
 
 

@@ -65,8 +65,9 @@ class Pipeline:
             )
 
 
-# layer_fn(layer_params, h_BxTxD, positions_BxT, mask_BxT or None, window) -> h_BxTxD
-LayerFn = Callable[[Any, jax.Array, jax.Array, Any, jax.Array], jax.Array]
+# layer_fn(layer_params, h_BxTxD, positions_BxT, mask_BxT or None, consts) -> h_BxTxD, where
+# consts is the layer's slice of `run`'s consts_L.
+LayerFn = Callable[[Any, jax.Array, jax.Array, Any, Any], jax.Array]
 
 
 def _to_microbatches(x: jax.Array, microbatches: int) -> jax.Array:
@@ -109,7 +110,7 @@ def _constrain(x: jax.Array, pipeline: Pipeline) -> jax.Array:
 def run(
     layer_fn: LayerFn,
     layers: Any,
-    windows_L: jax.Array,
+    consts_L: Any,
     h_BxTxD: jax.Array,
     positions_BxT: jax.Array,
     mask_BxT: jax.Array | None,
@@ -120,7 +121,8 @@ def run(
     Args:
       layer_fn: one block (already under the forward's remat policy).
       layers: the stacked block parameters, leading axis L.
-      windows_L: each layer's attention window (0: none).
+      consts_L: what differs between layers besides their parameters (a pytree of arrays with
+        leading axis L: the attention window, the rotary frequencies), given to each layer.
       h_BxTxD: the embedded input.
       positions_BxT: position ids.
       mask_BxT: 1 for real tokens (None: all real).
@@ -130,25 +132,25 @@ def run(
       The last block's output, (B, T, D), rows in their original order.
     """
     stages, micro = pipeline.stages, pipeline.microbatches
-    num_layers = windows_L.shape[0]
+    num_layers = jax.tree.leaves(consts_L)[0].shape[0]
     if num_layers % stages:
         raise ValueError(f"{num_layers} layers do not split into {stages} pipeline stages")
     if h_BxTxD.shape[0] % micro:
         raise ValueError(f"a batch of {h_BxTxD.shape[0]} does not split into {micro} microbatches")
     per_stage = num_layers // stages
     stage_layers = jax.tree.map(lambda x: x.reshape(stages, per_stage, *x.shape[1:]), layers)
-    windows_SxL = windows_L.reshape(stages, per_stage)
+    consts_SxL = jax.tree.map(lambda x: x.reshape(stages, per_stage, *x.shape[1:]), consts_L)
 
     h_MxBxTxD = _to_microbatches(h_BxTxD, micro)
     positions_MxBxT = _to_microbatches(positions_BxT, micro)
     mask_MxBxT = None if mask_BxT is None else _to_microbatches(mask_BxT, micro)
 
-    def stage_fn(params, windows_L, h, positions, mask):
+    def stage_fn(params, consts_L, h, positions, mask):
         def body(h, xs):
-            layer, window = xs
-            return layer_fn(layer, h, positions, mask, window), None
+            layer, consts = xs
+            return layer_fn(layer, h, positions, mask, consts), None
 
-        return lax.scan(body, h, (params, windows_L))[0]
+        return lax.scan(body, h, (params, consts_L))[0]
 
     run_stages = jax.vmap(stage_fn)
     stage_ids = jnp.arange(stages)
@@ -161,7 +163,7 @@ def run(
         buffer = _constrain(jnp.where(first, fresh[None].astype(buffer.dtype), buffer), pipeline)
         positions = positions_MxBxT[which_S]
         mask = None if mask_MxBxT is None else mask_MxBxT[which_S]
-        out = _constrain(run_stages(stage_layers, windows_SxL, buffer, positions, mask), pipeline)
+        out = _constrain(run_stages(stage_layers, consts_SxL, buffer, positions, mask), pipeline)
         return _shift(out, pipeline), out[stages - 1]
 
     buffer = _constrain(jnp.zeros((stages, *h_MxBxTxD.shape[1:]), h_BxTxD.dtype), pipeline)

@@ -4,7 +4,8 @@ Each device's shard is read from the memory-mapped checkpoint by `jax.make_array
 (safetensors' `get_slice` reads only the rows and columns asked for), so no device and no host
 buffer ever holds the whole model: the host holds one shard of one parameter at a time (for a
 stacked per-layer parameter, that shard across the layers), and each device receives only its
-own shard. GPT-2's fused c_attn is sliced per q/k/v column block instead of split in memory.
+own shard. Fused tensors (GPT-2's c_attn, Phi-3's qkv_proj and gate_up_proj) are sliced per
+part instead of split in memory.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tsld_jax.models import decoder, hf
+from tsld_jax.models import decoder, families, hf
 from tsld_jax.models.errors import LoadError
 from tsld_jax.models.spec import ModelSpec
 
@@ -42,32 +43,42 @@ def load_hf_sharded(directory: str, spec: ModelSpec, shardings: Any, dtype=np.fl
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(safe_open(p, "numpy")) for p in _weight_files(directory)]
         where = {name: h for h in handles for name in h.keys()}
-        prefix = hf._TABLES[spec.family]["prefix"]
+        family = families.get(spec.family)
+        prefix = family.hf_prefix
+        # The parts of fused tensors (GPT-2's c_attn, Phi-3's qkv_proj and gate_up_proj): our
+        # module's name in hf.py -> (the stored module, axis, the part's offset and width).
+        parts = {}
+        for fused in family.hf_fused:
+            sizes = hf.part_sizes(spec, fused)
+            offsets = np.cumsum([0, *sizes])
+            for module, offset, size in zip(fused.parts, offsets, sizes, strict=False):
+                parts[hf.fused_name(fused, module)] = (fused.name, fused.axis, int(offset), size)
 
         def source(name: str):
-            # (handle, stored name, column offset) of a HF name; GPT-2's q/k/v in c_attn.
+            # (handle, stored name, (axis, offset) of a fused part or None) of a HF name.
             candidates = [name]
             if name.startswith(prefix):
                 candidates.append(name[len(prefix) :])  # base-model checkpoints omit the prefix
             for candidate in candidates:
                 if candidate in where:
                     return where[candidate], candidate, None
-                part = candidate.rsplit(".", 2)
-                if spec.family == "gpt2" and len(part) == 3 and part[1] in "qkv":
-                    fused = f"{part[0]}.c_attn.{part[2]}"
-                    if fused in where:
-                        width = where[fused].get_slice(fused).get_shape()[-1] // 3
-                        return where[fused], fused, "qkv".index(part[1]) * width
+                for part, (stored_module, axis, offset, size) in parts.items():
+                    if part in candidate:
+                        stored = candidate.replace(part, stored_module)
+                        if stored in where:
+                            ndim = len(where[stored].get_slice(stored).get_shape())
+                            return where[stored], stored, (axis if ndim > 1 else 0, offset, size)
             raise LoadError(f"checkpoint has no tensor {name!r}")
 
         def read(name: str, index: tuple[slice, ...], transpose: bool) -> np.ndarray:
-            handle, stored, offset = source(name)
+            handle, stored, part = source(name)
             index = index[::-1] if transpose else index
-            if offset is not None:  # GPT-2 Conv1D: the last axis holds q|k|v
-                cols = index[-1]
-                width = handle.get_slice(stored).get_shape()[-1] // 3
-                start, stop, _ = cols.indices(width)
-                index = (*index[:-1], slice(offset + start, offset + stop))
+            if part is not None:  # a fused tensor: shift the part's rows/columns by its offset
+                axis, offset, size = part
+                start, stop, _ = index[axis].indices(size)
+                index = list(index)
+                index[axis] = slice(offset + start, offset + stop)
+                index = tuple(index)
             value = np.asarray(handle.get_slice(stored)[index], dtype=dtype)
             return value.T if transpose else value
 
