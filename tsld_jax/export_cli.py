@@ -6,7 +6,8 @@
 Formats: gguf-tq2_0 / gguf-tq1_0 (ternary block linears in llama.cpp's ternary types, see
 `models.gguf_export`), gguf-q8_0 / gguf-f16 / gguf-f32 (float; quantized layers
 fake-quantized), hf (a transformers directory of the fake-quantized weights, with the
-quantization settings under "tsld_quantization" in config.json) and packed (`quant.export.save_packed`).
+quantization settings under "tsld_quantization" in config.json) and packed
+(`quant.export.save_packed`).
 
 Every user error prints one `error: ...` line and exits with status 2.
 """
