@@ -176,3 +176,43 @@ def test_pipeline_config_errors_name_the_field(overrides, devices, message):
     with pytest.raises(config_utils.ConfigError, match=message):
         config_utils.validate(cfg)
         config_utils.validate_mesh(cfg, devices)
+
+
+def test_gemma_layer_pattern_pipelined_equals_unpipelined(mesh_devices):
+    """Gemma 3's features through 2 stages: each stage gets its own layers' windows and RoPE
+    bases (stage 0 two local layers, stage 1 a local and a global one, so a stage given the
+    wrong slice would compute something else), q/k norms and post norms stage-sharded."""
+    import dataclasses
+
+    spec = dataclasses.replace(
+        SPEC,
+        family="gemma3",
+        norm_offset=1.0,
+        post_norms=True,
+        qk_norm=True,
+        activation="gelu_pytorch_tanh",
+        attn_scale=0.3,
+        embed_scale=4.0,
+        rope_theta=1000.0,
+        local_rope_theta=10.0,
+        local_window=3,
+        attention_layers=("local", "local", "local", "global"),
+        tie_embeddings=True,
+    )
+    params = decoder.init_params(jax.random.key(3), spec, std=0.2)
+    params = jax.tree.map(lambda x: x + 0.1, params)  # norms away from their unit values
+    tokens = jax.random.randint(jax.random.key(4), (4, 12), 0, spec.vocab_size)
+    mask = jnp.ones_like(tokens).at[1, :3].set(0)
+    want = decoder.forward(params, tokens, spec, mask_BxT=mask)
+    mesh = sharding.make_mesh(1, 1, 1, devices=mesh_devices[:2], stage=2)
+    param_sh = sharding.param_shardings(params, mesh)
+    assert param_sh["layers"]["attn"]["q_norm"]["scale"].spec[0] == "stage"
+    assert param_sh["layers"]["post_mlp_norm"]["scale"].spec[0] == "stage"
+    run = jax.jit(
+        lambda p, t, m: decoder.forward(
+            p, t, spec, mask_BxT=m, pipeline=pipeline.Pipeline(2, 2, mesh)
+        ),
+        in_shardings=(param_sh, None, None),
+    )
+    got = run(params, tokens, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))

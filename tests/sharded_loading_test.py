@@ -12,7 +12,17 @@ from tsld_jax.models.sharded import load_hf_sharded
 
 @pytest.mark.parametrize(
     "family",
-    ["gpt2", "opt_pre", "opt_post_proj", "llama_gqa_untied", "llama_tied", "gpt_neo_local"],
+    [
+        "gpt2",
+        "opt_pre",
+        "opt_post_proj",
+        "llama_gqa_untied",
+        "llama_tied",
+        "gpt_neo_local",
+        "qwen3",  # q/k norms
+        "gemma3",  # post norms
+        "phi3",  # qkv_proj and gate_up_proj sliced per part (axis 0, unlike GPT-2's c_attn)
+    ],
 )
 def test_sharded_load_equals_full_load(family, tmp_path, mesh_devices):
     tiny_models.save(family, str(tmp_path))

@@ -34,6 +34,9 @@ LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...] | None], ...] = (
     (r"layers/mlp/(up|gate)/(bias|quant_scale)", ("layers", "mlp")),
     (r"layers/mlp/down/kernel", ("layers", "mlp", "embed")),
     (r"lm_head/kernel", ("embed", "vocab")),
+    # Every per-layer norm (attn_norm, mlp_norm, Gemma's post norms, q/k norms): split over the
+    # pipeline stages with its layer, its width replicated (it is tiny).
+    (r"layers/(.*/)?[a-z_]*norm/(scale|bias)", ("layers", None)),
     (r".*", None),
 )
 

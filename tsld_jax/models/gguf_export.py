@@ -192,8 +192,9 @@ def _model_tensors(
             holder, _, _ = fused[module]
             key = f"{gguf_import._fused_tensor_name(holder.name, layer)}.{suffix}"
             pending.setdefault(key, []).append((module, value, qspec))
-            if len(pending[key]) == len(holder.parts):
-                yield _joined(key, pending.pop(key))
+            if len(pending[key]) == len(holder.parts):  # in the stored order, not the pytree's
+                parts = sorted(pending.pop(key), key=lambda part: holder.parts.index(part[0]))
+                yield _joined(key, parts)
             return
         name = f"{gguf_import.tensor_name(module, layer)}.{suffix}"
         yield _Tensor(
@@ -420,17 +421,42 @@ def vocab_from_bytes(vocab_size: int) -> Vocab:
     return write
 
 
+# llama.cpp's name of a byte-level BPE pre-tokenizer that splits with this regex first (its
+# `llama-vocab.cpp` holds the same expressions, keyed by these names).
+_SPLIT_REGEXES = {
+    # Qwen2 / Qwen2.5 / Qwen3 (transformers' Qwen2Tokenizer.PRETOKENIZE_REGEX): single digits.
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    # Llama 3: digits in groups of up to three.
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+}
+
+
 def _pre_tokenizer_name(tokenizer_json: Mapping[str, Any]) -> str:
     # llama.cpp names its pre-tokenizers; the converter recognises them by hashing a test
-    # string's tokens against a table of known checkpoints. We recognise the one layout we can
-    # name without that table: GPT-2's byte-level pre-tokenizer with its own regex.
+    # string's tokens against a table of known checkpoints. We recognise the layouts we can
+    # name without that table: GPT-2's byte-level pre-tokenizer with its own regex, and a split
+    # by Qwen2's or Llama 3's regex followed by a byte-level mapping without one.
     pre = tokenizer_json.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
+    parts = pre.get("pretokenizers") or []
+    if (
+        pre.get("type") == "Sequence"
+        and len(parts) == 2
+        and parts[0].get("type") == "Split"
+        and parts[0].get("behavior") == "Isolated"
+        and parts[1].get("type") == "ByteLevel"
+        and not parts[1].get("use_regex", True)
+    ):
+        name = _SPLIT_REGEXES.get((parts[0].get("pattern") or {}).get("Regex"))
+        if name is not None:
+            return name
     raise ExportError(
-        f"the tokenizer's pre-tokenizer ({pre.get('type', 'none')}) is not GPT-2's byte-level "
-        "one, the only kind this exporter can name for llama.cpp; export from the model's GGUF "
-        "file, or use --format hf"
+        f"the tokenizer's pre-tokenizer ({pre.get('type', 'none')}) is none of GPT-2's, Qwen2's "
+        "or Llama 3's byte-level ones, the kinds this exporter can name for llama.cpp; export "
+        "from the model's GGUF file, or use --format hf"
     )
 
 

@@ -113,10 +113,7 @@ class ModelSpec:
     def __post_init__(self):
         from tsld_jax.models import families  # the registry imports this module
 
-        if self.family not in families.names():
-            raise ConfigError(
-                f"unknown family {self.family!r}; expected one of {', '.join(families.names())}"
-            )
+        families.check_name(self.family)
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"unsupported activation {self.activation!r}; expected {ACTIVATIONS}")
         if self.rope_type not in ROPE_TYPES:

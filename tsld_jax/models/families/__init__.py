@@ -144,6 +144,12 @@ def names() -> tuple[str, ...]:
     return tuple(_MODULES)
 
 
+def check_name(name: str) -> None:
+    """Raises ConfigError unless `name` is a registered family."""
+    if name not in _MODULES:
+        raise ConfigError(f"unknown family {name!r}; expected one of {', '.join(_MODULES)}")
+
+
 def get(name: str) -> Family:
     """The family of a spec (`get(spec.family)`)."""
     return _load()[name]

@@ -24,8 +24,8 @@ HF_MODULES = {
     "mlp/up": "mlp.up_proj",
     "mlp/down": "mlp.down_proj",
 }
-# Meta's Llama 3.1/3.2 rescaling: the only llama3 parameters published checkpoints use, besides
-# the factor (8 for 3.1, 32 for 3.2). A GGUF file keeps only the resulting divisors.
+# Meta's Llama 3.1/3.2 rescaling (the factor is 8 for 3.1, 32 for 3.2). A GGUF file keeps only
+# the resulting divisors; these fill in what they cannot tell.
 _LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original": 8192}
 
 
@@ -68,7 +68,8 @@ def _config_from_gguf(get, shapes, read) -> dict[str, Any]:
         get, shapes, "llama", architectures=["LlamaForCausalLM"], hidden_act="silu"
     )
     if "rope_freqs.weight" in shapes:
-        cfg["rope_parameters"] = _llama3_rope(cfg, read("rope_freqs.weight"))
+        original = int(get("rope.scaling.original_context_length", _LLAMA3_DEFAULTS["original"]))
+        cfg["rope_parameters"] = _llama3_rope(cfg, read("rope_freqs.weight"), original)
     elif get("rope.scaling.type", None) == "linear":
         cfg["rope_parameters"] |= {
             "rope_type": "linear",
@@ -77,22 +78,37 @@ def _config_from_gguf(get, shapes, read) -> dict[str, Any]:
     return cfg
 
 
-def _llama3_rope(cfg: dict[str, Any], divisors: np.ndarray) -> dict[str, Any]:
-    # The file keeps only the divisors: find Meta's parameters that give them back.
+def _llama3_rope(cfg: dict[str, Any], divisors: np.ndarray, original: int) -> dict[str, Any]:
+    """Llama 3's rope parameters from llama.cpp's `rope_freqs` divisors.
+
+    Between the two bands (divisor 1, divisor = factor) the scaling interpolates with
+    s = (original / wavelength - low) / (high - low), linear in 1 / wavelength; s = 0 and 1 are
+    the band edges. So the divisors fix the factor and that line (fitted here), and with the
+    original context (written by our exporter as rope.scaling.original_context_length; Meta's
+    8192 otherwise) the low and high frequency factors.
+    """
+    factor = float(divisors.max())
+    plain = spec_from_config(cfg).inv_frequencies(cfg["rope_parameters"]["rope_theta"], False)
+    inverse_wavelength = plain / (2 * np.pi)
+    medium = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
+    if factor > 1 and medium.sum() >= 2:
+        s = (1 / divisors[medium] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(inverse_wavelength[medium], s, 1)
+        low = float(np.round(-intercept * original / slope, 6))
+        high = float(np.round(low + original / slope, 6))
+    else:
+        low, high = _LLAMA3_DEFAULTS["low_freq_factor"], _LLAMA3_DEFAULTS["high_freq_factor"]
     rope = {
         "rope_type": "llama3",
         "rope_theta": cfg["rope_parameters"]["rope_theta"],
-        "factor": float(divisors.max()),
-        "low_freq_factor": _LLAMA3_DEFAULTS["low_freq_factor"],
-        "high_freq_factor": _LLAMA3_DEFAULTS["high_freq_factor"],
-        "original_max_position_embeddings": _LLAMA3_DEFAULTS["original"],
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original,
     }
     spec = spec_from_config({**cfg, "rope_parameters": rope})
-    if not np.allclose(rope_divisors(spec), divisors, rtol=1e-5, atol=0):
-        raise ConfigError(
-            "the file's rope_freqs are not Llama 3's frequency scaling "
-            f"(factor {rope['factor']:g}, low/high frequency factors 1/4, original context 8192)"
-        )
+    if not np.allclose(rope_divisors(spec), divisors, rtol=1e-4, atol=0):
+        raise ConfigError("the file's rope_freqs are not a Llama 3 frequency scaling")
     return rope
 
 
@@ -127,6 +143,8 @@ def hparams(writer, spec: ModelSpec) -> None:
     if spec.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(spec.rope_factor)
+    if spec.rope_type == "llama3":  # the divisors go in rope_freqs; this lets the import
+        writer.add_rope_scaling_orig_ctx_len(spec.rope_original_positions)  # name the rest
 
 
 def extra_tensors(spec: ModelSpec) -> dict[str, np.ndarray]:
