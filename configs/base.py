@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.path = ""  # For name == "text": the file.
     c.data.text_field = "text"  # For .jsonl files: the field that holds the text.
     c.data.block_size = 512  # Tokens per training sequence (the authors use 512).
+    # BOS of text data (ptb, wikitext2, text): "line", the authors' protocol (each line with the
+    # tokenizer's defaults); "block", one BOS at the start of each block and the lines as plain
+    # text, for models trained with a BOS on every sequence (Gemma; docs/gemma3_gguf.md).
+    c.data.bos = "line"
     c.data.batch_size = 4  # Sequences per optimizer step (before accumulation is split off).
     c.data.eval_split = "validation"  # Held-out split for perplexity.
     c.data.eval_blocks = 16  # Held-out blocks scored at each evaluation (0: all).

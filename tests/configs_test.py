@@ -2,6 +2,7 @@
 
 import glob
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -42,6 +43,10 @@ def test_every_table_row_has_fp_and_tsld_configs():
         "opt6.7b",
         "gpt_neo1.3b",
         "llama7b",
+        "llama3.2_1b",
+        "qwen3_0.6b",
+        "qwen2.5_1.5b",
+        "gemma3_270m",
         "smollm2_135m",
     ):
         assert {f"{model}_fp", f"{model}_tsld"} <= names
@@ -60,6 +65,54 @@ def test_paper_learning_rates():
     assert load_config(os.path.join(ROOT, "configs", "opt2.7b_tsld.py")).train.lr == 5e-5
     llama = load_config(os.path.join(ROOT, "configs", "llama7b_tsld.py"))
     assert (llama.train.lr, llama.train.epochs) == (7e-5, 5)
+
+
+# Today's rows (configs/paper.HF_CONFIGS): the feature each family's config.json must switch on,
+# and the published parameter count (embedding included, tied head counted once).
+_LOCAL_GLOBAL = ("local",) * 5 + ("global",)
+TODAYS_ROWS = {
+    "llama3.2_1b": (
+        dict(rope_type="llama3", rope_factor=32.0, rope_original_positions=8192, num_kv_heads=8,
+             head_dim=64, tie_embeddings=True, attn_bias=False, qk_norm=False),
+        1.24e9,
+    ),
+    "qwen3_0.6b": (
+        dict(qk_norm=True, head_dim=128, num_kv_heads=8, attn_bias=False, rope_type="default",
+             rope_theta=1e6, tie_embeddings=True, attention_layers=()),
+        0.596e9,
+    ),
+    "qwen2.5_1.5b": (
+        dict(attn_bias=True, attn_out_bias=False, qk_norm=False, num_kv_heads=2, head_dim=128,
+             attention_layers=(), tie_embeddings=True),
+        1.54e9,
+    ),
+    "gemma3_270m": (
+        dict(attention_layers=_LOCAL_GLOBAL * 3, local_window=512, norm_offset=1.0,
+             post_norms=True, qk_norm=True, attn_scale=256**-0.5, rope_theta=1e6,
+             local_rope_theta=1e4, activation="gelu_pytorch_tanh", embed_scale=math.sqrt(640)),
+        0.268e9,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", sorted(TODAYS_ROWS))
+def test_todays_rows_read_as_their_family(model):
+    import jax
+
+    from tsld_jax.models import decoder
+    from tsld_jax.models.spec import spec_from_hf_config
+
+    sys.path.insert(0, ROOT)
+    try:
+        from configs import paper
+    finally:
+        sys.path.remove(ROOT)
+    features, count = TODAYS_ROWS[model]
+    spec = spec_from_hf_config(paper.HF_CONFIGS[paper.TABLE[model][0]])
+    assert {name: getattr(spec, name) for name in features} == features
+    shapes = decoder.param_shapes(spec)
+    leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    assert sum(math.prod(shape) for shape in leaves) == pytest.approx(count, rel=0.02)
 
 
 def _train(*flags):

@@ -11,6 +11,7 @@ import pytest
 import tiny_models
 
 from tsld_jax.evaluation import cli, perplexity
+from tsld_jax.models import named
 
 torch = pytest.importorskip("torch")  # the reference is a PyTorch model
 
@@ -168,3 +169,34 @@ def test_bad_input_is_one_line_error(case, tmp_path, tiny_dir, shared_data):
 
 def test_unknown_task_exits_2():
     assert cli.main(["--model", "x", "--task", "nonsense"]) == 2
+
+
+def _bos_word_tokenizer():
+    """Words and punctuation as tokens, a BOS added to each call, and "<unk>" a special token."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<bos>": 1, "<": 2, "unk": 3, ">": 4, "a": 5, "b": 6}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 1)]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<bos>"
+    )
+
+
+def test_bos_per_line_or_per_block():
+    tokenizer = _bos_word_tokenizer()
+    lines = [" a <unk> b ", "b a", "a b"]
+    # The authors' protocol: each line as the tokenizer has it (BOS first, "<unk>" special).
+    line = perplexity.tokenize_blocks(lines, tokenizer, 5)
+    np.testing.assert_array_equal(line, [[1, 5, 0, 6, 1], [6, 5, 1, 5, 6]])
+    # Gemma's: plain text ("<unk>" spelled out), one BOS opening each block of 1 + 3 tokens.
+    block = perplexity.tokenize_blocks(lines, tokenizer, 4, bos="block")
+    np.testing.assert_array_equal(block, [[1, 5, 2, 3], [1, 4, 6, 6], [1, 5, 5, 6]])
+    with pytest.raises(perplexity.DataError, match="needs a tokenizer with a BOS"):
+        perplexity.tokenize_blocks(lines, named.ByteTokenizer(), 4, bos="block")

@@ -119,3 +119,17 @@ def test_cli_plan_writes_json(tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --plan")
+
+
+def test_paper_rows_plan_offline_from_their_recorded_architecture(monkeypatch):
+    """--plan reads only the architecture (configs/paper.HF_CONFIGS): a hub id needs no network,
+    while a training run of the same config still refuses an unreachable model in one line."""
+    from configs import paper
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = paper.config("llama3.2_1b", "tsld", "1xh100")
+    with pytest.raises(config_utils.ConfigError, match="HF_HUB_OFFLINE is set"):
+        config_utils.validate(cfg)
+    config_utils.validate(cfg, weights=False)
+    spec = plan.model_spec(cfg)
+    assert (spec.family, spec.rope_type, spec.rope_factor) == ("llama", "llama3", 32.0)

@@ -117,14 +117,19 @@ def _check_guard(guard) -> None:
     )
 
 
-def validate(config) -> None:
-    """Raises ConfigError naming the first bad field of a train config."""
+def validate(config, weights: bool = True) -> None:
+    """Raises ConfigError naming the first bad field of a train config.
+
+    `weights=False` (`train.py --plan`, which reads architectures only) skips the check that the
+    models' weights are reachable: a paper row's hub id plans offline from configs/paper.py.
+    """
     _check_finite(config)
     _require(config.stage in ("fp", "qat"), "stage", f"must be 'fp' or 'qat', got {config.stage!r}")
     _require(bool(config.model.name_or_path), "model.name_or_path", "must be set")
-    _check_model_path("model.name_or_path", config.model.name_or_path)
-    if config.model.teacher:
-        _check_model_path("model.teacher", config.model.teacher)
+    if weights:
+        _check_model_path("model.name_or_path", config.model.name_or_path)
+        if config.model.teacher:
+            _check_model_path("model.teacher", config.model.teacher)
 
     loss, quant, train, data = config.loss, config.quant, config.train, config.data
     _require(
@@ -206,6 +211,11 @@ def validate(config) -> None:
         data.name in DATA_NAMES, "data.name", f"must be one of {DATA_NAMES}, got {data.name!r}"
     )
     _require(data.block_size >= 2, "data.block_size", f"must be >= 2, got {data.block_size}")
+    _require(
+        data.get("bos", "line") in ("line", "block"),
+        "data.bos",
+        f"must be 'line' or 'block', got {data.get('bos')!r}",
+    )
     _require(data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {data.batch_size}")
     _require(
         data.batch_size % train.grad_accum == 0,

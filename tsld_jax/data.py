@@ -98,10 +98,14 @@ def load_examples(
     data_dir = cfg.dir or None
     if name in ("ptb", "wikitext2"):
         lines = perplexity.load_lines(name, split, data_dir)
-        examples = lm_examples(perplexity.tokenize_blocks(lines, tokenizer, cfg.block_size))
+        examples = lm_examples(
+            perplexity.tokenize_blocks(lines, tokenizer, cfg.block_size, cfg.get("bos", "line"))
+        )
     elif name == "text":
         lines = read_text_file(cfg.path, cfg.text_field)
-        examples = lm_examples(perplexity.tokenize_blocks(lines, tokenizer, cfg.block_size))
+        examples = lm_examples(
+            perplexity.tokenize_blocks(lines, tokenizer, cfg.block_size, cfg.get("bos", "line"))
+        )
     elif name == "gsm8k":
         examples = gsm8k_examples(gsm8k_records(split, data_dir), tokenizer, cfg.block_size)
     elif name == "generated":

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsld_jax import aot, config_utils, recipe, sharding, train_step
-from tsld_jax.models import named
+from tsld_jax.models import gguf, named
+from tsld_jax.models.errors import LoadError
 from tsld_jax.models.spec import ModelSpec, spec_from_hf_config
 
 GIB = 1024**3
@@ -75,9 +76,14 @@ def model_spec(cfg, name: str | None = None) -> ModelSpec:
     name = name or cfg.model.name_or_path
     if name == named.RANDOM:
         return named.random_spec(cfg.model.random)
-    if name == named.SMOLLM2 or name.endswith(".gguf"):
+    if name == named.SMOLLM2:
         return aot.SMOLLM2_135M
     hf = _hf_config(name)
+    if hf is None and (name in named.GGUF_NAMES or name.endswith(".gguf")):
+        try:  # the header's metadata only: the weights are memory-mapped, never read
+            hf = gguf.hf_config_from_gguf(named.path(name) if name in named.GGUF_NAMES else name)
+        except LoadError as error:
+            raise config_utils.ConfigError(f"config.model.name_or_path: {error}") from None
     if hf is None:
         raise config_utils.ConfigError(
             f"config.model.name_or_path: --plan cannot read the architecture of {name!r} "
@@ -244,7 +250,7 @@ def _alternatives(cfg, count: int, spec: ModelSpec):
 def plan(cfg, target: str, max_alternatives: int = 3) -> dict[str, Any]:
     """The plan of a config on a target and, when it does not fit, of up to `max_alternatives`
     variants (stopping at the first that fits)."""
-    config_utils.validate(cfg)
+    config_utils.validate(cfg, weights=False)  # the architecture is all a plan reads
     kind, count = parse_target(target)
     spec = model_spec(cfg)
     teacher_spec = None

@@ -76,6 +76,7 @@ def _run_perplexity(model: EvalModel, args: argparse.Namespace, task: str) -> di
         batch_size=args.batch_size or 4,
         quantizer=model.quantizer,
         progress=not args.quiet,
+        bos=args.bos,
     )
 
 
@@ -407,6 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=None, help="override the context length")
     parser.add_argument("--block-size", type=int, default=512, help="perplexity block length")
     parser.add_argument("--max-blocks", type=int, default=None, help="perplexity: first N blocks")
+    parser.add_argument(
+        "--bos",
+        choices=perplexity.BOS_MODES,
+        default="line",
+        help="perplexity: 'line' (the authors' protocol: each line with the tokenizer's "
+        "defaults) or 'block' (a BOS per block, lines as plain text: Gemma)",
+    )
     parser.add_argument("--log-samples", type=int, default=0, help="gsm8k: keep N generations")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

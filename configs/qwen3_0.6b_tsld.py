@@ -1,0 +1,11 @@
+"""Qwen/Qwen3-0.6B: ternary TWN QAT with TSLD on PTB, from the FP export.
+
+One of today's rows of configs/paper.py: the paper's recipe, its learning rate and epochs ours.
+"""
+
+from configs import paper
+
+
+def get_config(target: str = ""):
+    # target: "" (any 1-4 devices), "8xa100" or "1xh100" (paper.TARGETS): CONFIG.py:8xa100
+    return paper.config("qwen3_0.6b", "tsld", target)
