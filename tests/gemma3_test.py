@@ -45,26 +45,12 @@ def ptb_blocks(gemma3, shared_data):
 
 
 def _llama_cpp_logits(llama_cpp, path, rows):
-    # A float32 KV cache and no flash attention, as export_gguf_test's llama.cpp checks: its
-    # float16 defaults add their own rounding (1056 against 1041 on 4 x 256 tokens).
-    llm = llama_cpp.Llama(
-        model_path=path,
-        n_ctx=BLOCK_SIZE,
-        n_batch=BLOCK_SIZE,
-        n_ubatch=BLOCK_SIZE,
-        logits_all=True,
-        n_threads=2,
-        verbose=False,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-        flash_attn=False,
-    )
-    out = []
-    for row in rows:
-        llm.reset()
-        llm.eval([int(t) for t in row])
-        out.append(np.array(llm.scores[: len(row)], np.float64))
-    return np.stack(out)
+    # export_gguf_test's llama.cpp run (a float32 KV cache and no flash attention: llama.cpp's
+    # float16 defaults add their own rounding, 1056 against 1041 on 4 x 256 tokens), per row.
+    from tests.export_gguf_test import llama_cpp_logits
+
+    logits = [llama_cpp_logits(llama_cpp, path, row, BLOCK_SIZE)[0] for row in rows]
+    return np.stack(logits).astype(np.float64)
 
 
 def _block_losses(logits_BxTxV, rows_BxT):

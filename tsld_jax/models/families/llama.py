@@ -112,26 +112,28 @@ def _llama3_rope(cfg: dict[str, Any], divisors: np.ndarray, original: int) -> di
     return rope
 
 
+# What llama.cpp's graphs of the LLaMA layout (llama, qwen2, qwen3, phi3) compute: pre-norm
+# RMSNorm blocks with SwiGLU and rotary embeddings, nothing of Gemma's or GPT-Neo's.
+LLAMA_GRAPH = dict(
+    norm="rmsnorm",
+    norm_offset=0.0,
+    activation="silu",
+    gated_mlp=True,
+    positional="rotary",
+    pre_norm=True,
+    post_norms=False,
+    final_norm=True,
+    attn_scale=0.0,
+    attn_softcap=0.0,
+    logit_softcap=0.0,
+    embed_scale=0.0,
+    embed_proj_dim=0,
+)
+
+
 def check(spec: ModelSpec, arch: str = "llama") -> None:
     """What llama.cpp's LLaMA graph computes (also Mistral's, which llama.cpp runs as LLaMA)."""
-    families.require(
-        spec,
-        arch,
-        norm="rmsnorm",
-        norm_offset=0.0,
-        activation="silu",
-        gated_mlp=True,
-        positional="rotary",
-        pre_norm=True,
-        post_norms=False,
-        final_norm=True,
-        qk_norm=False,
-        attn_scale=0.0,
-        attn_softcap=0.0,
-        logit_softcap=0.0,
-        embed_scale=0.0,
-        embed_proj_dim=0,
-    )
+    families.require(spec, arch, qk_norm=False, **LLAMA_GRAPH)
     families.require_global(spec, arch)
     if spec.rope_type == "llama3" and spec.head_dim % 2:
         raise ConfigError("llama3 rope scaling needs an even head_dim")

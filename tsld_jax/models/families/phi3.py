@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from tsld_jax.models import families
-from tsld_jax.models.families import llama
+from tsld_jax.models.families import llama, qwen2
 from tsld_jax.models.spec import ConfigError, ModelSpec
 
 _QKV = ("attn/q", "attn/k", "attn/v")
@@ -42,27 +42,6 @@ def _config_from_gguf(get, shapes, read) -> dict[str, Any]:
 
 
 def _check(spec: ModelSpec) -> None:
-    families.require(
-        spec,
-        "phi3",
-        norm="rmsnorm",
-        norm_offset=0.0,
-        activation="silu",
-        gated_mlp=True,
-        positional="rotary",
-        rope_type="default",
-        pre_norm=True,
-        post_norms=False,
-        final_norm=True,
-        qk_norm=False,
-        attn_bias=False,
-        attn_out_bias=False,
-        mlp_bias=False,
-        attn_scale=0.0,
-        attn_softcap=0.0,
-        logit_softcap=0.0,
-        embed_scale=0.0,
-    )
     if spec.attention_layers:
         # llama.cpp reads phi3.attention.sliding_window and then turns it off ("Phi SWA is
         # currently disabled", llama-model.cpp): its logits differ from the first token past
@@ -71,6 +50,7 @@ def _check(spec: ModelSpec) -> None:
             f"llama.cpp's phi3 graph ignores the sliding window ({spec.local_window}) of this "
             "model, so its logits would differ beyond it"
         )
+    qwen2.check(spec, "phi3", bias=False)  # the LLaMA graph without biases, fused on disk
 
 
 FAMILY = families.Family(

@@ -45,23 +45,12 @@ def check(spec: ModelSpec, arch: str = "qwen2", qk_norm: bool = False, bias: boo
     families.require(
         spec,
         arch,
-        norm="rmsnorm",
-        norm_offset=0.0,
-        activation="silu",
-        gated_mlp=True,
-        positional="rotary",
         rope_type="default",
-        pre_norm=True,
-        post_norms=False,
-        final_norm=True,
         qk_norm=qk_norm,
         attn_bias=bias,
         attn_out_bias=False,
         mlp_bias=False,
-        attn_scale=0.0,
-        attn_softcap=0.0,
-        logit_softcap=0.0,
-        embed_scale=0.0,
+        **llama.LLAMA_GRAPH,
     )
     families.require_global(spec, arch)
 
