@@ -194,3 +194,23 @@ def test_no_family_is_named_outside_the_registry():
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_gemma_embedding_scale_is_rounded_to_the_embedding_dtype():
+    """transformers multiplies Gemma's embeddings by sqrt(hidden) cast to the weights' dtype:
+    in bfloat16, sqrt(640) = 25.298 becomes 25.25."""
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    spec = spec_from_hf_config(tiny_models.CONFIGS["gemma3"]().to_dict())
+    spec = dataclasses.replace(spec, embed_scale=math.sqrt(640))
+    table = np.random.default_rng(0).standard_normal((spec.vocab_size, 32)).astype(np.float32)
+    table = table.astype(ml_dtypes.bfloat16)
+    tokens = np.array([[3, 1, 4, 1, 5]])
+    got = decoder.embed({"embed": {"tokens": jnp.asarray(table)}}, tokens, tokens * 0, spec)
+    want = (table[tokens].astype(np.float32) * np.float32(25.25)).astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    unrounded = (table[tokens].astype(np.float32) * np.float32(math.sqrt(640))).astype(
+        ml_dtypes.bfloat16
+    )
+    assert not np.array_equal(np.asarray(got), unrounded)  # the rounding is visible
