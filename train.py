@@ -62,34 +62,75 @@ def _define_flags(argv) -> tuple[flags.FlagValues, flags.FlagHolder]:
     return values, config
 
 
-def _plan(config, target: str, json_path: str | None) -> int:
-    import json
+def _check_plan_flags(plan_target: str | None, json_path: str | None) -> None:
+    """Refuses --plan without a target, --plan-json without --plan or where no file can go,
+    before anything is compiled."""
+    from tsld_jax import cli_errors
 
+    if plan_target is None:
+        if json_path is not None:
+            raise cli_errors.UsageError("--plan-json applies to --plan (it writes the memory plan)")
+        return
+    if not plan_target.strip():
+        raise cli_errors.UsageError("--plan needs a target such as h100-80gb:8 or cpu:8")
+    if json_path is None:
+        return
+    if not json_path.strip():
+        raise cli_errors.UsageError("--plan-json needs a file name")
+    if os.path.isdir(json_path):
+        raise cli_errors.UsageError(f"--plan-json {json_path} is a directory; name a file")
+    folder = os.path.dirname(os.path.abspath(json_path))
+    if not os.path.isdir(folder):
+        raise cli_errors.UsageError(
+            f"--plan-json {json_path}: the directory {folder} does not exist"
+        )
+
+
+def _plan(config, target: str, json_path: str | None) -> int:
     kind, _, count = target.partition(":")
     if kind == "cpu" and count.isdigit() and "jax" not in sys.modules:
         # Fake CPU devices must be asked for before jax starts.
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
         )
-    from tsld_jax import plan
+    from tsld_jax import atomic, cli_errors, plan
 
     out = plan.plan(config, target)
     print(plan.format_plan(out))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(out, f, indent=2)
+        try:
+            atomic.write_json(json_path, out, indent=2)
+        except OSError as error:
+            raise cli_errors.UsageError(
+                f"--plan-json {json_path}: cannot write ({error.strerror or error}); "
+                "the plan is printed above"
+            ) from None
     return 0
+
+
+def _help() -> str:
+    values, _ = _define_flags(["train.py"])
+    return (
+        f"{__doc__.strip()}\n{values.get_help(include_special_flags=False)}\n"
+        "  --config.FIELD=VALUE: overrides one field of the config, e.g. "
+        "--config.train.steps=100\n"
+    )
 
 
 def main(argv) -> int:
     from tsld_jax import cli_errors
 
+    if any(arg in ("--help", "-help", "--helpfull", "-h") for arg in argv[1:]):
+        # absl's --help belongs to absl.app.run, which train.py does not use (see _define_flags).
+        print(_help())
+        return 0
     try:
         values, config = cli_errors.parse_config_flags(argv, _define_flags)
+        _check_plan_flags(values.plan, values["plan-json"].value)
     except cli_errors.UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if values.plan:
+    if values.plan is not None:
         with cli_errors.one_line_errors() as outcome:
             outcome.code = _plan(config, values.plan, values["plan-json"].value)
         return outcome.code

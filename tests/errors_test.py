@@ -338,3 +338,81 @@ def test_cuda_plugin_without_a_gpu_prints_no_traceback():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "cpu", done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+# --- the plan flags and --help (issue 27) --------------------------------------------------------
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test if train.py goes on to train or to plan."""
+    from tsld_jax import plan, trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("train.py went on to train or plan")
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", refuse)
+    monkeypatch.setattr(plan, "plan", refuse)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--plan", ""], "--plan needs a target"),
+        (["--plan="], "--plan needs a target"),
+        (["--plan-json", "{tmp}/plan.json"], "--plan-json applies to --plan"),
+        (["--plan", "cpu:1", "--plan-json", "{tmp}"], "is a directory; name a file"),
+        (["--plan", "cpu:1", "--plan-json", "{tmp}/no/plan.json"], "/no does not exist"),
+    ],
+)
+def test_plan_flag_mistakes_are_one_line(flags, expected, tmp_path, old_run, capsys, no_training):
+    # Before: `--plan ''` trained into the workdir and `--plan-json` alone was ignored (exit 0);
+    # a --plan-json folder was a traceback after the whole compile.
+    before = _snapshot(old_run)
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert train.main(["train.py", "--config", SMOKE, "--workdir", str(old_run), *flags]) == 2
+    assert expected in _one_error(capsys)
+    assert _snapshot(old_run) == before
+
+
+def test_plan_json_failing_midway_keeps_the_earlier_file(tmp_path, monkeypatch):
+    from configs import smoke
+    from tsld_jax import plan
+
+    path = tmp_path / "plan.json"
+    path.write_text('{"plan": "earlier"}')
+    # json.dump writes the first fields, then meets a value it cannot write.
+    monkeypatch.setattr(plan, "plan", lambda config, target: {"plan": {"a": 1}, "z": object()})
+    monkeypatch.setattr(plan, "format_plan", lambda out: "plan")
+    with pytest.raises(TypeError):
+        train._plan(smoke.get_config(), "h100-80gb:1", str(path))
+    assert path.read_text() == '{"plan": "earlier"}'  # before: '{\n  "plan": {\n    "a": 1...'
+    assert os.listdir(tmp_path) == ["plan.json"]
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
+def test_train_help_lists_the_flags(flag, capsys, no_training):
+    # Before: "error: Unknown command line flag 'help'", exit 2.
+    assert train.main(["train.py", flag]) == 0
+    out = capsys.readouterr().out
+    for name in ("--config:", "--workdir:", "--plan:", "--plan-json:", "--config.FIELD=VALUE"):
+        assert name in out, out
+
+
+# --- eval.py --output: written whole, readable like any file (issue 27) -------------------------
+
+
+def test_eval_output_is_replaced_whole_and_readable(tmp_path):
+    path = tmp_path / "ppl.json"
+    path.write_text('{"ppl": 12.5}')
+    with pytest.raises(TypeError):
+        cli.write_output(str(path), {"ppl": 11.0, "model": object()})
+    assert path.read_text() == '{"ppl": 12.5}'
+    assert os.listdir(tmp_path) == ["ppl.json"]  # before: a .eval-output-* temporary was left
+    old = os.umask(0o022)
+    try:
+        cli.write_output(str(path), {"ppl": 11.0})
+    finally:
+        os.umask(old)
+    assert json.loads(path.read_text()) == {"ppl": 11.0}
+    assert os.stat(path).st_mode & 0o777 == 0o644  # before: 0600, mkstemp's

@@ -269,11 +269,11 @@ def check_output(path: str | None) -> None:
 
 
 def write_output(path: str, payload: Any) -> None:
-    """Writes the results JSON atomically (a temporary file renamed into place)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".eval-output-", delete=False) as f:
-        json.dump(payload, f, indent=2)
-    os.replace(f.name, path)
+    """Writes the results JSON atomically (`atomic.replacing`: an earlier file at `path` stays
+    whole until the new one is complete, and a failed write leaves no temporary behind)."""
+    from tsld_jax import atomic
+
+    atomic.write_json(path, payload, indent=2)
 
 
 def load_tokenizer(name_or_path: str) -> Any:
