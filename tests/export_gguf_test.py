@@ -66,15 +66,7 @@ NEW_FAMILIES = ["llama3_gqa_untied", "qwen2_window", "qwen3", "gemma3", "phi3"]
 
 def save_bpe_tokenizer(directory):
     """A byte-level BPE (GPT-2 style) trained on TEXT, saved beside a model."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([TEXT], vocab_size=VOCAB, special_tokens=["<|endoftext|>"])
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
-    )
-    fast.save_pretrained(directory)
-    return fast
+    return tiny_models.save_bpe_tokenizer(directory, TEXT, VOCAB)
 
 
 def build_model(name, directory, vocab=VOCAB, seed=0, **overrides):

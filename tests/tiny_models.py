@@ -180,7 +180,13 @@ def save(name: str, directory: str, seed: int = 0) -> None:
     else:
         build(name, directory, seed)
         return
-    hf_config = CONFIGS[name]().to_dict()
+    save_numpy(name, directory, seed)
+
+
+def save_numpy(name: str, directory: str, seed: int = 0, **overrides) -> None:
+    """Saves a random model of CONFIGS[name] (its fields changed by `overrides`) without PyTorch,
+    through our own exporter."""
+    hf_config = CONFIGS[name]().to_dict() | overrides
     spec = spec_from_hf_config(hf_config)
     rng = np.random.default_rng(seed)
 
@@ -197,6 +203,20 @@ def save(name: str, directory: str, seed: int = 0) -> None:
         return {key: walk(value, (*path, key)) for key, value in tree.items()}
 
     hf.save_hf(directory, walk(decoder.param_shapes(spec)), spec, hf_config)
+
+
+def save_bpe_tokenizer(directory: str, text: str, vocab_size: int):
+    """A byte-level BPE (GPT-2 style, `<|endoftext|>` its BOS and EOS) trained on `text`, saved
+    beside a model; returns the transformers tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([text], vocab_size=vocab_size, special_tokens=["<|endoftext|>"])
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    fast.save_pretrained(directory)
+    return fast
 
 
 def save_word_tokenizer(directory: str, words: list[str]) -> None:

@@ -9,7 +9,12 @@ fake-quantized), hf (a transformers directory of the fake-quantized weights, wit
 quantization settings under "tsld_quantization" in config.json) and packed
 (`quant.export.save_packed`).
 
-Every user error prints one `error: ...` line and exits with status 2.
+Every export is written beside --output under a temporary name and renamed into place once
+complete (`atomic.replacing`), so an error, a full disk or a kill leaves the earlier output
+whole. --output is never an input (the --model file or directory, the run, the model the run
+started from) nor a run's files; an existing one is replaced only with --overwrite.
+
+Every user error prints one `error: ...` line and exits with status 2; SIGTERM, one line and 143.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from tsld_jax import atomic
 from tsld_jax.models import gguf_export
 from tsld_jax.models.errors import LoadError
 
@@ -152,7 +159,7 @@ def quantization_settings(rules: Sequence[tuple[str, Any]] | None) -> dict[str, 
     }
 
 
-def _export_hf(source: Source, output: str) -> str:
+def _export_hf(source: Source, path: str) -> str:
     from tsld_jax.models import hf, named
     from tsld_jax.quant import rules as rules_lib
 
@@ -165,34 +172,29 @@ def _export_hf(source: Source, output: str) -> str:
         config[QUANT_CONFIG_KEY] = settings
     tokenizer = source.tokenizer
     has_files = tokenizer is not None and not isinstance(tokenizer, named.ByteTokenizer)
-    hf.save_hf(output, params, source.spec, config, tokenizer if has_files else None)
+    hf.save_hf(path, params, source.spec, config, tokenizer if has_files else None)
     note = "" if has_files else " (no tokenizer files: the model uses a byte tokenizer)"
-    return f"wrote {output}: transformers directory of the fake-quantized weights{note}"
+    return f"transformers directory of the fake-quantized weights{note}"
 
 
-def _export_packed(source: Source, output: str) -> str:
+def _export_packed(source: Source, path: str) -> str:
     from tsld_jax.quant import export
 
     if source.rules is None:
         raise UsageError("--format packed needs quantized weights: a QAT checkpoint or --quant")
     packed = export.export_packed(source.params, source.rules)
-    export.save_packed(output, packed, source.spec)
+    export.save_packed(path, packed, source.spec)
     sizes = export.weight_bytes(packed)
     return (
-        f"wrote {output}: packed model, {sizes['packed_model']:,} bytes of weights "
+        f"packed model, {sizes['packed_model']:,} bytes of weights "
         f"({sizes['bf16_model']:,} in bf16)"
     )
 
 
-def export(source: Source, fmt: str, output: str) -> str:
-    """Writes `source` in `fmt` to `output`; returns the report to print."""
-    if fmt == "hf":
-        return _export_hf(source, output)
-    if fmt == "packed":
-        return _export_packed(source, output)
+def _export_gguf(source: Source, fmt: str, path: str) -> gguf_export.ExportReport:
     gguf_export.check_supported(source.spec)
-    report = gguf_export.write_gguf(
-        output,
+    return gguf_export.write_gguf(
+        path,
         source.params,
         source.spec,
         fmt=fmt,
@@ -201,7 +203,26 @@ def export(source: Source, fmt: str, output: str) -> str:
         rules=source.rules,
         name=source.name,
     )
-    return report.summary()
+
+
+def export(source: Source, fmt: str, output: str) -> str:
+    """Writes `source` in `fmt` to `output`, replacing what is there; returns the report to print.
+
+    The export is written beside `output` under a temporary name and renamed into place once
+    complete (`atomic.replacing`; an hf directory is swapped in whole), so an error, a full disk
+    or a kill midway leaves the earlier output, byte for byte, and no partial one. Whether an
+    existing output may be replaced at all is the command line's decision (`check_output`).
+    """
+    with atomic.replacing(output, directory=fmt == "hf") as path:
+        if fmt == "hf":
+            what = _export_hf(source, path)
+        elif fmt == "packed":
+            what = _export_packed(source, path)
+        else:
+            report = _export_gguf(source, fmt, path)
+    if fmt in ("hf", "packed"):
+        return f"wrote {output}: {what}"
+    return dataclasses.replace(report, path=os.path.abspath(output)).summary()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -225,7 +246,116 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--output", required=True, help="the file (GGUF, packed) or directory (hf)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output (never an input, a model's files or a run's)",
+    )
     return parser
+
+
+# What a train.py workdir holds that no export may replace: what eval.py and a resume read
+# (config.json, checkpoints/, the teacher's sampled data) and the run's own records.
+_RUN_ENTRIES = ("config.json", "checkpoints", "train.lock", "metrics.jsonl", "results.json")
+
+
+def _is_run_entry(name: str) -> bool:
+    return name in _RUN_ENTRIES or (name.startswith("generated_") and name.endswith(".npz"))
+
+
+def _run_config(directory: str) -> dict[str, Any] | None:
+    """The train.py config in `directory`/config.json (one with a `model` section), or None."""
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and isinstance(config.get("model"), dict) else None
+
+
+def _is_run(directory: str) -> bool:
+    return os.path.isdir(os.path.join(directory, "checkpoints")) or bool(_run_config(directory))
+
+
+def _inputs(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+    """(real path, its description, whether it is a run) of each local file or directory the
+    export reads."""
+    if args.model:
+        if not os.path.exists(args.model):  # a model name or hub id, outside the user's folders
+            return []
+        real = os.path.realpath(args.model)
+        what = "the source model's directory" if os.path.isdir(real) else "the input file"
+        return [(real, f"{what} (--model {args.model})", False)]
+    found = [(os.path.realpath(args.checkpoint), f"the run --checkpoint {args.checkpoint}", True)]
+    origin = ((_run_config(args.checkpoint) or {}).get("model") or {}).get("name_or_path")
+    if isinstance(origin, str) and os.path.exists(origin):
+        what = f"the model the run started from ({origin})"
+        found.append((os.path.realpath(origin), what, False))
+    return found
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _run_holding(path: str) -> str | None:
+    """The run directory whose config, checkpoints or records `path` is (or is inside), if any."""
+    folder = os.path.dirname(path)
+    while True:
+        if _is_run(folder) and _is_run_entry(os.path.relpath(path, folder).split(os.sep)[0]):
+            return folder
+        if os.path.dirname(folder) == folder:
+            return None
+        folder = os.path.dirname(folder)
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Refuses an --output that would replace an input or a run, is the wrong kind (a file for
+    hf, a directory for the others), or exists without --overwrite. Paths are compared after
+    resolving links and `..`.
+
+    Refused whatever the flags: the input file; the source model's directory, anything already
+    in it, or a folder holding it; a run's workdir, its config.json, checkpoints/ and records
+    (of the exported run or any other). Needing --overwrite: an existing file, or a non-empty
+    directory with a config.json (an earlier hf export); a non-empty directory without one is
+    not an export and is never replaced (an hf export replaces the whole directory).
+
+    Raises:
+      UsageError: naming --output.
+    """
+    output = args.output
+    real = os.path.realpath(output)
+    for path, what, is_run in _inputs(args):
+        if real == path:
+            raise UsageError(f"--output {output} is {what}; write the export elsewhere")
+        if _inside(path, real):
+            raise UsageError(f"--output {output} holds {what}; write the export elsewhere")
+        # Inside a run, only its own files are refused (below): an earlier export may be replaced.
+        if not is_run and _inside(real, path) and os.path.lexists(real):
+            raise UsageError(
+                f"--output {output} would replace a file of {what}; write the export elsewhere"
+            )
+    if os.path.isdir(real) and _is_run(real):
+        raise UsageError(f"--output {output} holds a train.py run; write the export elsewhere")
+    run = _run_holding(real)
+    if run is not None:
+        raise UsageError(
+            f"--output {output} is part of the train.py run {run}; write the export elsewhere"
+        )
+    if args.format == "hf" and os.path.isfile(real):
+        raise UsageError(f"--output {output}: --format hf writes a directory, this is a file")
+    if args.format != "hf" and os.path.isdir(real):
+        raise UsageError(f"--output {output}: is a directory; --format {args.format} writes a file")
+    if os.path.isdir(real):
+        if not os.listdir(real):
+            return  # an empty folder made for the export: nothing to lose
+        if not os.path.isfile(os.path.join(real, "config.json")):
+            raise UsageError(
+                f"--output {output} is a directory that is not a model (no config.json); "
+                "an hf export replaces its whole --output, so name a new or empty directory"
+            )
+    if os.path.lexists(output) and not args.overwrite:
+        raise UsageError(f"--output {output} exists; pass --overwrite to replace it")
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -241,17 +371,25 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parent = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(parent):
         raise UsageError(f"--output {args.output}: the directory {parent} does not exist")
-    if args.format == "hf" and os.path.isfile(args.output):
-        raise UsageError(f"--output {args.output}: --format hf writes a directory, this is a file")
-    if args.format != "hf" and os.path.isdir(args.output):
-        raise UsageError(
-            f"--output {args.output}: is a directory; --format {args.format} writes a file"
-        )
+    check_output(args)
     return args
 
 
+class _Stopped(BaseException):
+    # Not an Exception, so that no `except Exception` inside a writer catches it: it must unwind
+    # to `atomic.replacing`, which removes the temporary, and then to `main`.
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise _Stopped(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (2 for every user error)."""
+    """Runs the command line; returns the exit status (2 for every user error, 128 + N when
+    stopped by signal N)."""
     from tsld_jax import cli_errors
 
     try:
@@ -260,13 +398,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     errors = (UsageError, gguf_export.ExportError, *cli_errors.user_error_types())
+    existed = os.path.lexists(args.output)
+    kept = " (the earlier one there is unchanged)" if existed else ""
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        print(export(load_source(args), args.format, args.output))
+        source = load_source(args)
+        try:
+            print(export(source, args.format, args.output))
+        except OSError as error:
+            # The place or the disk failed while writing (full, read-only, permission denied);
+            # `atomic.replacing` has removed the partial export.
+            where = f" ({error.filename})" if error.filename else ""
+            print(
+                f"error: --output {args.output}: {error.strerror or error}{where}; "
+                f"nothing was written{kept}",
+                file=sys.stderr,
+            )
+            return 2
     except errors as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted; {args.output} was not written{kept}", file=sys.stderr)
         return 130
+    except _Stopped as stopped:
+        name = signal.Signals(stopped.signum).name
+        print(f"error: stopped by {name}; {args.output} was not written{kept}", file=sys.stderr)
+        return 128 + stopped.signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
