@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import tempfile
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -100,19 +99,13 @@ def _assembled(package: ModuleType, chunks: list[str], directory: str) -> str:
 
 
 def _write_atomically(target: str, write: Callable[[str], Any], failure: str) -> None:
-    handle, temporary = tempfile.mkstemp(
-        dir=os.path.dirname(target), prefix=os.path.basename(target) + ".", suffix=".tmp"
-    )
-    os.close(handle)
+    from tsld_jax import atomic  # the one helper for writes that cannot leave a partial file
+
     try:
-        write(temporary)
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide a shared cache from other users.
-        os.replace(temporary, target)
+        with atomic.replacing(target) as temporary:
+            write(temporary)
     except (OSError, ValueError) as error:  # ValueError: the package's sha256 check failed.
         raise LoadError(f"{failure} ({error})") from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def _read(path: str) -> str | None:
