@@ -96,6 +96,7 @@ def test_unknown_name():
         named.path(named.RANDOM)
 
 
+@pytest.mark.slow  # needs the installed parts (the Makefile's set-up; not .ci/py312's venvs)
 def test_gemma3_parts_resolve(tmp_path, monkeypatch):
     """The installed parts are found, without assembling them (fast)."""
     monkeypatch.setenv("TSLD_JAX_CACHE", str(tmp_path))
