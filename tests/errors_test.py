@@ -234,6 +234,49 @@ def test_packed_model_with_another_tokenizer(tiny_dir, shared_data, tmp_path, ca
     assert f"--tokenizer {other} has 500 tokens" in error and "vocabulary of 97" in error
 
 
+def test_packed_file_refuses_another_tokenizer_of_its_size(tiny_dir, shared_data, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from tsld_jax import export_cli
+    from tsld_jax.quant import export
+
+    path = str(tmp_path / "packed.safetensors")
+    argv = ["--model", tiny_dir, "--quant", "twn", "--format", "packed", "--output", path]
+    assert export_cli.main(argv) == 0
+    vocab = AutoTokenizer.from_pretrained(tiny_dir).get_vocab()
+    assert export.packed_tokenizer(path).vocab_size == len(vocab) == 96
+    # The same words with their ids reversed: the size check alone lets it through.
+    words = sorted((word for word in vocab if word != "<unk>"), key=vocab.get, reverse=True)
+    other = tmp_path / "shuffled_tokenizer"
+    tiny_models.save_word_tokenizer(str(other), words)
+    args = _eval_args(tiny_dir, shared_data)[2:]
+    capsys.readouterr()
+    assert cli.main(["--packed", path, "--tokenizer", str(other), *args]) == 2  # before: 0
+    error = _one_error(capsys)
+    assert f"--tokenizer {other} (96 tokens, vocabulary sha256 " in error
+    assert f"is not the tokenizer --packed {path} was exported with (96 tokens, " in error
+    assert cli.main(["--packed", path, "--tokenizer", tiny_dir, *args]) == 0
+
+
+@pytest.mark.parametrize("damage", ["random_bytes", "cut_short"])
+def test_unreadable_packed_file(damage, tiny_dir, shared_data, tmp_path, capsys):
+    from tsld_jax import quant
+    from tsld_jax.models import load_model
+    from tsld_jax.quant import export
+
+    path = tmp_path / "packed.safetensors"
+    if damage == "random_bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        loaded = load_model(tiny_dir, load_tokenizer=False)
+        packed = export.export_packed(loaded.params, quant.preset_rules("twn"))
+        export.save_packed(str(path), packed, loaded.spec)
+        path.write_bytes(path.read_bytes()[:-1000])
+    args = _eval_args(tiny_dir, shared_data)[2:]
+    assert cli.main(["--packed", str(path), "--tokenizer", tiny_dir, *args]) == 2
+    assert f"--packed {path}: {path}: unreadable " in _one_error(capsys)  # before: a traceback
+
+
 def test_checkpoint_with_a_wrongly_shaped_tensor(tiny_dir, shared_data, tmp_path, capsys):
     from safetensors.numpy import load_file, save_file
 

@@ -108,6 +108,32 @@ def test_save_load_round_trip(tmp_path):
         export.load_packed(other)
 
 
+def test_packed_file_carries_its_tokenizer(tmp_path):
+    from tsld_jax.models import named
+
+    params, _ = _model(GPT2, seed=5)
+    packed = export.export_packed(params, QuantSpec("twn", 2, "channel"))
+
+    class Words:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+    path = str(tmp_path / "model.safetensors")
+    export.save_packed(path, packed, GPT2, Words({"a": 0, "b": 1}))
+    identity = export.packed_tokenizer(path)
+    assert identity == export.tokenizer_identity(Words({"b": 1, "a": 0}))  # order-free
+    assert identity.vocab_size == 2
+    assert identity != export.tokenizer_identity(Words({"a": 1, "b": 0}))  # same size, not ids
+    assert export.tokenizer_identity(named.ByteTokenizer()).vocab_size == 256
+    # A file without one (saved so, or older) still loads, and says it has none.
+    export.save_packed(path, packed, GPT2)
+    assert export.packed_tokenizer(path) is None
+    assert export.load_packed(path).spec == GPT2
+
+
 def test_weight_bytes_and_other_rules():
     params, tokens = _model(GPT2, seed=6)
     quant_rules = ((rules.BLOCK_LINEAR_KERNELS, QuantSpec("twn", 2, "channel")),) + (

@@ -183,7 +183,7 @@ def _export_packed(source: Source, path: str) -> str:
     if source.rules is None:
         raise UsageError("--format packed needs quantized weights: a QAT checkpoint or --quant")
     packed = export.export_packed(source.params, source.rules)
-    export.save_packed(path, packed, source.spec)
+    export.save_packed(path, packed, source.spec, source.tokenizer)
     sizes = export.weight_bytes(packed)
     return (
         f"packed model, {sizes['packed_model']:,} bytes of weights "

@@ -185,11 +185,13 @@ def load_eval_model(args: argparse.Namespace) -> EvalModel:
 
         try:
             packed = export.load_packed(args.packed)
+            exported_with = export.packed_tokenizer(args.packed)
         except (FileNotFoundError, ValueError, KeyError, OSError) as error:
             raise LoadError(f"--packed {args.packed}: {error}") from None
         if packed.spec is None:
             raise LoadError(f"--packed {args.packed}: the file holds no model spec")
         tokenizer = load_tokenizer(args.tokenizer)
+        _check_packed_tokenizer(args, exported_with, export.tokenizer_identity(tokenizer))
         return EvalModel(
             params=packed.params,
             spec=packed.spec,
@@ -204,6 +206,17 @@ def load_eval_model(args: argparse.Namespace) -> EvalModel:
         model.params = _quantized(model.params, args.quant)
         model.name = f"{args.model}+{args.quant}"
     return model
+
+
+def _check_packed_tokenizer(args: argparse.Namespace, exported_with: Any, given: Any) -> None:
+    # A file from before packed files carried the identity (or exported without a tokenizer)
+    # has none: only check_model's size test applies to it.
+    if exported_with is None or given is None or exported_with == given:
+        return
+    raise UsageError(
+        f"--tokenizer {args.tokenizer} ({given}) is not the tokenizer --packed {args.packed} "
+        f"was exported with ({exported_with}); pass that one"
+    )
 
 
 def _tokenizer_size(tokenizer: Any) -> int | None:

@@ -12,6 +12,7 @@ Typical use:
     save_packed("model.safetensors", params, model_spec)
     ...
     params, model_spec = load_packed("model.safetensors")
+    packed_tokenizer("model.safetensors")                 # TokenizerIdentity, or None
     logits = decoder.forward(params, tokens, model_spec)  # kernels in place of dense matmuls
 
 `eval.py --packed PATH` is meant to call `load_packed(PATH)` and then evaluate as usual.
@@ -26,6 +27,7 @@ elsewhere (interpret mode is a test tool).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -187,7 +189,34 @@ class PackedModel(NamedTuple):
     spec: Any
 
 
-def save_packed(path: str, params: Params, model_spec: Any = None) -> None:
+@dataclasses.dataclass(frozen=True)
+class TokenizerIdentity:
+    """Which tokenizer a packed model was exported with: its vocabulary size and the sha256 of
+    its vocabulary (the sorted token -> id items as JSON), so another tokenizer of the same size
+    is told apart too."""
+
+    vocab_size: int
+    sha256: str
+
+    def __str__(self) -> str:
+        return f"{self.vocab_size} tokens, vocabulary sha256 {self.sha256[:12]}"
+
+
+def tokenizer_identity(tokenizer: Any) -> TokenizerIdentity | None:
+    """The identity of a Hugging Face tokenizer (anything with `get_vocab()`) or of
+    `named.ByteTokenizer` (ids are byte values); None for anything else."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if callable(get_vocab):
+        vocab = {str(token): int(index) for token, index in get_vocab().items()}
+    elif type(tokenizer).__name__ == "ByteTokenizer":  # named.ByteTokenizer, not imported here
+        vocab = {f"<byte {i}>": i for i in range(256)}
+    else:
+        return None
+    text = json.dumps(sorted(vocab.items()), ensure_ascii=False)
+    return TokenizerIdentity(len(vocab), hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def save_packed(path: str, params: Params, model_spec: Any = None, tokenizer: Any = None) -> None:
     """Writes a packed model to one safetensors file.
 
     Tensors are named by their "/"-joined path; a PackedWeight at `P` is stored as `P.codes`,
@@ -200,6 +229,8 @@ def save_packed(path: str, params: Params, model_spec: Any = None) -> None:
       path: the file to write.
       params: a packed model from `export_packed`.
       model_spec: the architecture (a `models.ModelSpec`), stored for `load_packed`.
+      tokenizer: the model's tokenizer, whose identity (`tokenizer_identity`) is stored for
+        `packed_tokenizer`, so `eval.py --packed` can refuse another one; None stores none.
     """
     from safetensors import flax as safetensors_flax
 
@@ -219,6 +250,10 @@ def save_packed(path: str, params: Params, model_spec: Any = None) -> None:
         "packed": json.dumps(packed_meta),
         "model_spec": json.dumps(dataclasses.asdict(model_spec)) if model_spec else "",
     }
+    identity = tokenizer_identity(tokenizer) if tokenizer is not None else None
+    if identity is not None:
+        metadata["tokenizer_vocab_size"] = str(identity.vocab_size)
+        metadata["tokenizer_sha256"] = identity.sha256
     safetensors_flax.save_file(tensors, path, metadata=metadata)
 
 
@@ -233,19 +268,18 @@ def load_packed(path: str) -> PackedModel:
       for `decoder.forward(params, tokens, spec)`, and the saved ModelSpec (None if none was).
 
     Raises:
-      ValueError: the file is not a tsld-jax packed model.
+      ValueError: the file is not a tsld-jax packed model, or is not a readable safetensors
+        file (random bytes, cut short).
     """
+    from safetensors import SafetensorError
     from safetensors import flax as safetensors_flax
-    from safetensors import safe_open
 
-    with safe_open(path, framework="flax") as handle:
-        metadata = handle.metadata() or {}
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} file (metadata: {sorted(metadata)})")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported format version {metadata.get('format_version')}")
-    tensors = safetensors_flax.load_file(path)
-    packed_meta = json.loads(metadata["packed"])
+    metadata = _metadata(path)
+    try:
+        tensors = safetensors_flax.load_file(path)
+        packed_meta = json.loads(metadata["packed"])
+    except (SafetensorError, json.JSONDecodeError, KeyError) as error:
+        raise ValueError(f"{path}: unreadable packed file ({error})") from None
 
     params: Params = {}
 
@@ -270,6 +304,38 @@ def load_packed(path: str) -> PackedModel:
     for name, value in tensors.items():
         put(name, value)
     return PackedModel(params, _model_spec(metadata.get("model_spec", "")))
+
+
+def packed_tokenizer(path: str) -> TokenizerIdentity | None:
+    """The identity of the tokenizer a packed file was saved with; None for a file saved
+    without one (by `save_packed(..., tokenizer=None)`, or before files carried it).
+
+    Raises:
+      ValueError: as `load_packed`.
+    """
+    metadata = _metadata(path)
+    size, digest = metadata.get("tokenizer_vocab_size"), metadata.get("tokenizer_sha256")
+    if not size or not digest:
+        return None
+    try:
+        return TokenizerIdentity(int(size), digest)
+    except ValueError:
+        raise ValueError(f"{path}: unreadable tokenizer size {size!r} in its metadata") from None
+
+
+def _metadata(path: str) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="flax") as handle:
+            metadata = handle.metadata() or {}
+    except SafetensorError as error:
+        raise ValueError(f"{path}: unreadable safetensors file ({error})") from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} file (metadata: {sorted(metadata)})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format version {metadata.get('format_version')}")
+    return metadata
 
 
 def _model_spec(text: str):
