@@ -93,9 +93,14 @@ def _plan(config, target: str, json_path: str | None) -> int:
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
         )
-    from tsld_jax import atomic, cli_errors, plan
+    from tsld_jax import aot, atomic, cli_errors, plan
 
-    out = plan.plan(config, target)
+    try:
+        out = plan.plan(config, target)
+    except aot.PluginMissing as error:
+        # Not the user's input but this machine's install: exit 1, as docs/errors.md says.
+        print(f"error: --plan {target}: {error}", file=sys.stderr)
+        return 1
     print(plan.format_plan(out))
     if json_path:
         try:

@@ -433,6 +433,28 @@ def test_plan_json_failing_midway_keeps_the_earlier_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["plan.json"]
 
 
+def test_plan_for_a_gpu_without_the_cuda_plugin(tmp_path, old_run, monkeypatch, capsys):
+    from jax.experimental import topologies
+
+    from tsld_jax import aot
+
+    def no_plugin(**_):
+        raise RuntimeError("Unknown backend cuda\nsecond line of the backend's complaint")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", no_plugin)
+    aot._devices.cache_clear()
+    before = _snapshot(old_run)
+    argv = ["train.py", "--config", SMOKE, "--workdir", str(old_run), "--plan", "h200:1"]
+    try:
+        assert train.main(argv) == 1  # before: the same hint inside a RuntimeError traceback
+    finally:
+        aot._devices.cache_clear()
+    error = _one_error(capsys)
+    assert error.startswith("error: --plan h200:1: compiling for a GPU without one needs the CUDA")
+    assert error.endswith("before jax starts: Unknown backend cuda")
+    assert _snapshot(old_run) == before
+
+
 @pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
 def test_train_help_lists_the_flags(flag, capsys, no_training):
     # Before: "error: Unknown command line flag 'help'", exit 2.

@@ -164,6 +164,11 @@ def _target(target: str | GpuTarget) -> GpuTarget:
     return TARGETS[target]
 
 
+class PluginMissing(RuntimeError):
+    """JAX cannot describe a GPU here: the CUDA plugin is not installed (or not usable). The
+    message is one line, with the pip command; `train.py --plan` prints it as its error."""
+
+
 @functools.cache
 def _devices(target: GpuTarget, num_devices: int) -> tuple[Any, ...]:
     from jax.experimental import topologies
@@ -173,12 +178,13 @@ def _devices(target: GpuTarget, num_devices: int) -> tuple[Any, ...]:
             platform="cuda", target_config=target.config_text(), topology=f"1x1x{num_devices}"
         )
     except (RuntimeError, ValueError) as error:
-        raise RuntimeError(
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PluginMissing(
             "compiling for a GPU without one needs the CUDA plugin (pip install --no-deps "
             f"jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__} "
             "nvidia-cuda-nvcc-cu12 nvidia-nvjitlink-cu12 nvidia-cuda-runtime-cu12), and on a "
             "machine without a GPU JAX_PLATFORMS=cpu or JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 set "
-            f"before jax starts: {error}"
+            f"before jax starts: {cause}"
         ) from error
     return tuple(topology.devices)
 
