@@ -433,6 +433,24 @@ def test_plan_json_failing_midway_keeps_the_earlier_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["plan.json"]
 
 
+def test_run_whose_config_json_is_cut_short(tiny_dir, shared_data, old_run, capsys):
+    from configs import smoke
+
+    (old_run / "config.json").write_text(smoke.get_config().to_json(indent=2)[:200])
+    before = _snapshot(old_run)
+    config = old_run / "config.json"
+    # Before: a JSONDecodeError traceback (train.py), a message without the file (eval.py).
+    argv = ["train.py", "--config", SMOKE, "--config.data.batch_size=8", "--workdir", str(old_run)]
+    assert train.main(argv) == 2
+    assert f"{config} is unreadable (" in _one_error(capsys)
+    args = _eval_args(tiny_dir, shared_data)[2:]
+    assert cli.main(["--checkpoint", str(old_run), *args]) == 2
+    assert f"{config} is unreadable (" in _one_error(capsys)
+    after = _snapshot(old_run)
+    after.pop("train.lock")  # the run's lock, released (empty), as after any run
+    assert after == before
+
+
 def test_plan_for_a_gpu_without_the_cuda_plugin(tmp_path, old_run, monkeypatch, capsys):
     from jax.experimental import topologies
 

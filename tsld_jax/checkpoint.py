@@ -106,8 +106,7 @@ def check_resume(cfg, workdir: str) -> None:
     new = json.loads(cfg.to_json())
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path) and saved_steps(workdir):
-        with open(path) as f:
-            stored = json.load(f)
+        stored = _read_json(path)
         identity, resumable = config_changes(stored, new)
         if identity:
             raise workdir_lib.WorkdirError(
@@ -366,8 +365,20 @@ def read_config(workdir: str) -> dict[str, Any]:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir} holds no config.json: not a train.py workdir")
-    with open(path) as f:
-        return json.load(f)
+    return _read_json(path)
+
+
+def _read_json(path: str) -> Any:
+    """A run's config.json; one WorkdirError line, naming the file, if it is cut short or damaged
+    (before: a JSONDecodeError traceback in train.py, a message without the file in eval.py)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise workdir_lib.WorkdirError(
+            f"{path} is unreadable ({error}): cut short or damaged. It is the run's config; "
+            "restore it from a copy of the run, or train into a new --workdir"
+        ) from None
 
 
 def restore_for_eval(workdir: str, step: int | None = None) -> dict[str, Any]:

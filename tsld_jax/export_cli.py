@@ -90,11 +90,11 @@ def load_source(args: argparse.Namespace) -> Source:
     from tsld_jax import recipe
 
     if args.checkpoint:
-        from tsld_jax import checkpoint
+        from tsld_jax import checkpoint, workdir
 
         try:
             restored = checkpoint.restore_for_eval(args.checkpoint, args.step)
-        except (FileNotFoundError, ValueError, KeyError) as error:
+        except (FileNotFoundError, ValueError, KeyError, workdir.WorkdirError) as error:
             raise LoadError(f"--checkpoint {args.checkpoint}: {error}") from None
         config = restored["config"]
         origin = config.model.name_or_path

@@ -155,11 +155,11 @@ def load_eval_model(args: argparse.Namespace) -> EvalModel:
       LoadError, UsageError, DataError: with one-line messages.
     """
     if args.checkpoint:
-        from tsld_jax import checkpoint
+        from tsld_jax import checkpoint, workdir
 
         try:
             restored = checkpoint.restore_for_eval(args.checkpoint, args.step)
-        except (FileNotFoundError, ValueError, KeyError) as error:
+        except (FileNotFoundError, ValueError, KeyError, workdir.WorkdirError) as error:
             raise LoadError(f"--checkpoint {args.checkpoint}: {error}") from None
         except AttributeError as error:  # e.g. a HF model directory: its config.json is not ours
             raise LoadError(
