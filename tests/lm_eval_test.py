@@ -104,3 +104,27 @@ def test_harness_equals_eval_py_on_smollm2(smollm2, shared_data, tmp_path):
     harness, samples = _harness({"path": "smollm2-135m"}, shared_data, SMOLLM2_LIMIT)
     ours = _eval_py({"path": "smollm2-135m"}, shared_data, tmp_path, SMOLLM2_LIMIT)
     _check_equal(harness, samples, ours, SMOLLM2_LIMIT)
+
+
+@pytest.mark.parametrize(
+    "model_args",
+    [
+        ["path=/no/such/model"],
+        ["path=./missing,quant=twn"],
+        ["checkpoint=/no/such/run", "step=3"],
+        ["packed=missing.safetensors,tokenizer=gpt2"],
+    ],
+)
+def test_missing_model_path_is_one_line(model_args, monkeypatch, capsys):
+    import lm_eval.__main__
+
+    def harness():
+        raise AssertionError("the harness started (and loaded its tasks)")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", harness)
+    argv = ["--model", "tsld-jax", "--model_args", *model_args, "--tasks", "tsld_arc_easy"]
+    # Before: 39 lines of traceback, after the harness had loaded its task definitions.
+    assert lm_eval_model.main(argv) == 2
+    err = capsys.readouterr().err
+    key, value = model_args[0].split(",")[0].split("=")
+    assert err == f"error: --model_args {key}={value}: no such file or directory\n"

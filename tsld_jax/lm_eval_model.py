@@ -197,14 +197,62 @@ class TsldJaxLM(LM):
         return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The harness's command line with `tsld-jax` registered."""
+def _model_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The --model (-M) value and the --model_args (-a) items (`k=v,k=v` or `k=v k=v`)."""
+    model, items, index = None, [], 0
+    while index < len(argv):
+        flag, equals, value = argv[index].partition("=")
+        if flag in ("--model", "-M"):
+            model = value if equals else (argv[index + 1] if index + 1 < len(argv) else None)
+        elif flag in ("--model_args", "-a"):
+            if equals:
+                items.append(value)
+            else:
+                following = index + 1
+                while following < len(argv) and not argv[following].startswith("-"):
+                    items.append(argv[following])
+                    following += 1
+        index += 1
+    return model, [item for text in items for item in text.split(",") if item.strip()]
+
+
+def _missing_path(argv: list[str]) -> str | None:
+    """The error line for a tsld-jax model_args path that does not exist, else None.
+
+    Checked before the harness starts: it loads every task definition before it builds the model,
+    and the model's error would then come 39 lines deep in its traceback.
+    """
+    from tsld_jax.models import loading
+
+    model, items = _model_args(argv)
+    if model != "tsld-jax":
+        return None
+    for item in items:
+        key, _, value = (part.strip() for part in item.partition("="))
+        if not value:
+            continue
+        # checkpoint= and packed= are always local; path= and tokenizer= may be a name or hub id.
+        if key in ("checkpoint", "packed") and not os.path.exists(value):
+            return f"--model_args {key}={value}: no such file or directory"
+        if key in ("path", "tokenizer") and loading.is_missing_local(value):
+            return f"--model_args {key}={value}: no such file or directory"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The harness's command line with `tsld-jax` registered; a missing model path in
+    --model_args is one `error:` line and exit 2, before the harness loads its tasks."""
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    error = _missing_path(sys.argv[1:])
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     cli_evaluate()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

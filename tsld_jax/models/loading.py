@@ -30,14 +30,22 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def is_missing_local(name_or_path: str) -> bool:
+    """Whether `name_or_path` means a local path (not a model name or a hub id) that does not
+    exist: `resolve_path` refuses it, without asking the hub."""
+    if name_or_path in named.GGUF_NAMES or os.path.exists(name_or_path):
+        return False
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".gguf")
+    return looks_local or name_or_path.count("/") > 1
+
+
 def resolve_path(name_or_path: str) -> str:
     """A local path as is, a named model's file, or a hub id downloaded unless offline."""
     if name_or_path in named.GGUF_NAMES:
         return named.path(name_or_path)
     if os.path.exists(name_or_path):
         return name_or_path
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".gguf")
-    if looks_local or name_or_path.count("/") > 1:
+    if is_missing_local(name_or_path):
         raise LoadError(f"model path {name_or_path!r} does not exist")
     if _offline():
         raise LoadError(
