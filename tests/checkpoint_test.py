@@ -250,3 +250,19 @@ def test_eval_cli_on_a_read_only_run(run, tmp_path, shared_data):
     assert "checkpoint 6 (" in result.stderr and "using step 4" in result.stderr
     assert json.loads((tmp_path / "out.json").read_text())["model"].endswith("@4")
     assert _snapshot(copy) == before
+
+
+def test_check_resume_failing_write_keeps_the_stored_config(tmp_path, monkeypatch):
+    import errno
+
+    stored = _smoke_config().to_json()
+    (tmp_path / "config.json").write_text(stored)
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.check_resume(_smoke_config(), str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == stored
+    assert os.listdir(tmp_path) == ["config.json"]  # before: config.json.tmp.PID left beside it

@@ -120,10 +120,9 @@ def check_resume(cfg, workdir: str) -> None:
     import jax
 
     if jax.process_index() == 0:  # one writer in a multi-process run (all hold the same config)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(cfg.to_json(indent=2))
-        os.replace(tmp, path)
+        from tsld_jax import atomic
+
+        atomic.write_text(path, cfg.to_json(indent=2))
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -14,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsld_jax import checkpoint as checkpoint_lib
 from tsld_jax import (
+    atomic,
     config_utils,
     data,
     guard,
@@ -25,6 +24,7 @@ from tsld_jax import (
     sharding,
     train_step,
 )
+from tsld_jax import checkpoint as checkpoint_lib
 from tsld_jax import workdir as workdir_lib
 from tsld_jax.evaluation import perplexity
 from tsld_jax.models import decoder, hf, named
@@ -351,8 +351,7 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
     # A resumed run logged its baselines before its first step, in an earlier process.
     results = run_summary.baselines(workdir) | results
     if jax.process_index() == 0:  # every process holds the same results
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        atomic.write_json(os.path.join(workdir, "results.json"), results, indent=2)
         run_summary.plot_curves(workdir, results)
     print(
         "results: "
