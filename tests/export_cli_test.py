@@ -5,7 +5,6 @@ Models here are saved without PyTorch (tiny_models.save_numpy); export_gguf_test
 what the exports contain.
 """
 
-import hashlib
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ import textwrap
 
 import pytest
 import tiny_models
+from errors_test import _snapshot  # one definition of the folder fingerprint
 
 from tsld_jax import export_cli
 from tsld_jax.models import gguf_export, hf
@@ -27,17 +27,6 @@ def _env():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # no need for conftest's eight fake devices
     return env
-
-
-def _snapshot(directory):
-    """{relative path: sha256} of every file under `directory`, links followed."""
-    out = {}
-    for folder, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
