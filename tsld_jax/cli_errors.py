@@ -20,7 +20,7 @@ class Outcome:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     from tsld_jax import config_utils, trainer, workdir
-    from tsld_jax.evaluation.perplexity import DataError
+    from tsld_jax.data.sources import DataError
     from tsld_jax.models.errors import LoadError
     from tsld_jax.models.spec import ConfigError
 

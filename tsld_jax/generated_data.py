@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tsld_jax import generate
-from tsld_jax.evaluation.sources import DataError
+from tsld_jax.data.sources import DataError
 
 
 def sample(

@@ -41,7 +41,7 @@ def qat_loss(
       teacher_params: the full-precision teacher's parameters, same architecture.
       batch: "tokens" (B, T) int; optional "attention_mask" (B, T), 1 for real tokens, and
         "loss_mask" (B, T), 1 where the prediction *into* a position counts (the layout of
-        `data.py`). Position t predicts token t + 1; the models read tokens 0..T-2.
+        `data/examples.py`). Position t predicts token t + 1; the models read tokens 0..T-2.
       spec: the architecture of both models.
       rules: quantization rules, a spec tree, or one QuantSpec (see `quant.make_quantizer`);
         None trains in full precision (the FP stage).

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from tsld_jax.data.sources import DataError
 from tsld_jax.evaluation import sources
-from tsld_jax.evaluation.sources import DataError
 from tsld_jax.generate import bucket_length
 from tsld_jax.models import decoder
 from tsld_jax.models.spec import ModelSpec

@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tsld_jax.data.sources import DataError
 from tsld_jax.evaluation import choice, gsm8k, perplexity
-from tsld_jax.evaluation.sources import DataError
 from tsld_jax.models import LoadError, load_model
 
 # Context length when the model's config names none (the harness's default).

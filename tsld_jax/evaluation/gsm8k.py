@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tsld_jax import generate
+from tsld_jax.data.sources import DataError
 from tsld_jax.evaluation import sources
-from tsld_jax.evaluation.sources import DataError
 
 Params = dict[str, Any]
 

@@ -1,5 +1,5 @@
-"""Training data: tokenized examples of a fixed length, and a batch iterator whose position is
-part of the checkpoint.
+"""In-memory training data: tokenized examples of a fixed length, and a batch iterator whose
+position is part of the checkpoint.
 
 Every example is three int32 arrays of length T: `tokens`, `attention_mask` (1 for real tokens)
 and `loss_mask` (1 where the next-token prediction *into* this position counts; position 0 never
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from tsld_jax import generated_data
-from tsld_jax.evaluation import perplexity, sources
-from tsld_jax.evaluation.sources import DataError
+from tsld_jax.data import sources, text
+from tsld_jax.data.sources import DataError
 
 Examples = dict[str, np.ndarray]
 
@@ -97,14 +97,14 @@ def load_examples(
     name = resolve_name(cfg)
     data_dir = cfg.dir or None
     if name in ("ptb", "wikitext2"):
-        lines = perplexity.load_lines(name, split, data_dir)
+        lines = text.load_lines(name, split, data_dir)
         examples = lm_examples(
-            perplexity.tokenize_blocks(lines, tokenizer, cfg.block_size, cfg.get("bos", "line"))
+            text.tokenize_blocks(lines, tokenizer, cfg.block_size, cfg.get("bos", "line"))
         )
     elif name == "text":
         lines = read_text_file(cfg.path, cfg.text_field)
         examples = lm_examples(
-            perplexity.tokenize_blocks(lines, tokenizer, cfg.block_size, cfg.get("bos", "line"))
+            text.tokenize_blocks(lines, tokenizer, cfg.block_size, cfg.get("bos", "line"))
         )
     elif name == "gsm8k":
         examples = gsm8k_examples(gsm8k_records(split, data_dir), tokenizer, cfg.block_size)
