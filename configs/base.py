@@ -40,12 +40,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.random.init_std = 0.2
 
     c.data = ml_collections.ConfigDict()
-    # "ptb", "wikitext2", "gsm8k", "text" (data.path: a local .txt or .jsonl), or "generated"
-    # (sampled from the teacher once and cached in the workdir: data-free distillation).
+    # "ptb", "wikitext2", "gsm8k", "text" (data.path: a local .txt or .jsonl), "generated"
+    # (sampled from the teacher once and cached in the workdir: data-free distillation), or
+    # "shards" (token shards that prepare_data.py wrote, streamed through grain; docs/data.md).
     # "auto": ptb when data.dir is set, else generated.
     c.data.name = "auto"
     c.data.dir = ""  # Local data laid out like ../shared/data; empty: the Hugging Face hub.
-    c.data.path = ""  # For name == "text": the file.
+    # For name == "text": the file. For name == "shards": a prepare_data.py output directory,
+    # or several mixed by weight, "DIR1:0.7,DIR2:0.3" (a weight left out is 1; each corpus is
+    # reshuffled every epoch of its own, so a small corpus with a large weight repeats sooner).
+    c.data.path = ""
     c.data.text_field = "text"  # For .jsonl files: the field that holds the text.
     c.data.block_size = 512  # Tokens per training sequence (the authors use 512).
     # BOS of text data (ptb, wikitext2, text): "line", the authors' protocol (each line with the
@@ -55,6 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 4  # Sequences per optimizer step (before accumulation is split off).
     c.data.eval_split = "validation"  # Held-out split for perplexity.
     c.data.eval_blocks = 16  # Held-out blocks scored at each evaluation (0: all).
+    # A held-out shard directory (prepare_data.py) for the perplexity evaluations, scored on its
+    # first eval_blocks blocks of block_size, in order; overrides eval_split for any data.name.
+    # With name == "shards" and no eval_path, the first blocks of the training corpus are scored
+    # (not held out: the run says so).
+    c.data.eval_path = ""
+    c.data.workers = 1  # For "shards": grain's reading threads (the batches do not depend on it).
     c.data.generated_sequences = 64  # For "generated": sequences sampled from the teacher.
     c.data.generated_temperature = 1.0  # Sampling temperature for "generated".
 

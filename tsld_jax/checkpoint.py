@@ -46,6 +46,8 @@ RESUMABLE_FIELDS = (
     "train.microbatches",  # The pipeline's schedule: the same maths, up to rounding.
     "data.eval_split",  # What is evaluated, and when.
     "data.eval_blocks",
+    "data.eval_path",
+    "data.workers",  # Loader threads: the same batches in the same order.
     "eval.",
     "checkpoint.",  # Save cadence and how many are kept.
     "log.",
@@ -59,7 +61,11 @@ RESUMABLE_FIELDS = (
 # Fields added after runs already existed, with the value that matches what those runs did: a
 # stored config.json without them compares as if it held that value, so older runs resume.
 # (Not resumable fields: `model.teacher_dtype` changes the loss, so changing it is a new run.)
-ADDED_FIELDS: dict[str, Any] = {"model.teacher_dtype": "float32"}
+ADDED_FIELDS: dict[str, Any] = {
+    "model.teacher_dtype": "float32",
+    "data.eval_path": "",
+    "data.workers": 1,
+}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

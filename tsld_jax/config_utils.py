@@ -10,7 +10,7 @@ from tsld_jax.models.decoder import REMAT_MODES
 
 LOSS_KINDS = ("gt", "logit", "logit_gt", "l2l", "tsld")
 QUANT_METHODS = ("twn", "pact", "asym", "sym", "none")
-DATA_NAMES = ("auto", "ptb", "wikitext2", "gsm8k", "text", "generated")
+DATA_NAMES = ("auto", "ptb", "wikitext2", "gsm8k", "text", "generated", "shards")
 GUARD_ACTIONS = ("stop", "warn", "off")
 
 
@@ -115,6 +115,18 @@ def _check_guard(guard) -> None:
         "guard.zero_grad_norm",
         f"must be >= 0, got {guard.zero_grad_norm}",
     )
+
+
+def _check_shard_dirs(field: str, value: str, purpose: str) -> None:
+    from tsld_jax.data import shards, sources
+
+    _require(bool(value), field, f"must name a prepare_data.py output directory {purpose}")
+    try:
+        corpora = shards.parse_paths(value)
+    except sources.DataError as error:
+        raise ConfigError(f"config.{field}: {error}") from None
+    for path, _ in corpora:
+        _require(os.path.isdir(path), field, f"{path!r} is not a directory")
 
 
 def validate(config, weights: bool = True) -> None:
@@ -240,6 +252,14 @@ def validate(config, weights: bool = True) -> None:
             if os.path.isdir(data.path)
             else f"{data.path!r} does not exist",
         )
+    if data.name == "shards":
+        _check_shard_dirs("data.path", data.path, "for data.name=shards")
+    if data.get("eval_path", ""):
+        _check_shard_dirs("data.eval_path", data.eval_path, "")
+        _require(
+            "," not in data.eval_path, "data.eval_path", "names one shard directory (no weights)"
+        )
+    _require(data.get("workers", 1) >= 1, "data.workers", "must be >= 1")
     _require(data.eval_blocks >= 0, "data.eval_blocks", "must be >= 0 (0: all)")
     _require(
         data.generated_temperature >= 0,

@@ -91,16 +91,21 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _device_batch(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
-    # Every process computes the same global batch order and feeds only its own rows; with one
-    # process this is a plain device_put. (Hand-rolled rather than a data-loader library: the
-    # position must be checkpointable and identical on every host.)
+def _device_batch(
+    batch: dict[str, np.ndarray], batch_sharding, process_local: bool = False
+) -> dict[str, jax.Array]:
+    # Each process feeds only its own rows of the global batch; with one process this is a
+    # plain device_put. In-memory data (BatchIterator) hands every process the global batch,
+    # whose rows it slices; shards (data/shards.py) read only this process's rows.
     count, index = jax.process_count(), jax.process_index()
     out = {}
     for key, value in batch.items():
-        rows = len(value) // count
-        local = value[index * rows : (index + 1) * rows]
-        out[key] = jax.make_array_from_process_local_data(batch_sharding, local, value.shape)
+        if process_local:
+            local, shape = value, (len(value) * count, *value.shape[1:])
+        else:
+            rows = len(value) // count
+            local, shape = value[index * rows : (index + 1) * rows], value.shape
+        out[key] = jax.make_array_from_process_local_data(batch_sharding, local, shape)
     return out
 
 
@@ -131,20 +136,13 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
     params = recipe.initial_student_params(student.params, rules, cfg)
     teacher_pair = (teacher.params, teacher.spec) if teacher is not None else None
     gen_teacher = teacher_pair or (student.params, student.spec)
-    train_examples = data.load_examples(
-        cfg.data, student.tokenizer, "train", gen_teacher, workdir, progress=cfg.log.progress
+    vocab_size = student.spec.vocab_size
+    batches = data.train_batches(
+        cfg.data, cfg.seed, student.tokenizer, vocab_size, gen_teacher, workdir, cfg.log.progress
     )
-    eval_examples = data.load_examples(
-        cfg.data,
-        student.tokenizer,
-        cfg.data.eval_split,
-        gen_teacher,
-        workdir,
-        progress=cfg.log.progress,
+    eval_examples = data.eval_examples(
+        cfg.data, student.tokenizer, vocab_size, gen_teacher, workdir, cfg.log.progress
     )
-    if cfg.data.eval_blocks:
-        eval_examples = {k: v[: cfg.data.eval_blocks] for k, v in eval_examples.items()}
-    batches = data.BatchIterator(train_examples, cfg.data.batch_size, cfg.seed)
     total_steps = cfg.train.steps or cfg.train.epochs * batches.batches_per_epoch
     if cfg.train.warmup_steps > total_steps:
         raise config_utils.ConfigError(
@@ -277,7 +275,9 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
                 if profile and step == profile[0]:
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 started = last_time
-                batch = _device_batch(next(batches), batch_sharding)
+                batch = _device_batch(
+                    next(batches), batch_sharding, getattr(batches, "process_local", False)
+                )
                 state, metrics = step_fn(state, batch, teacher_params)
                 if pending is not None:
                     handle(*pending)  # One step late: the device is already busy with `step`.

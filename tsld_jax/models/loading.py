@@ -80,6 +80,24 @@ def _load_tokenizer(directory: str):
         raise LoadError(f"{directory}: cannot load the tokenizer ({error})") from None
 
 
+def load_tokenizer(name_or_path: str):
+    """The tokenizer alone of what `load_model` (or, for "random", the random smoke-test model)
+    would load: `prepare_data.py` tokenizes with it without reading any weights.
+
+    Raises:
+      LoadError: as `load_model`, with a one-line message.
+    """
+    if name_or_path == named.RANDOM:
+        return named.ByteTokenizer()
+    path = resolve_path(name_or_path)
+    gguf_path = _find_gguf(path)
+    if gguf_path:
+        return gguf.load_tokenizer(gguf_path)
+    if os.path.isfile(path):
+        raise LoadError(f"{path}: expected a model directory or a .gguf file")
+    return _load_tokenizer(path)
+
+
 def load_model(
     name_or_path: str, *, dtype: Any = jnp.float32, load_tokenizer: bool = True
 ) -> LoadedModel:

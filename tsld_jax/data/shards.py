@@ -1,0 +1,257 @@
+"""Streaming token shards (`prepare_data.py`'s output) through grain: blocks, a global shuffle,
+mixing by weight, each process reading only its rows, and a state for the checkpoint.
+
+A corpus (one shard directory) is the token streams of its shards, each cut into blocks of
+`block_size` tokens (a shard's last partial block dropped). Since every document ends with EOS
+in the files, a block is documents packed back to back with EOS between them, read as one
+memory-mapped slice: nothing is tokenized, copied whole or held in memory, so the host's memory
+stays flat over a pass (bench/data.py measures it).
+
+Order: grain's index shuffle (a permutation computed per index, O(1) memory) of each corpus's
+blocks from the seed, a new permutation each epoch; several corpora are interleaved by
+weight (grain's `MapDataset.mix`). The global batch of step s is elements [s*B, (s+1)*B) of
+that sequence, and process p of P reads only rows [p*B/P, (p+1)*B/P) of it, which
+`jax.make_array_from_process_local_data` puts together (trainer._device_batch). The order is a
+function of (seed, block_size, corpora, weights, batch size) alone: the same on every host, for
+any number of loader threads, and after a restart. The iterator's state (grain's
+`get_state()`, the index of the next local batch) goes into every checkpoint.
+
+Checks: a directory without manifest.json, a tokenizer whose fingerprint differs from the
+manifest's, a token id outside the model's vocabulary, an empty corpus, and a shard whose size
+or sha256 differs from its manifest entry all raise one-line `DataError`s naming the file. The
+sha256 of a shard is computed when it is first opened in a process (reading it once at disk
+speed, about 1-2 s per GB; `bench/data.py` measures it).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from tsld_jax.data import megatron, prepare
+from tsld_jax.data.sources import DataError
+
+# The local rows a run may read: "endless" (grain's range needs a length, and sys.maxsize
+# overflows its batching).
+_ENDLESS = 2**50
+
+
+def parse_paths(spec: str) -> list[tuple[str, float]]:
+    """`data.path` of `name="shards"`: "DIR" or "DIR1:W1,DIR2:W2" (weights; 1 when left out)."""
+    corpora = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        path, weight = part, 1.0
+        head, sep, tail = part.rpartition(":")
+        if sep:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                pass  # a ':' inside the path
+        if not weight > 0:
+            raise DataError(f"data.path: the weight of {path} must be > 0, got {weight}")
+        corpora.append((path, weight))
+    if not corpora:
+        raise DataError("data.path names no shard directory")
+    return corpora
+
+
+class Corpus:
+    """One shard directory: its manifest, checked against the model, and its shards, each opened
+    (and its checksum checked) when first read."""
+
+    def __init__(self, path: str, identity=None, vocab_size: int | None = None):
+        self.path = path
+        self.manifest_path = os.path.join(path, prepare.MANIFEST)
+        if not os.path.isfile(self.manifest_path):
+            raise DataError(
+                f"{path}: no {prepare.MANIFEST}; write the shards with prepare_data.py --output"
+            )
+        try:
+            with open(self.manifest_path) as f:
+                self.manifest = json.load(f)
+            tokenizer = self.manifest["tokenizer"]
+            self.entries = list(self.manifest["shards"])
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            raise DataError(f"{self.manifest_path} is unreadable ({error})") from None
+        if self.manifest.get("format") != prepare.FORMAT:
+            raise DataError(f"{self.manifest_path} is not a {prepare.FORMAT} manifest")
+        if identity is not None and identity.sha256 != tokenizer["sha256"]:
+            raise DataError(
+                f"{self.manifest_path}: the shards were made with the tokenizer of "
+                f"{tokenizer['name']} ({tokenizer['vocab_size']} tokens, vocabulary sha256 "
+                f"{tokenizer['sha256'][:12]}), not the model's ({identity}); prepare them again "
+                "with --tokenizer set to the model"
+            )
+        for entry in self.entries:
+            if vocab_size is not None and entry["max_token"] >= vocab_size:
+                raise DataError(
+                    f"{os.path.join(path, entry['name'])}.bin: token id {entry['max_token']} is "
+                    f"outside the model's {vocab_size}-token vocabulary"
+                )
+        if sum(entry["tokens"] for entry in self.entries) == 0:
+            raise DataError(f"{self.manifest_path}: empty corpus (no tokens)")
+        self._files: dict[int, megatron.IndexedFile] = {}
+        self._lock = threading.Lock()
+
+    def shard(self, i: int) -> megatron.IndexedFile:
+        """Shard i, memory-mapped; the first call in a process checks its size and sha256."""
+        opened = self._files.get(i)
+        if opened is not None:
+            return opened
+        with self._lock:
+            if i not in self._files:
+                entry = self.entries[i]
+                prefix = os.path.join(self.path, entry["name"])
+                for suffix in (".idx", ".bin"):
+                    if not os.path.isfile(prefix + suffix):
+                        raise DataError(f"cannot read {prefix + suffix}: No such file")
+                size = os.path.getsize(prefix + ".bin")
+                if size != entry["bin_bytes"]:
+                    raise DataError(
+                        f"{prefix}.bin: {size} bytes, its manifest entry says "
+                        f"{entry['bin_bytes']}: changed or cut short since prepare_data.py"
+                    )
+                for suffix, key in ((".idx", "idx_sha256"), (".bin", "bin_sha256")):
+                    if megatron.file_sha256(prefix + suffix) != entry[key]:
+                        raise DataError(
+                            f"{prefix}{suffix} does not match its sha256 in "
+                            f"{self.manifest_path}: changed or damaged since prepare_data.py"
+                        )
+                self._files[i] = megatron.IndexedFile(prefix)
+            return self._files[i]
+
+
+class Blocks:
+    """Random access to the blocks of a corpus (grain's RandomAccessDataSource protocol)."""
+
+    def __init__(self, corpus: Corpus, block_size: int):
+        self.corpus, self.block_size = corpus, block_size
+        counts = [entry["tokens"] // block_size for entry in corpus.entries]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        if self._starts[-1] == 0:
+            raise DataError(
+                f"{corpus.manifest_path}: no shard holds one block of {block_size} tokens"
+            )
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        shard = bisect.bisect_right(self._starts, index) - 1
+        offset = (index - self._starts[shard]) * self.block_size
+        tokens = self.corpus.shard(shard).tokens[offset : offset + self.block_size]
+        return np.asarray(tokens, dtype=np.int32)
+
+
+def _open(spec: str, block_size: int, identity, vocab_size) -> list[tuple[Blocks, float]]:
+    return [
+        (Blocks(Corpus(path, identity, vocab_size), block_size), weight)
+        for path, weight in parse_paths(spec)
+    ]
+
+
+def _example(tokens_T: np.ndarray) -> dict[str, np.ndarray]:
+    ones = np.ones_like(tokens_T)
+    return {"tokens": tokens_T, "attention_mask": ones, "loss_mask": ones}
+
+
+class ShardBatches:
+    """This process's rows of each global batch of a (mixed) shard corpus, through grain.
+
+    `process_local` tells the trainer that the batches hold only this process's rows.
+
+    Args:
+      corpora: (Blocks, weight) of each corpus.
+      batch_size: rows of the global batch.
+      seed: the shuffle's seed.
+      process_index, process_count: which rows are this process's (jax's by default).
+      workers: grain's reading threads (prefetching ahead of the step).
+    """
+
+    process_local = True
+
+    def __init__(
+        self,
+        corpora: list[tuple[Blocks, float]],
+        batch_size: int,
+        seed: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        workers: int = 1,
+    ):
+        import grain
+
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        if batch_size % process_count:
+            raise DataError(
+                f"data.batch_size {batch_size} does not divide over {process_count} processes"
+            )
+        rows = batch_size // process_count
+        shuffled = [
+            grain.MapDataset.source(blocks).shuffle(seed=(seed + 1000003 * k) % 2**32)
+            for k, (blocks, _) in enumerate(corpora)
+        ]
+        if len(shuffled) == 1:
+            mixed = shuffled[0]
+        else:
+            mixed = grain.MapDataset.mix(shuffled, [weight for _, weight in corpora])
+        # An index of `mixed` past its length is a further epoch (a new permutation).
+        self.batches_per_epoch = len(mixed) // batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"{len(mixed)} blocks of {corpora[0][0].block_size} tokens is fewer than one "
+                f"batch of {batch_size}"
+            )
+
+        def global_row(k: int) -> int:  # local row k -> its index in the global sequence
+            step, row = divmod(k, rows)
+            return step * batch_size + process_index * rows + row
+
+        local = grain.MapDataset.range(_ENDLESS).map(lambda k: _example(mixed[global_row(k)]))
+        self._dataset = local.batch(rows).to_iter_dataset(
+            grain.ReadOptions(num_threads=workers, prefetch_buffer_size=max(2 * workers, 2))
+        )
+        self._iterator = iter(self._dataset)
+
+    def state(self) -> dict[str, Any]:
+        return dict(self._iterator.get_state())
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._iterator = iter(self._dataset)
+        self._iterator.set_state(state)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+
+def batches(cfg, tokenizer, vocab_size: int, seed: int, workers: int | None = None) -> ShardBatches:
+    """The `ShardBatches` of `config.data` (name "shards", path as `parse_paths` reads it)."""
+    from tsld_jax.quant import export
+
+    identity = export.tokenizer_identity(tokenizer)
+    corpora = _open(cfg.path, cfg.block_size, identity, vocab_size)
+    workers = cfg.get("workers", 1) if workers is None else workers
+    return ShardBatches(corpora, cfg.batch_size, seed, workers=workers)
+
+
+def eval_examples(path: str, block_size: int, count: int, tokenizer, vocab_size: int):
+    """The first `count` blocks (0: all) of a held-out shard set, in order, as examples."""
+    from tsld_jax.quant import export
+
+    identity = export.tokenizer_identity(tokenizer)
+    blocks = Blocks(Corpus(path, identity, vocab_size), block_size)
+    n = len(blocks) if count == 0 else min(count, len(blocks))
+    return _example(np.stack([blocks[i] for i in range(n)]))
