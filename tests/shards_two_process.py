@@ -20,8 +20,8 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from tsld_jax import multihost, sharding, trainer  # noqa: E402
 from tsld_jax import data as data_lib  # noqa: E402
+from tsld_jax import multihost, sharding, trainer  # noqa: E402
 from tsld_jax.models import named  # noqa: E402
 
 
