@@ -201,3 +201,24 @@ def test_bad_shards_name_the_file(corpus, tmp_path):
     json.dump(manifest, open(manifest_path, "w"))
     with pytest.raises(DataError, match="empty corpus"):
         shards.Corpus(corpus)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"name": "shards"}, r"config\.data\.path: must name a prepare_data\.py output"),
+        ({"name": "shards", "path": "/no/such/dir"}, r"data\.path: '/no/such/dir' is not a dir"),
+        ({"name": "shards", "path": "{corpus}:-1"}, r"data\.path: .*weight .* must be > 0"),
+        ({"eval_path": "/no/such/dir"}, r"data\.eval_path: '/no/such/dir' is not a directory"),
+        ({"eval_path": "{corpus},{corpus}"}, r"data\.eval_path: names one shard directory"),
+    ],
+)
+def test_shard_config_errors_name_the_field(fields, message, corpus):
+    from configs import smoke
+    from tsld_jax import config_utils
+
+    cfg = smoke.get_config()
+    for key, value in fields.items():
+        cfg.data[key] = value.format(corpus=corpus)
+    with pytest.raises(config_utils.ConfigError, match=message):
+        config_utils.validate(cfg)

@@ -27,7 +27,7 @@ import multiprocessing
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -262,6 +262,31 @@ def _read_json(path: str) -> dict[str, Any] | None:
         return None  # absent or damaged: the shard is made again
 
 
+def write_shard(
+    prefix: str,
+    pieces: Iterable[tuple[np.ndarray, np.ndarray]],
+    dtype: np.dtype,
+    on_piece: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Writes PREFIX.bin and PREFIX.idx (each through `atomic`, the .bin first) from pieces of
+    (token ids back to back, tokens per document); returns the shard's counts and .bin sha256.
+    `on_piece(documents, tokens so far)` follows the progress."""
+    with atomic.replacing(f"{prefix}.bin") as temporary, open(temporary, "wb") as f:
+        writer = megatron.BinWriter(f, dtype)
+        for ids, lengths in pieces:
+            writer.add(ids, lengths)
+            if on_piece is not None:
+                on_piece(len(lengths), writer.tokens)
+    with atomic.replacing(f"{prefix}.idx") as temporary:
+        megatron.write_index(temporary, np.asarray(writer.lengths, np.int64), dtype)
+    return {
+        "documents": len(writer.lengths),
+        "tokens": writer.tokens,
+        "max_token": writer.max_token,
+        "bin_sha256": writer.sha256.hexdigest(),
+    }
+
+
 def _write_tokens(
     path: str,
     prefix: str,
@@ -274,26 +299,48 @@ def _write_tokens(
     bar = tqdm(
         desc=os.path.basename(path), unit=" docs", disable=None if progress else True, leave=False
     )
-    with atomic.replacing(f"{prefix}.bin") as temporary, open(temporary, "wb") as f:
-        writer = megatron.BinWriter(f, dtype)
-        chunks = _chunks(read_documents(path, options), options.chunk_documents)
-        try:
-            for ids, lengths in tokenizers.map(chunks):
-                writer.add(ids, lengths)
-                bar.update(len(lengths))
-                bar.set_postfix(tokens=writer.tokens)
-        except OverflowError as error:
-            raise DataError(f"{path}: {error}; prepare with --dtype int32") from None
-        finally:
-            bar.close()
-    with atomic.replacing(f"{prefix}.idx") as temporary:
-        megatron.write_index(temporary, np.asarray(writer.lengths, np.int64), dtype)
+
+    def update(documents: int, tokens: int) -> None:
+        bar.update(documents)
+        bar.set_postfix(tokens=tokens)
+
+    chunks = _chunks(read_documents(path, options), options.chunk_documents)
+    try:
+        return write_shard(prefix, tokenizers.map(chunks), dtype, update)
+    except OverflowError as error:
+        raise DataError(f"{path}: {error}; prepare with --dtype int32") from None
+    finally:
+        bar.close()
+
+
+def shard_entry(name: str, key: dict[str, Any], dtype: np.dtype, counts: dict, prefix: str):
+    """The manifest entry of a finished shard (also written to PREFIX.json, last)."""
     return {
-        "documents": len(writer.lengths),
-        "tokens": writer.tokens,
-        "max_token": writer.max_token,
-        "bin_sha256": writer.sha256.hexdigest(),
+        "name": name,
+        "key": key,
+        "dtype": np.dtype(dtype).name,
+        **counts,
+        "idx_sha256": megatron.file_sha256(prefix + ".idx"),
+        "bin_bytes": os.path.getsize(prefix + ".bin"),
     }
+
+
+def write_manifest(output: str, fingerprint: dict[str, Any], shards: list[dict]) -> bool:
+    """Writes OUTPUT/manifest.json (through `atomic`) unless it already says the same; returns
+    whether it wrote. An empty corpus is an error naming the inputs."""
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": fingerprint,
+        "documents": sum(s["documents"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
+        "shards": shards,
+    }
+    path = os.path.join(output, MANIFEST)
+    if _read_json(path) == manifest:
+        return False
+    atomic.write_json(path, manifest, indent=1)
+    return True
 
 
 def _copy_megatron(path: str, prefix: str, vocab_size: int) -> dict[str, Any]:
@@ -373,14 +420,7 @@ def prepare(
                 if tokenizers is None:
                     tokenizers = _Tokenizers(workers, init)
                 counts = _write_tokens(path, prefix, options, dtype, tokenizers, progress)
-            entry = {
-                "name": name,
-                "key": key,
-                "dtype": dtype.name,
-                **counts,
-                "idx_sha256": megatron.file_sha256(prefix + ".idx"),
-                "bin_bytes": os.path.getsize(prefix + ".bin"),
-            }
+            entry = shard_entry(name, key, dtype, counts, prefix)
             atomic.write_json(prefix + ".json", entry, indent=1)  # last: the shard is complete
             shards.append(entry)
             made += 1
@@ -388,23 +428,11 @@ def prepare(
     finally:
         if tokenizers is not None:
             tokenizers.close()
-    tokens = sum(s["tokens"] for s in shards)
-    if tokens == 0:
+    if sum(s["tokens"] for s in shards) == 0:
         raise DataError(f"empty corpus: no document in {', '.join(files)}")
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tokenizer": fingerprint,
-        "documents": sum(s["documents"] for s in shards),
-        "tokens": tokens,
-        "shards": shards,
-    }
-    path = os.path.join(output, MANIFEST)
-    if _read_json(path) != manifest:
-        atomic.write_json(path, manifest, indent=1)
-    elif made == 0:
+    if not write_manifest(output, fingerprint, shards) and made == 0:
         log(f"{output}: all {len(shards)} shards are up to date; nothing to do")
-    return manifest
+    return _read_json(os.path.join(output, MANIFEST))
 
 
 def _files_present(prefix: str, entry: dict[str, Any]) -> bool:

@@ -3,9 +3,9 @@ mixing by weight, each process reading only its rows, and a state for the checkp
 
 A corpus (one shard directory) is the token streams of its shards, each cut into blocks of
 `block_size` tokens (a shard's last partial block dropped). Since every document ends with EOS
-in the files, a block is documents packed back to back with EOS between them, read as one
-memory-mapped slice: nothing is tokenized, copied whole or held in memory, so the host's memory
-stays flat over a pass (bench/data.py measures it).
+in the files, a block is documents packed back to back with EOS between them, read with one
+pread: nothing is tokenized, copied whole, memory-mapped or held in memory, so the host's
+memory stays flat over a pass (bench/data.py measures it).
 
 Order: grain's index shuffle (a permutation computed per index, O(1) memory) of each corpus's
 blocks from the seed, a new permutation each epoch; several corpora are interleaved by
@@ -101,7 +101,7 @@ class Corpus:
         self._lock = threading.Lock()
 
     def shard(self, i: int) -> megatron.IndexedFile:
-        """Shard i, memory-mapped; the first call in a process checks its size and sha256."""
+        """Shard i, opened; the first call in a process checks its size and sha256."""
         opened = self._files.get(i)
         if opened is not None:
             return opened
@@ -146,8 +146,7 @@ class Blocks:
     def __getitem__(self, index: int) -> np.ndarray:
         shard = bisect.bisect_right(self._starts, index) - 1
         offset = (index - self._starts[shard]) * self.block_size
-        tokens = self.corpus.shard(shard).tokens[offset : offset + self.block_size]
-        return np.asarray(tokens, dtype=np.int32)
+        return self.corpus.shard(shard).read(offset, self.block_size).astype(np.int32)
 
 
 def _open(spec: str, block_size: int, identity, vocab_size) -> list[tuple[Blocks, float]]:
