@@ -100,6 +100,18 @@ def test_restored_state_continues_exactly(corpus):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_resume_over_other_shards_is_refused(corpus, tmp_path):
+    first = shards.ShardBatches([(_blocks(corpus), 1.0)], 4, 1, 0, 1)
+    _take(first, 2)
+    other = _prepare(tmp_path / "other", {"x.txt": "z" * 4000})
+    moved = shards.ShardBatches([(_blocks(other), 1.0)], 4, 1, 0, 1)
+    with pytest.raises(DataError, match=r"not the ones the checkpoint's run read"):
+        moved.restore(first.state())
+    reweighted = shards.ShardBatches([(_blocks(corpus), 2.0)], 4, 1, 0, 1)
+    with pytest.raises(DataError, match=r"not the ones the checkpoint's run read"):
+        reweighted.restore(first.state())
+
+
 def test_each_process_reads_its_slice_of_the_global_batch(corpus):
     blocks = _blocks(corpus)
     whole = _take(shards.ShardBatches([(blocks, 1.0)], 4, 2, 0, 1), 6)

@@ -14,7 +14,8 @@ that sequence, and process p of P reads only rows [p*B/P, (p+1)*B/P) of it, whic
 `jax.make_array_from_process_local_data` puts together (trainer._device_batch). The order is a
 function of (seed, block_size, corpora, weights, batch size) alone: the same on every host, for
 any number of loader threads, and after a restart. The iterator's state (grain's
-`get_state()`, the index of the next local batch) goes into every checkpoint.
+`get_state()`, the index of the next local batch, with a fingerprint of the shards and weights
+it is a position in) goes into every checkpoint; a resume over other shards is refused.
 
 Checks: a directory without manifest.json, a tokenizer whose fingerprint differs from the
 manifest's, a token id outside the model's vocabulary, an empty corpus, and a shard whose size
@@ -26,6 +27,7 @@ speed, about 1-2 s per GB; `bench/data.py` measures it).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 import threading
@@ -196,6 +198,14 @@ class ShardBatches:
                 f"data.batch_size {batch_size} does not divide over {process_count} processes"
             )
         rows = batch_size // process_count
+        self._paths = [blocks.corpus.path for blocks, _ in corpora]
+        # The contents (every shard's sha256, in order) and weights the position refers to.
+        digest = hashlib.sha256()
+        for blocks, weight in corpora:
+            for entry in blocks.corpus.entries:
+                digest.update(f"{entry['bin_sha256']}:{entry['idx_sha256']};".encode())
+            digest.update(f"weight {weight} block {blocks.block_size}|".encode())
+        self._fingerprint = digest.hexdigest()[:16]
         shuffled = [
             grain.MapDataset.source(blocks).shuffle(seed=(seed + 1000003 * k) % 2**32)
             for k, (blocks, _) in enumerate(corpora)
@@ -223,9 +233,18 @@ class ShardBatches:
         self._iterator = iter(self._dataset)
 
     def state(self) -> dict[str, Any]:
-        return dict(self._iterator.get_state())
+        """grain's iterator state, and which shards (and weights) it is a position in."""
+        return {**self._iterator.get_state(), "shards": self._fingerprint}
 
     def restore(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        saved = state.pop("shards", None)
+        if saved is not None and saved != self._fingerprint:
+            raise DataError(
+                f"the shards of data.path ({', '.join(self._paths)}) are not the ones the "
+                "checkpoint's run read (re-prepared or changed since): its batches cannot be "
+                "resumed; restore those shards, or train into a new --workdir"
+            )
         self._iterator = iter(self._dataset)
         self._iterator.set_state(state)
 
