@@ -4,8 +4,8 @@ its destination and renamed into place only once complete.
 A kill, a full disk or an exception in the middle of a write therefore leaves the old output
 (or nothing, where there was none) and at most a hidden `.NAME.*.tmp` beside it, never a
 partial file at NAME. Every file or directory the command lines write for a user (exports,
-`eval.py --output`, `train.py --plan-json`, a run's config.json and results.json) goes through
-`replacing`.
+`eval.py --output`, `train.py --plan-json`, a run's config.json, results.json, curves.png,
+generated_*.npz and the fp stage's export/) goes through `replacing`.
 
 Its own module rather than a function in `workdir.py` or `cli_errors.py`: export, evaluation and
 training all write through it, and none of them should import another's helpers for this.

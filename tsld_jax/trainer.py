@@ -66,6 +66,20 @@ def heldout_ppl(params, spec, examples, batch_size: int, quantizer=None) -> floa
     return perplexity.perplexity(losses)
 
 
+def write_fp_export(workdir: str, params, student) -> str:
+    """Writes the FP stage's model to WORKDIR/export, swapped in whole (`atomic.replacing`):
+    a kill or a full disk midway leaves the earlier export (or none), never a mix of the two.
+
+    Returns:
+      The export's path.
+    """
+    export = os.path.join(workdir, "export")
+    tokenizer = None if isinstance(student.tokenizer, named.ByteTokenizer) else student.tokenizer
+    with atomic.replacing(export, directory=True) as temporary:
+        hf.save_hf(temporary, params, student.spec, student.hf_config, tokenizer)
+    return export
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 
@@ -339,15 +353,7 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
     writer.write(final_step, {"eval_ppl": results[key]})
     writer.close()
     if cfg.stage == "fp":
-        export = os.path.join(workdir, "export")
-        hf.save_hf(
-            export,
-            jax.device_get(state.params),
-            student.spec,
-            student.hf_config,
-            None if isinstance(student.tokenizer, named.ByteTokenizer) else student.tokenizer,
-        )
-        results["export"] = export
+        results["export"] = write_fp_export(workdir, jax.device_get(state.params), student)
     # A resumed run logged its baselines before its first step, in an earlier process.
     results = run_summary.baselines(workdir) | results
     if jax.process_index() == 0:  # every process holds the same results

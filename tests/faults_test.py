@@ -1,0 +1,132 @@
+"""Fault injection: a full disk, a read-only place, signals and kills while train.py, eval.py
+and export.py write. Each case asserts one `error:` line (or none), the exit code, and that
+every file that was there before is byte-identical afterwards (docs/errors.md lists them).
+
+The full disks are real: a tmpfs of a few hundred KiB mounted for the test, then filled. That
+needs root (CI and this project's machines run as root); elsewhere those cases are skipped,
+saying so.
+"""
+
+import errno
+import json
+import os
+import subprocess
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tiny_models
+from errors_test import _snapshot
+
+from tsld_jax import generated_data, trainer
+from tsld_jax.models import decoder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`make(size)` mounts a tmpfs of `size` (e.g. "512k") in a new folder and returns it;
+    `fill(folder)` then takes all the space left on it. Unmounted after the test."""
+    mounted = []
+
+    def make(size="512k"):
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("a full disk needs a tmpfs, and mounting one needs root")
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder):
+    """Writes `folder/filler` until the file system holding `folder` has no space left."""
+    chunk = b"\0" * 4096
+    with open(os.path.join(folder, "filler"), "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as error:
+            assert error.errno == errno.ENOSPC, error
+
+
+# --- the run's own files, written whole (issue 27, item 1) --------------------------------------
+
+
+def _teacher():
+    spec = tiny_models.llama_spec()
+    return decoder.init_params(jax.random.key(0), spec, std=0.2), spec
+
+
+def test_generated_data_on_a_full_disk_keeps_the_earlier_samples(small_disk, monkeypatch):
+    disk = small_disk()
+    earlier = disk / "generated_train.npz"
+    np.savez(earlier, tokens=np.zeros((2, 8), np.int32), key="made by other settings")
+    before = _snapshot(disk)
+    fill(disk)
+    monkeypatch.setattr(
+        generated_data, "sample", lambda *a, **k: np.ones((4096, 64), np.int32)
+    )  # 1 MiB: more than the disk
+    cfg = ml_collections.ConfigDict(
+        dict(generated_sequences=4096, eval_blocks=1, block_size=64, generated_temperature=1.0)
+    )
+    with pytest.raises(OSError) as raised:
+        generated_data.load_or_sample(cfg, None, _teacher(), str(disk), "train")
+    assert raised.value.errno == errno.ENOSPC
+    after = _snapshot(disk)
+    after.pop("filler")
+    # Before: a `generated_train.npz.tmp.PID.npz` was left beside it, holding the disk's space.
+    assert after == before
+
+
+def test_fp_export_on_a_full_disk_keeps_the_earlier_export(small_disk, tmp_path):
+    from tsld_jax.models import load_model
+
+    model = tmp_path / "model"
+    tiny_models.save_numpy("gpt2", str(model))
+    student = load_model(str(model), load_tokenizer=False)
+    workdir = small_disk("1m")
+    assert trainer.write_fp_export(str(workdir), student.params, student) == str(workdir / "export")
+    (workdir / "export" / "notes.txt").write_text("an earlier export, with a file of its own")
+    before = _snapshot(workdir)
+    fill(workdir)
+    with pytest.raises(OSError) as raised:
+        trainer.write_fp_export(str(workdir), student.params, student)
+    assert raised.value.errno == errno.ENOSPC
+    after = _snapshot(workdir)
+    after.pop("filler")
+    # Before: save_hf wrote into export/ in place: its config.json replaced, a cut-short
+    # model.safetensors beside it.
+    assert after == before
+    os.remove(workdir / "filler")
+    trainer.write_fp_export(str(workdir), student.params, student)
+    # Swapped whole: nothing of the earlier export (its notes.txt) remains.
+    assert sorted(os.listdir(workdir)) == ["export"]
+    assert sorted(os.listdir(workdir / "export")) == ["config.json", "model.safetensors"]
+
+
+def test_curves_on_a_full_disk_keep_the_earlier_png(small_disk):
+    from tsld_jax import run_summary
+
+    workdir = small_disk()
+    records = [{"step": s, "loss": 5.0 - s, "gt": 5.0 - s} for s in range(1, 4)]
+    (workdir / "metrics.jsonl").write_text("".join(f"{json.dumps(r)}\n" for r in records))
+    (workdir / "curves.png").write_bytes(b"\x89PNG an earlier plot")
+    before = _snapshot(workdir)
+    fill(workdir)
+    with pytest.raises(OSError) as raised:
+        run_summary.plot_curves(str(workdir))
+    assert raised.value.errno == errno.ENOSPC
+    after = _snapshot(workdir)
+    after.pop("filler")
+    assert after == before  # before: curves.png cut short (savefig writes in place)
