@@ -3,6 +3,7 @@
 Without flags it runs the embedded default, ternary TSLD QAT of SmolLM2-135M on a CPU
 (configs/smollm2_135m_tsld.py). `--config.a.b=v` overrides any field; a run resumes from the
 newest checkpoint in its workdir by itself. Exit status: 0 done, 2 a user mistake (one
+`error: ...` line), 1 the machine (a workdir that filled up or went read-only mid-run, one
 `error: ...` line), 128 + N stopped by signal N after checkpointing (143 SIGTERM, 130 SIGINT).
 """
 
@@ -151,13 +152,14 @@ def main(argv) -> int:
             # The shell's convention, so that `train.py && eval.py` does not go on.
             outcome.code = 128 + results["signal"]
     if isinstance(outcome.error, workdir.WriteFailure):
+        # Exit 1: the machine (a full or read-only disk), not the user's input.
         # A save in flight when the workdir stopped taking writes leaves orbax threads waiting
         # (for minutes, until orbax's async timeout) for signals that never come, and Python's
         # exit would wait for them. Nothing they hold can land on this workdir: the checkpoints
         # that did are complete on disk, and the error line has named the last of them.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(outcome.code)
+        os._exit(1)
     return outcome.code
 
 

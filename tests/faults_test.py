@@ -17,9 +17,10 @@ import ml_collections
 import numpy as np
 import pytest
 import tiny_models
+import train_test
 from errors_test import _snapshot
 
-from tsld_jax import generated_data, trainer
+from tsld_jax import checkpoint, generated_data, trainer
 from tsld_jax.models import decoder
 
 
@@ -130,3 +131,42 @@ def test_curves_on_a_full_disk_keep_the_earlier_png(small_disk):
     after = _snapshot(workdir)
     after.pop("filler")
     assert after == before  # before: curves.png cut short (savefig writes in place)
+
+
+# --- train.py on a full disk (item 3) ----------------------------------------------------------
+
+
+def _error_line(stderr):
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return errors[0]
+
+
+def test_train_on_a_disk_too_small_for_a_checkpoint_refuses_before_training(
+    small_disk, shared_data
+):
+    # A smoke checkpoint is about 0.4 MiB; a file can still be created (the old probe passed).
+    workdir = small_disk("200k") / "run"
+    result = train_test._train(workdir, shared_data)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = _error_line(result.stderr)
+    assert line.startswith(f"error: --workdir {workdir} is full: {workdir}/checkpoints has 0.")
+    assert line.endswith("no checkpoint was saved yet; free some space or pass another --workdir")
+    assert os.listdir(workdir / "checkpoints") == [] and not (workdir / "metrics.jsonl").exists()
+
+
+def test_train_filling_the_disk_mid_run_is_one_line_naming_the_kept_checkpoint(
+    small_disk, shared_data
+):
+    # Room for the first checkpoint (step 2) and the logs, not for the second: orbax's threads
+    # fail midway. Before: 175 lines of orbax tracebacks and no error line.
+    workdir = small_disk("720k") / "run"
+    result = train_test._train(workdir, shared_data)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = _error_line(result.stderr)
+    assert line.startswith(f"error: --workdir {workdir} is full")
+    assert f"the last checkpoint kept is step 2 ({workdir}/checkpoints/2)" in line
+    assert "ERROR:absl" not in result.stderr and len(result.stderr.splitlines()) < 5
+    assert checkpoint.saved_steps(str(workdir)) == [2]
+    _, step = train_test._final_params(workdir)  # what it names restores
+    assert step == 2

@@ -198,6 +198,7 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
     )
 
     checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
+    checkpointer.check_space(abstract_state)  # before any step: a full disk is one line now
     abstract_with_shardings = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state,
