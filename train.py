@@ -143,7 +143,12 @@ def main(argv) -> int:
     from tsld_jax import multihost, trainer
 
     if values.multihost:
-        multihost.initialize(values.coordinator_address, values.num_processes, values.process_id)
+        with cli_errors.one_line_errors() as outcome:
+            multihost.initialize(
+                values.coordinator_address, values.num_processes, values.process_id
+            )
+        if outcome.code:
+            return outcome.code
     from tsld_jax import workdir
 
     with cli_errors.one_line_errors() as outcome:

@@ -499,3 +499,39 @@ def test_eval_output_is_replaced_whole_and_readable(tmp_path):
         os.umask(old)
     assert json.loads(path.read_text()) == {"ppl": 11.0}
     assert os.stat(path).st_mode & 0o777 == 0o644  # before: 0600, mkstemp's
+
+
+# --- --multihost misconfigured (issue 27) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, env, expected",
+    [
+        ([], {}, "--multihost: coordinator_address should be defined. Pass --coordinator_address"),
+        (
+            ["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=5"],
+            {},
+            "--multihost: the process id 5 is not in 0 .. 1 (2 processes)",
+        ),
+        (
+            [],
+            {"JAX_NUM_PROCESSES": "two"},
+            "--multihost: JAX_NUM_PROCESSES='two' is not an integer",
+        ),
+    ],
+    ids=["no_coordinator", "process_id_out_of_range", "count_not_a_number"],
+)
+def test_multihost_misconfigured_is_one_line(flags, env, expected, tmp_path):
+    # A process of its own: jax.distributed must be joined before jax starts. Before: a
+    # ValueError traceback.
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "OMPI"))}
+    environment.update(env, HF_HUB_OFFLINE="1")
+    workdir = tmp_path / "run"
+    argv = ["train.py", "--config", SMOKE, "--workdir", str(workdir), "--multihost", *flags]
+    done = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, env=environment
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {expected}"), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and not workdir.exists()

@@ -19,7 +19,7 @@ class Outcome:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    from tsld_jax import config_utils, trainer, workdir
+    from tsld_jax import config_utils, multihost, trainer, workdir
     from tsld_jax.evaluation.perplexity import DataError
     from tsld_jax.models.errors import LoadError
     from tsld_jax.models.spec import ConfigError
@@ -32,6 +32,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         DataError,
         trainer.TrainingError,
         workdir.WorkdirError,
+        multihost.MultihostError,
         FileNotFoundError,
     )
 
