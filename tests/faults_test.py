@@ -10,7 +10,9 @@ saying so.
 import errno
 import json
 import os
+import signal
 import subprocess
+import time
 
 import jax
 import ml_collections
@@ -170,3 +172,37 @@ def test_train_filling_the_disk_mid_run_is_one_line_naming_the_kept_checkpoint(
     assert checkpoint.saved_steps(str(workdir)) == [2]
     _, step = train_test._final_params(workdir)  # what it names restores
     assert step == 2
+
+
+# --- signals at any moment of train.py's start-up (item 5) -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sig, delay",
+    [
+        (signal.SIGINT, 0.3),  # importing jax: before, a traceback
+        (signal.SIGINT, 1.5),
+        (signal.SIGINT, 3.0),  # loading, compiling: before, "interrupted" then a segfault (139)
+        (signal.SIGTERM, 2.0),
+    ],
+)
+def test_signal_during_start_up_is_one_line(sig, delay, tmp_path, shared_data):
+    (tmp_path / "notes.txt").write_text("mine")
+    before = _snapshot(tmp_path)
+    process = subprocess.Popen(
+        train_test._command(tmp_path, shared_data, "--config.train.steps=100000"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=train_test.ROOT,
+        env=train_test._env(),
+    )
+    time.sleep(delay)
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    name = signal.Signals(sig).name
+    lines = [line for line in err.splitlines() if line.startswith(f"stopped by {name}")]
+    assert len(lines) == 1, err[-3000:]
+    assert _snapshot(tmp_path)["notes.txt"] == before["notes.txt"]

@@ -83,11 +83,16 @@ def write_fp_export(workdir: str, params, student) -> str:
 # --- the run ------------------------------------------------------------------------------------
 
 
+# A signal that train.py's start-up handler received but whose KeyboardInterrupt was swallowed
+# (raised inside a __del__ or a callback): the training loop stops at its first step boundary.
+PENDING_SIGNAL: int | None = None
+
+
 class _StopFlag:
     """Turns SIGTERM/SIGINT into a request to checkpoint and exit at the next step boundary."""
 
     def __init__(self):
-        self.signal = None
+        self.signal = PENDING_SIGNAL
         self._previous = {}
 
     def __enter__(self):
