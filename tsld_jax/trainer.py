@@ -263,10 +263,13 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
         nonlocal last_time
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(values["loss"]):
-            raise TrainingError(
-                f"non-finite loss ({values['loss']}) at step {step}; the last good checkpoint "
-                f"is kept in {checkpointer.directory}"
+            saved = checkpointer.steps()
+            kept = (
+                f"the last good checkpoint is step {saved[-1]} in {checkpointer.directory}"
+                if saved
+                else f"no checkpoint was saved ({checkpointer.directory} holds none)"
             )
+            raise TrainingError(f"non-finite loss ({values['loss']}) at step {step}; {kept}")
         verdict = divergence.update(step, values["gt"], values.get("grad_norm"))
         if verdict is not None and cfg.guard.action == "stop":
             # Metrics of step s describe checkpoint s - 1 (see guard.py).
