@@ -535,3 +535,18 @@ def test_multihost_misconfigured_is_one_line(flags, env, expected, tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {expected}"), done.stderr[-3000:]
     assert "Traceback" not in done.stderr and not workdir.exists()
+
+
+def test_run_with_checkpoints_but_no_config_json_is_refused_first(old_run, capsys):
+    # Before: the teacher data was sampled afresh over the run's generated_train.npz and this
+    # config stored as the run's config.json, after which the run's real config was refused.
+    (old_run / "config.json").unlink()
+    (old_run / "generated_train.npz").write_bytes(b"the run's teacher samples")
+    before = _snapshot(old_run)
+    argv = ["train.py", "--config", SMOKE, "--workdir", str(old_run)]
+    assert train.main([*argv, "--config.data.block_size=16", "--config.data.batch_size=8"]) == 2
+    error = _one_error(capsys)
+    assert f"--workdir {old_run} holds checkpoints (steps 4) but no config.json" in error
+    after = _snapshot(old_run)
+    after.pop("train.lock")  # the run's lock, released (empty), as after any run
+    assert after == before

@@ -103,11 +103,22 @@ def check_resume(cfg, workdir: str) -> None:
     With no checkpoint in the workdir yet any config is accepted (nothing to mismatch).
 
     Raises:
-      workdir_lib.WorkdirError: the workdir holds checkpoints of a run with another identity.
+      workdir_lib.WorkdirError: the workdir holds checkpoints of a run with another identity, or
+        checkpoints without a config.json (nothing to compare with).
     """
     new = json.loads(cfg.to_json())
     path = os.path.join(workdir, "config.json")
-    if os.path.exists(path) and saved_steps(workdir):
+    steps = saved_steps(workdir)
+    if steps and not os.path.exists(path):
+        # Nothing says what these checkpoints are: going on would sample the teacher data
+        # afresh over the run's generated_*.npz and store this config as the run's, after which
+        # the run's real config would be refused.
+        raise workdir_lib.WorkdirError(
+            f"--workdir {workdir} holds checkpoints (steps {', '.join(map(str, steps))}) but no "
+            "config.json, so whether they belong to this config cannot be checked; restore the "
+            "run's config.json, or pass a new --workdir (or move this one aside)"
+        )
+    if os.path.exists(path) and steps:
         stored = _read_json(path)
         identity, resumable = config_changes(stored, new)
         if identity:
