@@ -550,3 +550,28 @@ def test_run_with_checkpoints_but_no_config_json_is_refused_first(old_run, capsy
     after = _snapshot(old_run)
     after.pop("train.lock")  # the run's lock, released (empty), as after any run
     assert after == before
+
+
+def test_model_folder_without_tokenizer_files(tiny_dir, shared_data, tmp_path, capsys):
+    from tsld_jax import export_cli
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_dir, name), model / name)
+    expected = f"{model}: the model has no tokenizer (none of tokenizer.json, "
+    # Before: "0 tokens is less than one block" (eval.py, train.py), from a one-token tokenizer
+    # that transformers builds out of nothing.
+    assert cli.main(_eval_args(str(model), shared_data)) == 2
+    assert expected in _one_error(capsys)
+    argv = ["train.py", "--config", SMOKE, "--workdir", str(tmp_path / "run")]
+    flags = [f"--config.model.name_or_path={model}", "--config.data.name=ptb"]
+    flags += [f"--config.data.dir={shared_data}", "--config.data.batch_size=8"]
+    assert train.main([*argv, *flags]) == 2
+    assert expected in _one_error(capsys)
+    # The weights still export; the hf directory gets no invented tokenizer (before: a
+    # one-token tokenizer.json, vocab.json, merges.txt ...).
+    out = tmp_path / "out"
+    assert export_cli.main(["--model", str(model), "--format", "hf", "--output", str(out)]) == 0
+    assert "no tokenizer files: the source model has none" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]

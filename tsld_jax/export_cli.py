@@ -112,10 +112,12 @@ def load_source(args: argparse.Namespace) -> Source:
 
 def model_source(name_or_path: str, quant: str | None = None) -> Source:
     """A model by name or path (as `load_model` takes it), with a --quant preset or float."""
-    from tsld_jax.models import load_model
+    from tsld_jax.models import load_model, loading
     from tsld_jax.quant import rules as rules_lib
 
-    loaded = load_model(name_or_path)
+    # A model folder without a tokenizer still exports (the weights are the user's); the
+    # formats that need a tokenizer (GGUF) say so, the others are written without one.
+    loaded = load_model(name_or_path, load_tokenizer=not loading.tokenizer_missing(name_or_path))
     rules = None
     if quant:
         try:
@@ -173,7 +175,13 @@ def _export_hf(source: Source, path: str) -> str:
     tokenizer = source.tokenizer
     has_files = tokenizer is not None and not isinstance(tokenizer, named.ByteTokenizer)
     hf.save_hf(path, params, source.spec, config, tokenizer if has_files else None)
-    note = "" if has_files else " (no tokenizer files: the model uses a byte tokenizer)"
+    note = (
+        ""
+        if has_files
+        else " (no tokenizer files: the model uses a byte tokenizer)"
+        if tokenizer is not None
+        else " (no tokenizer files: the source model has none)"
+    )
     return f"transformers directory of the fake-quantized weights{note}"
 
 
