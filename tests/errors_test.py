@@ -135,15 +135,19 @@ def test_bad_hyper_parameter_or_mesh(flag, expected, old_run, capsys):
     assert _snapshot(old_run) == before
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, shared_data):
-    """A GPT-2 with 64 learned positions and a 97-word tokenizer."""
-    directory = tmp_path_factory.mktemp("gpt2_errors")
+def build_tiny_dir(directory, shared_data) -> str:
+    """A GPT-2 with 64 learned positions and a 97-word tokenizer, saved in `directory`."""
     tiny_models.build("gpt2", str(directory))
     text = (shared_data / "ptb" / "ptb.valid.txt").read_text().split()[:20000]
     words = [w for w, _ in collections.Counter(text).most_common(tiny_models.VOCAB - 1)]
     tiny_models.save_word_tokenizer(str(directory), words)
     return str(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, shared_data):
+    """A GPT-2 with 64 learned positions and a 97-word tokenizer."""
+    return build_tiny_dir(tmp_path_factory.mktemp("gpt2_errors"), shared_data)
 
 
 def test_train_block_size_beyond_learned_positions(tiny_dir, shared_data, tmp_path, capsys):

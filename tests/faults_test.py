@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import tiny_models
 import train_test
-from errors_test import _snapshot
+from errors_test import _snapshot, build_tiny_dir
 
 from tsld_jax import checkpoint, generated_data, trainer
 from tsld_jax.models import decoder
@@ -206,3 +207,165 @@ def test_signal_during_start_up_is_one_line(sig, delay, tmp_path, shared_data):
     lines = [line for line in err.splitlines() if line.startswith(f"stopped by {name}")]
     assert len(lines) == 1, err[-3000:]
     assert _snapshot(tmp_path)["notes.txt"] == before["notes.txt"]
+
+
+# --- export.py and eval.py: a full disk, a read-only place, signals and kills (item 6) -----------
+
+EXPORT = os.path.join(train_test.ROOT, "export.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, shared_data):
+    return build_tiny_dir(tmp_path_factory.mktemp("gpt2_faults"), shared_data)
+
+
+def _export_argv(model, output, *extra):
+    return [
+        "--model",
+        str(model),
+        "--quant",
+        "twn",
+        "--format",
+        "packed",
+        "--output",
+        str(output),
+    ] + list(extra)
+
+
+def _env():
+    return {**train_test._env(), "PYTHONPATH": train_test.ROOT}
+
+
+def test_export_onto_a_full_disk_keeps_the_earlier_export(tiny_dir, small_disk, capsys):
+    from tsld_jax import export_cli
+
+    disk = small_disk("1m")
+    out = disk / "model.safetensors"
+    out.write_bytes(b"an earlier export " * 100)
+    before = _snapshot(disk)
+    fill(disk)
+    assert export_cli.main(_export_argv(tiny_dir, out, "--overwrite")) == 1  # the machine
+    err = capsys.readouterr().err
+    line = _error_line(err)
+    assert line.startswith(f"error: --output {out}: No space left on device")
+    assert line.endswith("nothing was written (the earlier one there is unchanged)")
+    after = _snapshot(disk)
+    after.pop("filler")
+    assert after == before
+
+
+def test_export_into_a_read_only_place_keeps_the_earlier_export(tiny_dir, tmp_path):
+    if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("root does not heed permission bits: needs unshare -m for a read-only mount")
+    place = tmp_path / "place"
+    place.mkdir()
+    out = place / "model.safetensors"
+    out.write_bytes(b"an earlier export")
+    before = _snapshot(place)
+    mount = f'mount --bind -o ro "{place}" "{place}" && exec "$@"'
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", mount, "sh", sys.executable, EXPORT]
+        + _export_argv(tiny_dir, out, "--overwrite"),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert _error_line(done.stderr).startswith(f"error: --output {out}: Read-only file system")
+    assert _snapshot(place) == before
+
+
+def _contents(path):
+    """A packed export's metadata and tensors (its header's key order varies between runs)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "numpy") as f:
+        return f.metadata(), {name: f.get_tensor(name).tobytes() for name in f.keys()}
+
+
+@pytest.fixture(scope="module")
+def new_export(tiny_dir, tmp_path_factory):
+    """What export.py writes for the tiny model: what a finished export must hold."""
+    from tsld_jax import export_cli
+
+    out = tmp_path_factory.mktemp("reference") / "model.safetensors"
+    assert export_cli.main(_export_argv(tiny_dir, out)) == 0
+    return _contents(out)
+
+
+@pytest.mark.parametrize(
+    "sig, delay",
+    [
+        (signal.SIGTERM, 1.0),
+        (signal.SIGTERM, 3.0),
+        (signal.SIGKILL, 1.0),
+        (signal.SIGKILL, 2.5),
+        (signal.SIGKILL, 4.0),
+    ],
+)
+def test_export_stopped_or_killed_leaves_the_old_export_or_the_new(
+    sig, delay, tiny_dir, new_export, tmp_path
+):
+    out = tmp_path / "model.safetensors"
+    earlier = b"an earlier export " * 100
+    out.write_bytes(earlier)
+    process = subprocess.Popen(
+        [sys.executable, EXPORT, *_export_argv(tiny_dir, out, "--overwrite")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    time.sleep(delay)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=300)
+    if process.returncode == 0:  # it finished first: the new export, whole
+        assert _contents(out) == new_export
+        return
+    leftovers = sorted(set(os.listdir(tmp_path)) - {out.name})
+    if sig == signal.SIGTERM:
+        assert process.returncode == 143, err[-3000:]
+        assert leftovers == []  # the temporary removed
+        line = _error_line(err)
+        if line == f"error: stopped by SIGTERM after {out} was written (it is complete)":
+            assert _contents(out) == new_export
+            return
+        # Before its imports are done (before: a silent exit 143), or while it writes.
+        assert line in (
+            "error: stopped by SIGTERM while starting; nothing was written",
+            f"error: stopped by SIGTERM; {out} was not written (the earlier one there is "
+            "unchanged)",
+        )
+        assert out.read_bytes() == earlier, err[-3000:]
+    else:
+        assert process.returncode == -signal.SIGKILL
+        # Killed before or after the rename: the earlier export or the new one, each whole.
+        assert out.read_bytes() == earlier or _contents(out) == new_export
+        # SIGKILL cannot be caught: at most the hidden temporary beside the earlier export.
+        assert all(name.startswith(f".{out.name}.") for name in leftovers), leftovers
+
+
+def test_eval_output_onto_a_full_disk_keeps_the_earlier_results(
+    tiny_dir, shared_data, small_disk, capsys
+):
+    from tsld_jax.evaluation import cli
+
+    disk = small_disk()
+    out = disk / "ppl.json"
+    out.write_text('{"ppl": 12.5, "notes": "the earlier results"}')
+    before = _snapshot(disk)
+    fill(disk)  # a file can still be created (inodes), so the start-up check passes
+    args = ["--model", tiny_dir, "--task", "ptb", "--data-dir", str(shared_data)]
+    args += ["--block-size", "16", "--max-blocks", "1", "--quiet", "--output", str(out)]
+    assert cli.main(args) == 1  # the machine
+    captured = capsys.readouterr()
+    line = _error_line(captured.err)
+    assert line == (
+        f"error: --output {out}: cannot write (No space left on device); the results JSON is "
+        "on stdout above"
+    )
+    assert '"ppl"' in captured.out  # the results are not lost
+    after = _snapshot(disk)
+    after.pop("filler")
+    assert after == before

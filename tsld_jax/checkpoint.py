@@ -26,7 +26,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -34,7 +33,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from tsld_jax import recipe
+from tsld_jax import atomic, recipe
 from tsld_jax import workdir as workdir_lib
 
 # Config fields that may change between a run and its resume; every other field (model,
@@ -179,33 +178,6 @@ def write_failure(workdir: str, error: OSError) -> workdir_lib.WriteFailure:
     )
 
 
-# How orbax reports a failed write of tensorstore's: the OS error's text, its errno and the file
-# inside a ValueError/RuntimeError message (the OSError itself stays inside tensorstore).
-_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
-_FAILED_FILE = re.compile(r'(?:Failed writing|local file): "([^"]+)"')
-
-
-def os_error_in(error: BaseException, default_path: str) -> OSError | None:
-    """The OSError of a failed write that `error` (an orbax/tensorstore failure, or anything
-    raised from one) reports, with the file it names; None if it reports none.
-
-    Args:
-      error: what the save raised.
-      default_path: the file to name when the error names none.
-    """
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in workdir_lib.WRITE_ERRNOS:
-            return OSError(seen.errno, seen.strerror, seen.filename or default_path)
-        match = _OS_ERROR_CODE.search(str(seen))
-        if match and int(match.group(1)) in workdir_lib.WRITE_ERRNOS:
-            code = int(match.group(1))
-            found = _FAILED_FILE.search(str(seen))
-            return OSError(code, os.strerror(code), found.group(1) if found else default_path)
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def state_bytes(state: Any) -> int:
     """The bytes of every array in `state` (abstract or real): what one checkpoint of it
     holds before orbax's compression."""
@@ -341,7 +313,7 @@ class Checkpointer:
 
     def _reported(self, error: Exception) -> None:
         """Raises the one-line WriteFailure for an orbax failure that was a failed write."""
-        failure = os_error_in(error, self.directory)
+        failure = atomic.os_error_in(error, self.directory)
         if failure is not None:
             _HELD_ORBAX_ERRORS.drop()
             raise write_failure(self.workdir, failure) from None
