@@ -209,6 +209,11 @@ def _main(argv) -> int:
     from tsld_jax import workdir
 
     if getattr(main, "own_signals", False):
+        # jax starts its backends (and plugins) first, still under _leave_at_once: it writes
+        # nothing, and it catches and logs, with a traceback, whatever its plugin loading raises.
+        import jax
+
+        jax.devices()
         for sig in _SIGNALS:
             signal.signal(sig, _unwind)
     with cli_errors.one_line_errors(interrupts=False) as outcome:
