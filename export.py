@@ -6,10 +6,27 @@ See tsld_jax/export_cli.py for the flags and tsld_jax/models/gguf_export.py for 
 """
 
 import os
+import signal
 import sys
 
+
+def _leave_at_once(signum, frame):
+    # While the imports run nothing is written yet: one line, and out (a KeyboardInterrupt in
+    # the middle of jax's imports was a traceback; SIGTERM's default, a silent exit).
+    print(
+        f"error: stopped by {signal.Signals(signum).name} while starting; nothing was written",
+        file=sys.stderr,
+    )
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
 if __name__ == "__main__":
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _leave_at_once)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from tsld_jax import export_cli
 
+    # From here export_cli.main handles SIGTERM itself, and SIGINT as KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(export_cli.main())

@@ -3,10 +3,12 @@
 Without flags it runs the embedded default, ternary TSLD QAT of SmolLM2-135M on a CPU
 (configs/smollm2_135m_tsld.py). `--config.a.b=v` overrides any field; a run resumes from the
 newest checkpoint in its workdir by itself. Exit status: 0 done, 2 a user mistake (one
+`error: ...` line), 1 the machine (a workdir that filled up or went read-only mid-run, one
 `error: ...` line), 128 + N stopped by signal N after checkpointing (143 SIGTERM, 130 SIGINT).
 """
 
 import os
+import signal
 import sys
 
 from absl import flags
@@ -122,7 +124,63 @@ def _help() -> str:
     )
 
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _leave_at_once(signum, frame):
+    # Start-up before the workdir is touched (imports, flags, the config, jax starting): nothing
+    # to clean up, and a KeyboardInterrupt raised inside an import of jax's or at interpreter
+    # exit crashed the process (a traceback at 2 s, a segfault at 3-4 s after launch).
+    _exit(
+        f"stopped by {signal.Signals(signum).name} while starting; nothing was written",
+        128 + signum,
+    )
+
+
+def _unwind(signum, frame):
+    # Once the workdir is in use: unwind through the `with` blocks (the lock released, any
+    # temporary removed), then leave through _exit (main catches it). Where the exception is
+    # swallowed (raised inside a __del__ or a callback), the training loop sees the signal as
+    # pending and stops at its first step boundary instead.
+    from tsld_jax import trainer
+
+    trainer.PENDING_SIGNAL = signum
+    raise _Stopped(signum)
+
+
+class _Stopped(KeyboardInterrupt):
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _exit(line: str, code: int):
+    """Prints `line` and exits at once: Python's own exit after an interrupted start-up waited
+    for, or crashed in, XLA's and orbax's threads."""
+    print(line, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv) -> int:
+    """The command line; see the module docstring. In-process callers (the tests) keep their
+    own signal handlers; `__main__` installs train.py's first."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        line = (
+            f"stopped by {signal.Signals(signum).name}; the workdir's checkpoints are as they "
+            "were (run the same command again to go on)"
+        )
+        if not getattr(main, "own_signals", False):
+            print(line, file=sys.stderr)
+            return 128 + signum
+        _exit(line, 128 + signum)
+
+
+def _main(argv) -> int:
     from tsld_jax import cli_errors
 
     if any(arg in ("--help", "-help", "--helpfull", "-h") for arg in argv[1:]):
@@ -142,25 +200,45 @@ def main(argv) -> int:
     from tsld_jax import multihost, trainer
 
     if values.multihost:
-        multihost.initialize(values.coordinator_address, values.num_processes, values.process_id)
+        with cli_errors.one_line_errors() as outcome:
+            multihost.initialize(
+                values.coordinator_address, values.num_processes, values.process_id
+            )
+        if outcome.code:
+            return outcome.code
     from tsld_jax import workdir
 
-    with cli_errors.one_line_errors() as outcome:
+    if getattr(main, "own_signals", False):
+        # jax starts its backends (and plugins) first, still under _leave_at_once: it writes
+        # nothing, and it catches and logs, with a traceback, whatever its plugin loading raises.
+        import jax
+
+        jax.devices()
+        for sig in _SIGNALS:
+            signal.signal(sig, _unwind)
+    with cli_errors.one_line_errors(interrupts=False) as outcome:
         results = trainer.train_and_evaluate(config, values.workdir)
         if results.get("stopped"):
             # The shell's convention, so that `train.py && eval.py` does not go on.
             outcome.code = 128 + results["signal"]
     if isinstance(outcome.error, workdir.WriteFailure):
+        # Exit 1: the machine (a full or read-only disk), not the user's input.
         # A save in flight when the workdir stopped taking writes leaves orbax threads waiting
         # (for minutes, until orbax's async timeout) for signals that never come, and Python's
         # exit would wait for them. Nothing they hold can land on this workdir: the checkpoints
         # that did are complete on disk, and the error line has named the last of them.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(outcome.code)
+        os._exit(1)
     return outcome.code
 
 
 if __name__ == "__main__":
+    for _sig in _SIGNALS:
+        signal.signal(_sig, _leave_at_once)
+    main.own_signals = True
+    _hook = sys.unraisablehook
+    # A _Stopped swallowed in a callback (jax's gc callback) is not lost: the loop stops on it.
+    sys.unraisablehook = lambda u: None if isinstance(u.exc_value, _Stopped) else _hook(u)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     sys.exit(main(sys.argv))

@@ -135,15 +135,19 @@ def test_bad_hyper_parameter_or_mesh(flag, expected, old_run, capsys):
     assert _snapshot(old_run) == before
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, shared_data):
-    """A GPT-2 with 64 learned positions and a 97-word tokenizer."""
-    directory = tmp_path_factory.mktemp("gpt2_errors")
+def build_tiny_dir(directory, shared_data) -> str:
+    """A GPT-2 with 64 learned positions and a 97-word tokenizer, saved in `directory`."""
     tiny_models.build("gpt2", str(directory))
     text = (shared_data / "ptb" / "ptb.valid.txt").read_text().split()[:20000]
     words = [w for w, _ in collections.Counter(text).most_common(tiny_models.VOCAB - 1)]
     tiny_models.save_word_tokenizer(str(directory), words)
     return str(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, shared_data):
+    """A GPT-2 with 64 learned positions and a 97-word tokenizer."""
+    return build_tiny_dir(tmp_path_factory.mktemp("gpt2_errors"), shared_data)
 
 
 def test_train_block_size_beyond_learned_positions(tiny_dir, shared_data, tmp_path, capsys):
@@ -499,3 +503,79 @@ def test_eval_output_is_replaced_whole_and_readable(tmp_path):
         os.umask(old)
     assert json.loads(path.read_text()) == {"ppl": 11.0}
     assert os.stat(path).st_mode & 0o777 == 0o644  # before: 0600, mkstemp's
+
+
+# --- --multihost misconfigured (issue 27) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, env, expected",
+    [
+        ([], {}, "--multihost: coordinator_address should be defined. Pass --coordinator_address"),
+        (
+            ["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=5"],
+            {},
+            "--multihost: the process id 5 is not in 0 .. 1 (2 processes)",
+        ),
+        (
+            [],
+            {"JAX_NUM_PROCESSES": "two"},
+            "--multihost: JAX_NUM_PROCESSES='two' is not an integer",
+        ),
+    ],
+    ids=["no_coordinator", "process_id_out_of_range", "count_not_a_number"],
+)
+def test_multihost_misconfigured_is_one_line(flags, env, expected, tmp_path):
+    # A process of its own: jax.distributed must be joined before jax starts. Before: a
+    # ValueError traceback.
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "OMPI"))}
+    environment.update(env, HF_HUB_OFFLINE="1")
+    workdir = tmp_path / "run"
+    argv = ["train.py", "--config", SMOKE, "--workdir", str(workdir), "--multihost", *flags]
+    done = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, env=environment
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {expected}"), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and not workdir.exists()
+
+
+def test_run_with_checkpoints_but_no_config_json_is_refused_first(old_run, capsys):
+    # Before: the teacher data was sampled afresh over the run's generated_train.npz and this
+    # config stored as the run's config.json, after which the run's real config was refused.
+    (old_run / "config.json").unlink()
+    (old_run / "generated_train.npz").write_bytes(b"the run's teacher samples")
+    before = _snapshot(old_run)
+    argv = ["train.py", "--config", SMOKE, "--workdir", str(old_run)]
+    assert train.main([*argv, "--config.data.block_size=16", "--config.data.batch_size=8"]) == 2
+    error = _one_error(capsys)
+    assert f"--workdir {old_run} holds checkpoints (steps 4) but no config.json" in error
+    after = _snapshot(old_run)
+    after.pop("train.lock")  # the run's lock, released (empty), as after any run
+    assert after == before
+
+
+def test_model_folder_without_tokenizer_files(tiny_dir, shared_data, tmp_path, capsys):
+    from tsld_jax import export_cli
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_dir, name), model / name)
+    expected = f"{model}: the model has no tokenizer (none of tokenizer.json, "
+    # Before: "0 tokens is less than one block" (eval.py, train.py), from a one-token tokenizer
+    # that transformers builds out of nothing.
+    assert cli.main(_eval_args(str(model), shared_data)) == 2
+    assert expected in _one_error(capsys)
+    argv = ["train.py", "--config", SMOKE, "--workdir", str(tmp_path / "run")]
+    flags = [f"--config.model.name_or_path={model}", "--config.data.name=ptb"]
+    flags += [f"--config.data.dir={shared_data}", "--config.data.batch_size=8"]
+    assert train.main([*argv, *flags]) == 2
+    assert expected in _one_error(capsys)
+    # The weights still export; the hf directory gets no invented tokenizer (before: a
+    # one-token tokenizer.json, vocab.json, merges.txt ...).
+    out = tmp_path / "out"
+    assert export_cli.main(["--model", str(model), "--format", "hf", "--output", str(out)]) == 0
+    assert "no tokenizer files: the source model has none" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]

@@ -134,6 +134,28 @@ def test_nan_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path, shared_dat
     bad_step = int(error.split("at step ")[1].split(";")[0])
     saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
     assert all(s < bad_step for s in saved)
+    # The message says what was kept, or that nothing was (before: "the last good checkpoint is
+    # kept in .../checkpoints" with none there).
+    if saved:
+        assert f"the last good checkpoint is step {max(saved)} in {tmp_path}/checkpoints" in error
+    else:
+        assert f"no checkpoint was saved ({tmp_path}/checkpoints holds none)" in error
+
+
+def test_nan_after_a_checkpoint_names_it(tmp_path, shared_data):
+    result = _train(
+        tmp_path,
+        shared_data,
+        "--config.train.lr=1e30",
+        "--config.guard.max_lr=1e31",
+        "--config.train.grad_clip=0",
+        "--config.train.warmup_steps=0",
+        "--config.checkpoint.every_steps=1",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")][0]
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert saved and f"the last good checkpoint is step {saved[-1]} in " in error, error
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -243,7 +243,7 @@ def test_workdir_goes_read_only_mid_run(target, tmp_path, shared_data):
         out, err = process.communicate(timeout=300)
     finally:
         process.kill()
-    assert process.returncode == 2, err[-3000:]
+    assert process.returncode == 1, err[-3000:]  # the machine, not the input (before: 2)
     line = _error_line(err)
     kept = checkpoint.saved_steps(str(tmp_path))[-1]
     assert line.startswith(f"error: --workdir {tmp_path} is no longer writable (Read-only file")

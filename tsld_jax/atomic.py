@@ -4,8 +4,8 @@ its destination and renamed into place only once complete.
 A kill, a full disk or an exception in the middle of a write therefore leaves the old output
 (or nothing, where there was none) and at most a hidden `.NAME.*.tmp` beside it, never a
 partial file at NAME. Every file or directory the command lines write for a user (exports,
-`eval.py --output`, `train.py --plan-json`, a run's config.json and results.json) goes through
-`replacing`.
+`eval.py --output`, `train.py --plan-json`, a run's config.json, results.json, curves.png,
+generated_*.npz and the fp stage's export/) goes through `replacing`.
 
 Its own module rather than a function in `workdir.py` or `cli_errors.py`: export, evaluation and
 training all write through it, and none of them should import another's helpers for this.
@@ -17,8 +17,10 @@ file written in place, while `os.open`/`os.mkdir` with 0666/0777 honour the umas
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -134,3 +136,36 @@ def write_json(path: str, payload: Any, **dump_args: Any) -> None:
     """Writes `payload` as JSON (`json.dump` with `dump_args`) through `replacing`."""
     with replacing(path) as temporary, open(temporary, "w") as f:
         json.dump(payload, f, **dump_args)
+
+
+# errno values of a write that failed because of the place: read-only, full, forbidden.
+WRITE_ERRNOS = frozenset(
+    {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
+)
+
+# How libraries written in C++ or Rust report a failed write: the OS error's text and errno (and,
+# for tensorstore through orbax, the file) inside a ValueError/RuntimeError/SafetensorError
+# message; the OSError itself never reaches Python.
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'|\(os error (\d+)\)")
+_FAILED_FILE = re.compile(r'(?:Failed writing|local file): "([^"]+)"')
+
+
+def os_error_in(error: BaseException, default_path: str) -> OSError | None:
+    """The OSError of a failed write that `error` (an orbax/tensorstore or safetensors failure,
+    or anything raised from one) reports, with the file it names; None if it reports none.
+
+    Args:
+      error: what the save raised.
+      default_path: the file to name when the error names none.
+    """
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in WRITE_ERRNOS:
+            return OSError(seen.errno, seen.strerror, seen.filename or default_path)
+        match = _OS_ERROR_CODE.search(str(seen))
+        code = int(match.group(1) or match.group(2)) if match else None
+        if code in WRITE_ERRNOS:
+            found = _FAILED_FILE.search(str(seen))
+            return OSError(code, os.strerror(code), found.group(1) if found else default_path)
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -22,6 +22,7 @@ teacher is never saved: it is an input, rebuilt from the config.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from tsld_jax import recipe
+from tsld_jax import atomic, recipe
 from tsld_jax import workdir as workdir_lib
 
 # Config fields that may change between a run and its resume; every other field (model,
@@ -107,11 +108,22 @@ def check_resume(cfg, workdir: str) -> None:
     With no checkpoint in the workdir yet any config is accepted (nothing to mismatch).
 
     Raises:
-      workdir_lib.WorkdirError: the workdir holds checkpoints of a run with another identity.
+      workdir_lib.WorkdirError: the workdir holds checkpoints of a run with another identity, or
+        checkpoints without a config.json (nothing to compare with).
     """
     new = json.loads(cfg.to_json())
     path = os.path.join(workdir, "config.json")
-    if os.path.exists(path) and saved_steps(workdir):
+    steps = saved_steps(workdir)
+    if steps and not os.path.exists(path):
+        # Nothing says what these checkpoints are: going on would sample the teacher data
+        # afresh over the run's generated_*.npz and store this config as the run's, after which
+        # the run's real config would be refused.
+        raise workdir_lib.WorkdirError(
+            f"--workdir {workdir} holds checkpoints (steps {', '.join(map(str, steps))}) but no "
+            "config.json, so whether they belong to this config cannot be checked; restore the "
+            "run's config.json, or pass a new --workdir (or move this one aside)"
+        )
+    if os.path.exists(path) and steps:
         stored = _read_json(path)
         identity, resumable = config_changes(stored, new)
         if identity:
@@ -153,18 +165,43 @@ def last_kept(workdir: str) -> str:
     return f"step {steps[-1]} ({os.path.join(checkpoint_dir(workdir), str(steps[-1]))})"
 
 
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 def write_failure(workdir: str, error: OSError) -> workdir_lib.WriteFailure:
     """The one-line error of a workdir that stopped taking writes mid-run."""
     kept = last_kept(workdir)
+    full = error.errno in _FULL
     then = (
-        f"the last checkpoint kept is {kept}; the run resumes from it once the workdir is "
-        "writable again"
+        f"the last checkpoint kept is {kept}; the run resumes from it once the workdir "
+        + ("has space again" if full else "is writable again")
         if kept != "none"
         else "no checkpoint was saved yet"
     )
+    state = "is full" if full else "is no longer writable"
     return workdir_lib.WriteFailure(
-        f"--workdir {workdir} is no longer writable ({error.strerror}: {error.filename}); {then}"
+        f"--workdir {workdir} {state} ({error.strerror}: {error.filename}); {then}"
     )
+
+
+def state_bytes(state: Any) -> int:
+    """The bytes of every array in `state` (abstract or real): what one checkpoint of it
+    holds before orbax's compression."""
+    import jax
+    import numpy as np
+
+    return sum(
+        int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        for leaf in jax.tree.leaves(state)
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+    )
+
+
+# orbax compresses each array (zstd): trained float32 weights and Adam moments shrink little,
+# fresh ones (zeros, low-entropy initialisations) much more. The space probe refuses only below
+# this share of the uncompressed size, so that it never stops a save that would have fitted;
+# a save that still does not fit is caught when orbax reports it.
+_SPACE_SHARE = 0.5
 
 
 def _first_line(error: BaseException) -> str:
@@ -178,20 +215,41 @@ def _restore_args(abstract_state: Any):
     )
 
 
-class _NoOrbaxTracebacks(logging.Filter):
-    """Orbax logs each failed background write with a traceback; keep its one-line message.
+class _HeldOrbaxErrors(logging.Filter):
+    """Holds back orbax's error records (without their tracebacks) until the run knows what
+    they were.
 
-    A failed save (a workdir gone read-only) is reported by the run as one line naming the
-    last checkpoint kept; a traceback per orbax thread would bury it.
+    A save that failed because the workdir filled up or went read-only is reported by the run
+    as one line naming the path and the last checkpoint kept; orbax's own records of it (one per
+    thread, each with a traceback: 175 lines) would bury it, and are dropped. Any other failure
+    releases them, so nothing orbax said about it is lost.
     """
 
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+        if getattr(record, "released", False) or f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        if record.exc_info:
             record.exc_info, record.exc_text = None, None
-        return True
+        if record.levelno < logging.ERROR:
+            return True
+        self.held.append(record)
+        return False
+
+    def drop(self) -> None:
+        self.held.clear()
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for record in held:
+            record.released = True
+            logging.getLogger(record.name).handle(record)
 
 
-_NO_ORBAX_TRACEBACKS = _NoOrbaxTracebacks()
+_HELD_ORBAX_ERRORS = _HeldOrbaxErrors()
 
 
 def _quiet_closed_loops(previous):
@@ -211,14 +269,18 @@ class Checkpointer:
     """The training run's checkpoints: saves every `every_steps`, keeps `keep`, resumes."""
 
     def __init__(self, workdir: str, keep: int = 3):
-        logging.getLogger("absl").addFilter(_NO_ORBAX_TRACEBACKS)  # Adding twice is a no-op.
+        logging.getLogger("absl").addFilter(_HELD_ORBAX_ERRORS)  # Adding twice is a no-op.
         if not getattr(sys.unraisablehook, "quiet_closed_loops", False):
             sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
         self.workdir = workdir
         self.directory = checkpoint_dir(workdir)
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            # A save cut short by a full disk leaves its N.orbax-checkpoint-tmp directory: the
+            # next run removes it (it is never a checkpoint) and so gets its space back.
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, cleanup_tmp_directories=True
+            ),
         )
 
     def _check_writable(self) -> None:
@@ -231,11 +293,53 @@ class Checkpointer:
             failure = OSError(error.errno, error.strerror, self.directory)
             raise write_failure(self.workdir, failure) from None
 
+    def check_space(self, state: Any) -> None:
+        """Refuses (one WriteFailure line) when the checkpoint directory's file system has less
+        free space than a checkpoint of `state` takes (see `_SPACE_SHARE`).
+
+        Creating a file (`_check_writable`) succeeds on a full disk; the checkpoint then fails
+        in orbax's threads, midway.
+        """
+        needed = state_bytes(state)
+        stats = os.statvfs(self.directory)
+        free = stats.f_bavail * stats.f_frsize
+        if free >= needed * _SPACE_SHARE:
+            return
+        mib = 2**20
+        kept = last_kept(self.workdir)
+        raise workdir_lib.WriteFailure(
+            f"--workdir {self.workdir} is full: {self.directory} has {free / mib:.1f} MiB free "
+            f"and a checkpoint takes about {needed / mib:.1f} MiB; "
+            + (
+                f"the last checkpoint kept is {kept}; the run resumes from it once there is space"
+                if kept != "none"
+                else "no checkpoint was saved yet; free some space or pass another --workdir"
+            )
+        )
+
+    def _reported(self, error: Exception) -> None:
+        """Raises the one-line WriteFailure for an orbax failure that was a failed write."""
+        failure = atomic.os_error_in(error, self.directory)
+        if failure is not None:
+            _HELD_ORBAX_ERRORS.drop()
+            raise write_failure(self.workdir, failure) from None
+        try:
+            self._check_writable()  # e.g. a read-only workdir, where orbax says something else
+        except workdir_lib.WriteFailure:
+            _HELD_ORBAX_ERRORS.drop()
+            raise
+        _HELD_ORBAX_ERRORS.release()
+
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Saves asynchronously; a workdir that stopped taking writes is one WorkdirError."""
+        """Saves asynchronously; a workdir that stopped taking writes (read-only, full) is one
+        WriteFailure line naming the last checkpoint kept."""
         # Probe first: orbax, handed a read-only directory, waits minutes for signals from its
-        # failed threads before it raises.
+        # failed threads before it raises. The previous save is waited for first (orbax would
+        # wait at the start of this one anyway), so that its failure is reported as such and
+        # the free space it leaves is what the probe sees.
+        self.wait()
         self._check_writable()
+        self.check_space(state)
         try:
             self.manager.save(
                 step,
@@ -244,15 +348,15 @@ class Checkpointer:
                 ),
                 force=True,
             )
-        except Exception:
-            self._check_writable()  # The previous save failed on a read-only workdir.
+        except Exception as error:
+            self._reported(error)
             raise
 
     def wait(self) -> None:
         try:
             self.manager.wait_until_finished()
-        except Exception:
-            self._check_writable()
+        except Exception as error:
+            self._reported(error)
             raise
 
     def steps(self) -> list[int]:
@@ -305,6 +409,7 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
+        _HELD_ORBAX_ERRORS.release()  # anything orbax said that no exception reported
 
 
 def read_checkpoint(workdir: str, abstract_state: Any, step: int | None = None):

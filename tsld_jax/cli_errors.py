@@ -19,7 +19,7 @@ class Outcome:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    from tsld_jax import config_utils, trainer, workdir
+    from tsld_jax import config_utils, multihost, trainer, workdir
     from tsld_jax.data.sources import DataError
     from tsld_jax.models.errors import LoadError
     from tsld_jax.models.spec import ConfigError
@@ -32,13 +32,19 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         DataError,
         trainer.TrainingError,
         workdir.WorkdirError,
+        multihost.MultihostError,
         FileNotFoundError,
     )
 
 
 @contextlib.contextmanager
-def one_line_errors():
-    """Runs the body; a user error prints `error: ...` and sets the exit code to 2."""
+def one_line_errors(interrupts: bool = True):
+    """Runs the body; a user error prints `error: ...` and sets the exit code to 2.
+
+    Args:
+      interrupts: also turn KeyboardInterrupt into `interrupted` and exit code 130; False lets
+        it through (train.py reports signals itself).
+    """
     outcome = Outcome()
     try:
         yield outcome
@@ -47,6 +53,8 @@ def one_line_errors():
         outcome.code = 2
         outcome.error = error
     except KeyboardInterrupt:
+        if not interrupts:
+            raise
         print("interrupted", file=sys.stderr)
         outcome.code = 130
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -112,10 +113,12 @@ def load_source(args: argparse.Namespace) -> Source:
 
 def model_source(name_or_path: str, quant: str | None = None) -> Source:
     """A model by name or path (as `load_model` takes it), with a --quant preset or float."""
-    from tsld_jax.models import load_model
+    from tsld_jax.models import load_model, loading
     from tsld_jax.quant import rules as rules_lib
 
-    loaded = load_model(name_or_path)
+    # A model folder without a tokenizer still exports (the weights are the user's); the
+    # formats that need a tokenizer (GGUF) say so, the others are written without one.
+    loaded = load_model(name_or_path, load_tokenizer=not loading.tokenizer_missing(name_or_path))
     rules = None
     if quant:
         try:
@@ -173,7 +176,13 @@ def _export_hf(source: Source, path: str) -> str:
     tokenizer = source.tokenizer
     has_files = tokenizer is not None and not isinstance(tokenizer, named.ByteTokenizer)
     hf.save_hf(path, params, source.spec, config, tokenizer if has_files else None)
-    note = "" if has_files else " (no tokenizer files: the model uses a byte tokenizer)"
+    note = (
+        ""
+        if has_files
+        else " (no tokenizer files: the model uses a byte tokenizer)"
+        if tokenizer is not None
+        else " (no tokenizer files: the source model has none)"
+    )
     return f"transformers directory of the fake-quantized weights{note}"
 
 
@@ -375,6 +384,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of what is at `path`, or None: a rename onto it changes them."""
+    try:
+        stat = os.lstat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 class _Stopped(BaseException):
     # Not an Exception, so that no `except Exception` inside a writer catches it: it must unwind
     # to `atomic.replacing`, which removes the temporary, and then to `main`.
@@ -399,12 +417,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     errors = (UsageError, gguf_export.ExportError, *cli_errors.user_error_types())
     existed = os.path.lexists(args.output)
+    earlier = _identity(args.output)
     kept = " (the earlier one there is unchanged)" if existed else ""
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         source = load_source(args)
         try:
-            print(export(source, args.format, args.output))
+            try:
+                print(export(source, args.format, args.output))
+            except Exception as error:
+                # safetensors (Rust) reports a full disk as a SafetensorError "(os error 28)".
+                failure = atomic.os_error_in(error, args.output)
+                if failure is None or isinstance(error, OSError):
+                    raise
+                raise failure from None
         except OSError as error:
             # The place or the disk failed while writing (full, read-only, permission denied);
             # `atomic.replacing` has removed the partial export.
@@ -414,7 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"nothing was written{kept}",
                 file=sys.stderr,
             )
-            return 2
+            # A full disk is the machine (exit 1); a read-only or forbidden place, the input.
+            return 1 if error.errno in (errno.ENOSPC, errno.EDQUOT) else 2
     except errors as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"error: {message}", file=sys.stderr)
@@ -424,7 +451,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except _Stopped as stopped:
         name = signal.Signals(stopped.signum).name
-        print(f"error: stopped by {name}; {args.output} was not written{kept}", file=sys.stderr)
+        if _identity(args.output) != earlier:
+            # The signal came after the rename (while the directory was synced): it is whole.
+            print(
+                f"error: stopped by {name} after {args.output} was written (it is complete)",
+                file=sys.stderr,
+            )
+        else:
+            print(f"error: stopped by {name}; {args.output} was not written{kept}", file=sys.stderr)
         return 128 + stopped.signum
     finally:
         signal.signal(signal.SIGTERM, previous)

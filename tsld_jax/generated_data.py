@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from tsld_jax import generate
+from tsld_jax import atomic, generate
 from tsld_jax.data.sources import DataError
 
 
@@ -143,7 +143,7 @@ def load_or_sample(
         progress=progress,
     )
     if path:
-        tmp = f"{path}.tmp.{os.getpid()}.npz"
-        np.savez(tmp, tokens=tokens, key=json.dumps(key, sort_keys=True))
-        os.replace(tmp, path)
+        # Through a file object: np.savez given a name appends ".npz" to the temporary's.
+        with atomic.replacing(path) as temporary, open(temporary, "wb") as f:
+            np.savez(f, tokens=tokens, key=json.dumps(key, sort_keys=True))
     return tokens

@@ -17,6 +17,10 @@ import jax
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
 
+class MultihostError(ValueError):
+    """A multi-process run that cannot be joined as configured: one line, exit 2."""
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name, "")
     if not value:
@@ -24,7 +28,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not an integer") from None
+        raise MultihostError(f"--multihost: {name}={value!r} is not an integer") from None
 
 
 def initialize(
@@ -44,15 +48,32 @@ def initialize(
     coordinator_address = coordinator_address or os.environ.get(ENV_ADDRESS) or None
     num_processes = num_processes if num_processes is not None else _env_int(ENV_COUNT)
     process_id = process_id if process_id is not None else _env_int(ENV_ID)
+    if num_processes is not None and num_processes < 1:
+        raise MultihostError(f"--multihost: the number of processes {num_processes} is not >= 1")
+    if process_id is not None and process_id < 0:
+        raise MultihostError(f"--multihost: the process id {process_id} is negative")
     if num_processes is not None and process_id is not None:
         if not 0 <= process_id < num_processes:
-            raise ValueError(f"process id {process_id} is not in 0 .. {num_processes - 1}")
+            raise MultihostError(
+                f"--multihost: the process id {process_id} is not in 0 .. {num_processes - 1} "
+                f"({num_processes} processes)"
+            )
     # CPU collectives across processes need an implementation (gloo, built into jaxlib): the
     # default on jax 0.10-0.12, set here for any version where it is not. GPUs use NCCL and
     # ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+    except ValueError as error:
+        # jax's own checks of the settings (no coordinator found, and so on); a coordinator
+        # that does not answer is jax's RuntimeError after its timeout, left as it is.
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "ValueError"
+        raise MultihostError(
+            f"--multihost: {first} Pass --coordinator_address HOST:PORT, --num_processes and "
+            f"--process_id (or {ENV_ADDRESS}, {ENV_COUNT}, {ENV_ID}), or start under SLURM or "
+            "Open MPI"
+        ) from None

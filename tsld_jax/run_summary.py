@@ -7,6 +7,8 @@ import math
 import os
 from typing import Any
 
+from tsld_jax import atomic
+
 CURVES = "curves.png"
 
 
@@ -79,8 +81,12 @@ def plot_curves(workdir: str, baselines: dict[str, float] | None = None) -> str 
     right.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(workdir, CURVES)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        # The format named: the temporary's name does not end in .png.
+        with atomic.replacing(path) as temporary:
+            fig.savefig(temporary, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

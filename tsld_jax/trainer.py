@@ -66,14 +66,33 @@ def heldout_ppl(params, spec, examples, batch_size: int, quantizer=None) -> floa
     return perplexity.perplexity(losses)
 
 
+def write_fp_export(workdir: str, params, student) -> str:
+    """Writes the FP stage's model to WORKDIR/export, swapped in whole (`atomic.replacing`):
+    a kill or a full disk midway leaves the earlier export (or none), never a mix of the two.
+
+    Returns:
+      The export's path.
+    """
+    export = os.path.join(workdir, "export")
+    tokenizer = None if isinstance(student.tokenizer, named.ByteTokenizer) else student.tokenizer
+    with atomic.replacing(export, directory=True) as temporary:
+        hf.save_hf(temporary, params, student.spec, student.hf_config, tokenizer)
+    return export
+
+
 # --- the run ------------------------------------------------------------------------------------
+
+
+# A signal that train.py's start-up handler received but whose KeyboardInterrupt was swallowed
+# (raised inside a __del__ or a callback): the training loop stops at its first step boundary.
+PENDING_SIGNAL: int | None = None
 
 
 class _StopFlag:
     """Turns SIGTERM/SIGINT into a request to checkpoint and exit at the next step boundary."""
 
     def __init__(self):
-        self.signal = None
+        self.signal = PENDING_SIGNAL
         self._previous = {}
 
     def __enter__(self):
@@ -182,6 +201,7 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
     )
 
     checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
+    checkpointer.check_space(abstract_state)  # before any step: a full disk is one line now
     abstract_with_shardings = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state,
@@ -241,10 +261,13 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
         nonlocal last_time
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(values["loss"]):
-            raise TrainingError(
-                f"non-finite loss ({values['loss']}) at step {step}; the last good checkpoint "
-                f"is kept in {checkpointer.directory}"
+            saved = checkpointer.steps()
+            kept = (
+                f"the last good checkpoint is step {saved[-1]} in {checkpointer.directory}"
+                if saved
+                else f"no checkpoint was saved ({checkpointer.directory} holds none)"
             )
+            raise TrainingError(f"non-finite loss ({values['loss']}) at step {step}; {kept}")
         verdict = divergence.update(step, values["gt"], values.get("grad_norm"))
         if verdict is not None and cfg.guard.action == "stop":
             # Metrics of step s describe checkpoint s - 1 (see guard.py).
@@ -339,15 +362,7 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
     writer.write(final_step, {"eval_ppl": results[key]})
     writer.close()
     if cfg.stage == "fp":
-        export = os.path.join(workdir, "export")
-        hf.save_hf(
-            export,
-            jax.device_get(state.params),
-            student.spec,
-            student.hf_config,
-            None if isinstance(student.tokenizer, named.ByteTokenizer) else student.tokenizer,
-        )
-        results["export"] = export
+        results["export"] = write_fp_export(workdir, jax.device_get(state.params), student)
     # A resumed run logged its baselines before its first step, in an earlier process.
     results = run_summary.baselines(workdir) | results
     if jax.process_index() == 0:  # every process holds the same results

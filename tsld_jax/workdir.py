@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import fcntl
 import json
 import os
@@ -33,14 +32,14 @@ import sys
 import threading
 import time
 
+from tsld_jax import atomic
+
 LOCK_NAME = "train.lock"
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
 
 # errno values of a workdir that cannot be written (as opposed to, say, missing input data).
-WRITE_ERRNOS = frozenset(
-    {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
-)
+WRITE_ERRNOS = atomic.WRITE_ERRNOS
 
 
 class WorkdirError(RuntimeError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -508,5 +509,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "the results JSON is on stdout above",
                 file=sys.stderr,
             )
-            return 2
+            # A full disk is the machine (exit 1); a place that turned read-only, the input.
+            return 1 if error.errno in (errno.ENOSPC, errno.EDQUOT) else 2
     return 0

@@ -71,9 +71,36 @@ def _find_gguf(path: str) -> str | None:
     return os.path.join(path, found[0]) if len(found) == 1 else None
 
 
+# The files a Hugging Face tokenizer is read from. Without any of them AutoTokenizer still
+# returns one, with a single token (the config's class built from nothing): every text is
+# then "0 tokens" and an export writes that invented tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+def tokenizer_missing(name_or_path: str) -> bool:
+    """Whether `name_or_path` is a model directory with no tokenizer (no file of
+    `TOKENIZER_FILES`, no GGUF whose metadata holds one)."""
+    path = os.path.expanduser(name_or_path)
+    if not os.path.isdir(path) or _find_gguf(path):
+        return False
+    return not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES)
+
+
 def _load_tokenizer(directory: str):
     from transformers import AutoTokenizer
 
+    if tokenizer_missing(directory):
+        raise LoadError(
+            f"{directory}: the model has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "copy the tokenizer files of the model it was made from into it"
+        )
     try:
         return AutoTokenizer.from_pretrained(directory)
     except Exception as error:
