@@ -193,7 +193,7 @@ def validate(config, weights: bool = True) -> None:
         _require(
             loss.kind != "l2l",
             "loss.kind",
-            "l2l needs every layer's hidden states and attention scores, which the pipeline "
+            "l2l needs every layer's hidden states and attention probabilities, which the pipeline "
             "(mesh.stage > 1 or train.microbatches > 1) does not collect",
         )
     if config.model.name_or_path == "random" and stage > 1:

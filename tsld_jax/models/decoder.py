@@ -193,7 +193,7 @@ def _attend(
     value_dtype: Any,
 ) -> tuple[jax.Array, jax.Array]:
     """softmax(soft-capped scaled q k^T, masked) v for one tile of queries; returns (out,
-    scores)."""
+    the float32 attention probabilities)."""
     scores_BxNxGxTxS = jnp.einsum(
         "bngtk,bnsk->bngts", q_BxNxGxTxK.astype(jnp.float32), keys_BxNxSxK.astype(jnp.float32)
     )
@@ -204,9 +204,13 @@ def _attend(
     if spec.attn_softcap:
         scores_BxNxGxTxS = _softcap(scores_BxNxGxTxS, spec.attn_softcap)
     masked = jnp.where(allowed, scores_BxNxGxTxS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(masked, axis=-1).astype(value_dtype)
-    out_BxNxGxTxK = jnp.einsum("bngts,bnsk->bngtk", probs, values_BxNxSxK.astype(value_dtype))
-    return out_BxNxGxTxK, scores_BxNxGxTxS
+    probs_BxNxGxTxS = jax.nn.softmax(masked, axis=-1)
+    out_BxNxGxTxK = jnp.einsum(
+        "bngts,bnsk->bngtk",
+        probs_BxNxGxTxS.astype(value_dtype),
+        values_BxNxSxK.astype(value_dtype),
+    )
+    return out_BxNxGxTxK, probs_BxNxGxTxS
 
 
 def _softcap(x: jax.Array, cap: float) -> jax.Array:
@@ -223,13 +227,14 @@ def _attention(
     allowed: jax.Array,
     quantizer: Quantizer | None,
     cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
-    want_scores: bool = False,
+    want_probs: bool = False,
     packed_kernel: str = "auto",
 ) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array] | None]:
     """Self-attention; with `cache` = (keys_LxBxNxSxK, values_LxBxNxSxK, layer, index) the new
     keys/values are written into layer `layer`'s slots from `index` on, and the queries attend
-    over all S slots (`allowed` is then (B, 1, 1, T, S)). Returns (output, scores (B, H, T, S)
-    if `want_scores` else None, the updated (keys, values) stacks or None).
+    over all S slots (`allowed` is then (B, 1, 1, T, S)). Returns (output, the post-softmax
+    probabilities (B, H, T, S) if `want_probs` else None, the updated (keys, values) stacks or
+    None).
 
     Keys and values are kept heads-first, (B, N, S, K), so that both einsums are plain batched
     matmuls over a cache that is never transposed (decoding reads all of it every step)."""
@@ -263,15 +268,15 @@ def _attention(
         new_kv = (keys_L, values_L)
     q_BxNxGxTxK = q.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     slots = keys_BxNxSxK.shape[2]
-    tile = length if want_scores else QUERY_TILE
-    outs, scores = [], None
+    tile = length if want_probs else QUERY_TILE
+    outs, probs = [], None
     for start in range(0, length, tile):
         end = min(start + tile, length)
         # Without a cache, query t sees keys <= t only, so the tile stops at its own end. So it
         # does when this call fills every slot of a cache (it then starts writing at slot 0);
         # otherwise slots are not positions and the tile reads them all.
         limit = end if cache is None or slots == length else slots
-        out, scores = _attend(
+        out, probs = _attend(
             q_BxNxGxTxK[:, :, :, start:end],
             keys_BxNxSxK[:, :, :limit],
             values_BxNxSxK[:, :, :limit],
@@ -283,9 +288,9 @@ def _attention(
     out_BxNxGxTxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     out_BxTxD = out_BxNxGxTxK.transpose(0, 3, 1, 2, 4).reshape(batch, length, -1)
     out = linear(p["o"], out_BxTxD, "attn/o", quantizer, packed_kernel)
-    if want_scores:
-        scores = scores.reshape(batch, spec.num_heads, length, slots)
-    return out, scores if want_scores else None, new_kv
+    if want_probs:
+        probs = probs.reshape(batch, spec.num_heads, length, slots)
+    return out, probs if want_probs else None, new_kv
 
 
 def _mlp(
@@ -311,11 +316,11 @@ def _block(
     allowed: jax.Array,
     quantizer: Quantizer | None,
     cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
-    want_scores: bool = False,
+    want_probs: bool = False,
     packed_kernel: str = "auto",
 ) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array] | None]:
     if spec.pre_norm:
-        attn_out, scores, new_kv = _attention(
+        attn_out, probs, new_kv = _attention(
             layer["attn"],
             _norm(layer["attn_norm"], h, spec),
             spec,
@@ -324,7 +329,7 @@ def _block(
             allowed,
             quantizer,
             cache,
-            want_scores,
+            want_probs,
             packed_kernel,
         )
         if spec.post_norms:  # Gemma: the sublayer's output is normalised before the residual add
@@ -337,7 +342,7 @@ def _block(
             mlp_out = _norm(layer["post_mlp_norm"], mlp_out, spec)
         h = h + mlp_out
     else:  # OPT-350m: normalise after each residual add.
-        attn_out, scores, new_kv = _attention(
+        attn_out, probs, new_kv = _attention(
             layer["attn"],
             h,
             spec,
@@ -346,13 +351,13 @@ def _block(
             allowed,
             quantizer,
             cache,
-            want_scores,
+            want_probs,
             packed_kernel,
         )
         h = _norm(layer["attn_norm"], h + attn_out, spec)
         mlp_out = _mlp(layer["mlp"], h, spec, quantizer, packed_kernel)
         h = _norm(layer["mlp_norm"], h + mlp_out, spec)
-    return h, scores, new_kv
+    return h, probs, new_kv
 
 
 def default_positions(tokens_BxT: jax.Array, mask_BxT: jax.Array | None) -> jax.Array:
@@ -376,18 +381,34 @@ def embed(params: Params, tokens_BxT: jax.Array, positions_BxT: jax.Array, spec:
     return h
 
 
-def unembed(params: Params, h_BxTxD: jax.Array, spec: ModelSpec) -> jax.Array:
-    """Final norm, OPT's project_out and the LM head: hidden states to logits."""
+def final_hidden(params: Params, h_BxTxD: jax.Array, spec: ModelSpec) -> jax.Array:
+    """The last block's output through the final norm and OPT's project_out: the head's input,
+    and the last entry of Hugging Face's `hidden_states` (which ends after both)."""
     if spec.final_norm:
         h_BxTxD = _norm(params["final_norm"], h_BxTxD, spec)
     if spec.embed_proj_dim:
         h_BxTxD = h_BxTxD @ params["project_out"]["kernel"].astype(h_BxTxD.dtype)
+    return h_BxTxD
+
+
+def head(params: Params, h_BxTxE: jax.Array, spec: ModelSpec) -> jax.Array:
+    """The LM head (tied or not) and Gemma 2's logit soft cap: `final_hidden`'s output to
+    logits."""
     if spec.tie_embeddings:
-        table = params["embed"]["tokens"].astype(h_BxTxD.dtype)
-        logits = jnp.einsum("...e,ve->...v", h_BxTxD, table)
+        table = params["embed"]["tokens"].astype(h_BxTxE.dtype)
+        logits = jnp.einsum("...e,ve->...v", h_BxTxE, table)
     else:
-        logits = h_BxTxD @ params["lm_head"]["kernel"].astype(h_BxTxD.dtype)
+        logits = h_BxTxE @ params["lm_head"]["kernel"].astype(h_BxTxE.dtype)
     return _softcap(logits, spec.logit_softcap) if spec.logit_softcap else logits
+
+
+def unembed(params: Params, h_BxTxD: jax.Array, spec: ModelSpec) -> jax.Array:
+    """Final norm, OPT's project_out and the LM head: the last block's output to logits."""
+    return head(params, final_hidden(params, h_BxTxD, spec), spec)
+
+
+# What `forward(collect=...)` can return beside the logits.
+COLLECTABLE = ("hidden", "attn_probs")
 
 
 def forward(
@@ -412,8 +433,12 @@ def forward(
       mask_BxT: 1 for real tokens, 0 for padding; padded keys are never attended to.
       positions_BxT: position ids; by default counted over the real tokens.
       quantizer: optional `quantizer(name, layer_params) -> kernel` applied in every linear().
-      collect: any of "hidden" (the input of every block and the final block output,
-        (L+1, B, T, D)) and "attn_scores" (pre-softmax scores, (L, B, H, T, T)).
+      collect: any of COLLECTABLE, what Hugging Face returns with `output_hidden_states` and
+        `output_attentions` (what the authors' layer-to-layer distillation matches): "hidden",
+        a tuple of L+1 (B, T, .) arrays, the embedding output and every block's output, the
+        last one after the final norm (and OPT's project_out, so (B, T, E) there), i.e. the
+        head's input; "attn_probs", every layer's post-softmax attention probabilities,
+        (L, B, H, T, T) float32, 0 where a key is masked.
       remat: what the backward pass recomputes of each block (jax.checkpoint on the scanned
         block), one of REMAT_MODES: "none" (or False) keeps every activation; "dots" keeps only
         the matmul outputs and recomputes the cheap rest (norms, activations, fake-quantized
@@ -427,6 +452,9 @@ def forward(
     Returns:
       logits (B, T, V), or (logits, aux) when `collect` is not empty.
     """
+    unknown = sorted(set(collect) - set(COLLECTABLE))
+    if unknown:
+        raise ValueError(f"collect: unknown {unknown}; expected any of {COLLECTABLE}")
     h, per_layer, _ = _trunk(
         params,
         tokens_BxT,
@@ -439,14 +467,17 @@ def forward(
         packed_kernel=packed_kernel,
         pipeline=pipeline,
     )
-    logits = unembed(params, h, spec)
+    last = final_hidden(params, h, spec)
+    logits = head(params, last, spec)
     if not collect:
         return logits
     aux = {}
     if "hidden" in collect:
-        aux["hidden"] = jnp.concatenate([per_layer["hidden"], h[None]], axis=0)
-    if "attn_scores" in collect:
-        aux["attn_scores"] = per_layer["attn_scores"]
+        # Hugging Face's tuple: the input of every block, then the normed output of the last.
+        block_inputs = per_layer["hidden"]
+        aux["hidden"] = (*(block_inputs[i] for i in range(spec.num_layers)), last)
+    if "attn_probs" in collect:
+        aux["attn_probs"] = per_layer["attn_probs"]
     return logits, aux
 
 
@@ -630,7 +661,7 @@ def _trunk(
         h, kv = carry
         layer, consts, layer_index = xs
         layer_cache = None if kv is None else (*kv, layer_index, cache["index"])
-        new_h, scores, kv = _block(
+        new_h, probs, kv = _block(
             layer,
             h,
             spec,
@@ -639,14 +670,14 @@ def _trunk(
             make_mask(consts["window"]),
             quantizer,
             layer_cache,
-            want_scores="attn_scores" in collect,
+            want_probs="attn_probs" in collect,
             packed_kernel=packed_kernel,
         )
         outputs = {}
         if "hidden" in collect:
             outputs["hidden"] = h
-        if "attn_scores" in collect:
-            outputs["attn_scores"] = scores
+        if "attn_probs" in collect:
+            outputs["attn_probs"] = probs
         return (new_h, kv), outputs
 
     kv = None if cache is None else (cache["keys"], cache["values"])
