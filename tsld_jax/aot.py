@@ -294,8 +294,8 @@ def compile_programs(
 ) -> dict[Hashable, tuple[jax.stages.Compiled, MemoryAnalysis] | Exception]:
     """Compiles many programs, several at a time.
 
-    XLA compiles one program on one core (a SmolLM2-135M train step: about 35 s on a 2-core
-    x86 CPU), without holding Python's GIL, so threads give a near-linear speed-up. Programs are
+    XLA compiles one program on one core, for tens of seconds for a train step, without
+    holding Python's GIL, so threads give a near-linear speed-up. Programs are
     traced and lowered one after the other first (tracing is Python), then compiled in
     `max_workers` threads. (The persistent compilation cache cannot serve them: on jax 0.10.2 a
     GPU executable compiled without a GPU does not deserialize, and jax warns and recompiles.)
