@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tsld_jax import (
@@ -27,7 +26,7 @@ from tsld_jax import (
 from tsld_jax import checkpoint as checkpoint_lib
 from tsld_jax import workdir as workdir_lib
 from tsld_jax.evaluation import perplexity
-from tsld_jax.models import decoder, hf, named
+from tsld_jax.models import hf, named
 from tsld_jax.quant import rules as rules_lib
 
 
@@ -171,33 +170,19 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
         )
 
     config_utils.validate_pipeline(cfg, student.spec.num_layers)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, stage=cfg.mesh.stage)
-    pipeline = None
-    if cfg.mesh.stage > 1 or cfg.train.microbatches > 1:
-        pipeline = decoder.Pipeline(cfg.mesh.stage, cfg.train.microbatches, mesh)
+    mesh = sharding.config_mesh(cfg.mesh)
     abstract_state, optimizer, schedule = recipe.abstract_state(cfg, params, total_steps)
-    state_shardings = sharding.state_shardings(abstract_state, optimizer, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
-    # The teacher is sharded like the student (each device holds its shard, never all of it)
-    # and passed with explicit shardings, in model.teacher_dtype.
-    teacher_shardings = (
-        sharding.param_shardings(teacher.params, mesh) if teacher is not None else None
-    )
-    compute_dtype = jnp.bfloat16 if cfg.train.dtype == "bfloat16" else jnp.float32
-    step_fn = jax.jit(
-        train_step.make_train_step(
-            student.spec,
-            rules,
-            cfg.loss,
-            optimizer,
-            cfg.train.grad_accum,
-            compute_dtype,
-            cfg.train.remat,
-            pipeline,
-        ),
-        in_shardings=(state_shardings, batch_sharding, teacher_shardings),
-        out_shardings=(state_shardings, None),
-        donate_argnums=(0,),
+    # The teacher is passed sharded like the student, in model.teacher_dtype.
+    jitted = train_step.jit_train_step(
+        student.spec,
+        rules,
+        cfg.loss,
+        cfg.train,
+        optimizer,
+        abstract_state,
+        mesh,
+        teacher.params if teacher is not None else None,
+        cfg.model.teacher_dtype,
     )
 
     checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
@@ -205,7 +190,7 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
     abstract_with_shardings = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state,
-        state_shardings,
+        jitted.state_shardings,
     )
     restored = checkpointer.restore(abstract_with_shardings)
     writer = logging_utils.MetricsWriter(workdir)
@@ -223,9 +208,7 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
         divergence.start_loss = meta.get("guard", {}).get("start_loss")
         print(f"resuming from step {int(state.step)} in {workdir}")
     else:
-        state = jax.jit(
-            lambda p: train_step.init_state(p, optimizer, cfg.seed), out_shardings=state_shardings
-        )(params)
+        state = jitted.init_state(params, cfg.seed)
         writer.hparams(cfg.to_dict())
         if cfg.eval.baselines and teacher is not None:
             results["teacher_ppl"] = heldout_ppl(
@@ -239,7 +222,7 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
             writer.write(0, {f"baseline_{k}": v for k, v in results.items()})
             print("baselines: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
     teacher_params = (
-        recipe.teacher_params(teacher.params, cfg, teacher_shardings)
+        recipe.teacher_params(teacher.params, cfg, jitted.teacher_shardings)
         if teacher is not None
         else None
     )
@@ -299,9 +282,9 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 started = last_time
                 batch = _device_batch(
-                    next(batches), batch_sharding, getattr(batches, "process_local", False)
+                    next(batches), jitted.batch_sharding, getattr(batches, "process_local", False)
                 )
-                state, metrics = step_fn(state, batch, teacher_params)
+                state, metrics = jitted.fn(state, batch, teacher_params)
                 if pending is not None:
                     handle(*pending)  # One step late: the device is already busy with `step`.
                 pending = (step, metrics, started)
