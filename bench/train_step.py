@@ -137,31 +137,34 @@ def run_jax(args) -> dict:
 
 
 def _pipelined(args, spec, loss_cfg, optimizer, state, batch, teacher):
-    """The step as train.py builds it for config.mesh.stage / train.microbatches: a (stage,)
-    mesh over that many devices (fake CPU devices here, see main), everything placed with the
-    trainer's shardings."""
+    """The step as train.py builds it (`train_step.jit_train_step`) for config.mesh.stage /
+    train.microbatches: a (stage,) mesh over that many devices (fake CPU devices here, see
+    main), everything placed with the trainer's shardings."""
     import jax
+    import ml_collections
 
     from tsld_jax import sharding, train_step
-    from tsld_jax.models import decoder
     from tsld_jax.quant import rules
 
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[: args.stage], stage=args.stage)
-    pipeline = decoder.Pipeline(args.stage, args.microbatches, mesh)
-    state_shardings = sharding.state_shardings(jax.eval_shape(lambda s: s, state), optimizer, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
-    teacher_shardings = sharding.param_shardings(teacher, mesh)
-    step = jax.jit(
-        train_step.make_train_step(
-            spec, rules.default_rules(), loss_cfg, optimizer, remat=args.remat, pipeline=pipeline
-        ),
-        in_shardings=(state_shardings, batch_sharding, teacher_shardings),
-        out_shardings=(state_shardings, None),
-        donate_argnums=(0,),
+    train_cfg = ml_collections.ConfigDict(
+        {"grad_accum": 1, "dtype": "float32", "remat": args.remat}
+        | {"microbatches": args.microbatches}
+    )
+    step = train_step.jit_train_step(
+        spec,
+        rules.default_rules(),
+        loss_cfg,
+        train_cfg,
+        optimizer,
+        jax.eval_shape(lambda s: s, state),
+        mesh,
+        teacher,
+        args.teacher_dtype,
     )
     place = jax.device_put
-    return (step, place(state, state_shardings), place(batch, batch_sharding),
-            place(teacher, teacher_shardings))  # fmt: skip
+    return (step.fn, place(state, step.state_shardings), place(batch, step.batch_sharding),
+            place(teacher, step.teacher_shardings))  # fmt: skip
 
 
 def run_torch(args) -> dict:

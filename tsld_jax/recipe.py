@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from tsld_jax import config_utils, train_step
 from tsld_jax.models import decoder, load_model, named
@@ -48,7 +47,7 @@ def load_models(cfg, teacher: bool = True) -> tuple[LoadedModel, LoadedModel | N
     return student, teacher_model
 
 
-TEACHER_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TEACHER_DTYPES = train_step.DTYPES
 
 
 def teacher_params(teacher_params, cfg, shardings=None):
