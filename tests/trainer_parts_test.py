@@ -5,6 +5,7 @@ tested through train.py (tests/train_test.py, guard_test.py, divergence_test.py)
 
 import logging
 import math
+import os
 import re
 
 import jax.numpy as jnp
@@ -244,3 +245,32 @@ def test_profiler_traces_its_steps(monkeypatch):
             now["at"] = (step, "after")
             profiler.after_step(step, jnp.zeros(2))
         assert calls == expected
+
+
+def test_a_signal_after_the_save_decision_stops_at_the_next_step_with_its_checkpoint(
+    tmp_path, monkeypatch
+):
+    """SIGTERM arriving during step 2's evaluation (after its save decision) is handled at step
+    3's boundary, which it saves; before, the loop stopped at step 2 unsaved and said 'checkpoint
+    2 saved'."""
+    import signal
+
+    from tests import checkpoint_test
+    from tsld_jax import checkpoint
+
+    original = trainer_parts.PeriodicEval.after_step
+
+    def signalled(self, step, params):
+        original(self, step, params)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer_parts.PeriodicEval, "after_step", signalled)
+    cfg = checkpoint_test._smoke_config()
+    cfg.train.steps, cfg.checkpoint.every_steps, cfg.log.progress = 6, 100, False
+    cfg.data.batch_size = 8  # the eight fake CPU devices of conftest
+    result = trainer.train_and_evaluate(cfg, str(tmp_path))
+    assert (result["stopped"], result["signal"], result["step"]) == (True, signal.SIGTERM, 3)
+    saver = checkpoint.Checkpointer(str(tmp_path), keep=3)
+    assert saver.steps() == [3]
+    saver.close()

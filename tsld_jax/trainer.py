@@ -321,7 +321,10 @@ def _loop(run: _Run, state, teacher_params) -> tuple[train_step.TrainState, int 
                     read(pending)  # One step late: the device is already busy with `step`.
                 pending = (step, metrics, started)
                 profiler.after_step(step, state)
-                stopping = stop.signal is not None
+                # Read once a step: a signal arriving after the save decision (during the
+                # evaluation, say) is handled at the next step's boundary, where it is saved.
+                signum = stop.signal
+                stopping = signum is not None
                 if checkpoints.due(step, stopping):
                     read(pending)  # Never save a state whose loss is not finite.
                     pending = None
@@ -330,8 +333,8 @@ def _loop(run: _Run, state, teacher_params) -> tuple[train_step.TrainState, int 
                 if step == cfg.debug.sigkill_after_step:  # tests: a kill after this save
                     run.checkpointer.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
-                if stop.signal is not None:
-                    return state, stop.signal
+                if stopping:
+                    return state, signum
             if pending is not None:
                 read(pending)
     finally:
