@@ -228,20 +228,22 @@ def test_cudnn_compiles_for_gpu(target):
     assert _CUDNN_CALL not in text("xla", jnp.bfloat16)
 
 
-def _tpu_devices_or_skip():
+def _tpu_devices_or_skip(topology):
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("TPU compiles need libtpu (pip install 'jax[tpu]'; ../shared/TPU.md)")
     from jax.experimental import topologies
 
-    return topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
 
 
-def test_splash_compiles_for_tpu():
-    """The splash kernel (forward and backward) compiles for one TPU v5e chip, and for four
-    inside the shard_map `self_attention` puts it in when a mesh is in context."""
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+def test_splash_compiles_for_tpu(topology):
+    """The splash kernel (forward and backward) compiles for one TPU chip, and for four inside
+    the shard_map `self_attention` puts it in when a mesh is in context; the decoder's "auto"
+    picks it on a TPU."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    devices = _tpu_devices_or_skip()
+    devices = _tpu_devices_or_skip(topology)
     for mesh in (Mesh(devices[:1], ("data",)), Mesh(devices, ("data",))):
         rows = NamedSharding(mesh, PartitionSpec("data"))
         q = jax.ShapeDtypeStruct((4, 511, 8, 64), jnp.bfloat16, sharding=rows)
@@ -253,7 +255,7 @@ def test_splash_compiles_for_tpu():
             out = attention.self_attention(q, k, v, mask, scale=0.125, implementation="pallas")
             return jnp.sum(out.astype(jnp.float32))
 
-        with jax.sharding.use_mesh(mesh):
+        with jax.set_mesh(mesh):
             compiled = (
                 jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
                 .trace(q, kv, kv, key_mask)
@@ -261,3 +263,13 @@ def test_splash_compiles_for_tpu():
                 .compile()
             )
         assert "tpu_custom_call" in compiled.as_text()
+
+    spec = _windowed_spec("auto")
+    whole = NamedSharding(Mesh(devices[:1], ("data",)), PartitionSpec())
+    params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=whole),
+        aot.abstract_params(spec),
+    )
+    tokens = jax.ShapeDtypeStruct((2, 255), jnp.int32, sharding=whole)
+    forward = jax.jit(lambda p, t: decoder.forward(p, t, spec, mask_BxT=jnp.ones_like(t)))
+    assert "tpu_custom_call" in forward.trace(params, tokens).lower().compile().as_text()

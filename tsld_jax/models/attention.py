@@ -340,7 +340,8 @@ def _cudnn(q_BxTxHxK, k_BxTxNxK, v_BxTxNxK, mask: Mask, *, scale, cap, fallback,
 # ------------------------------------------------------------------------------ Pallas (TPU)
 
 
-@functools.cache  # the mask's block tables are numpy work, done once per shape
+# Built inside each trace (its mask tables become the trace's constants); the numpy work behind
+# them is cached by jax (`splash_attention_mask_info._process_mask`).
 def _splash_kernel(heads: int, length: int, window: int, cap: float, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
@@ -360,12 +361,6 @@ def _splash_kernel(heads: int, length: int, window: int, cap: float, interpret: 
         block_q_dq=block,
         block_kv_dq=block,
     )
-    # Concrete mask tables even when first built inside a trace: the kernel is cached.
-    with jax.ensure_compile_time_eval():
-        return _make_splash(splash, heads, head_mask, sizes, cap, interpret)
-
-
-def _make_splash(splash, heads, head_mask, sizes, cap, interpret):
     return splash.make_splash_mha(
         splash.MultiHeadMask([head_mask] * heads),
         block_sizes=sizes,
@@ -426,10 +421,8 @@ def _in_shard_map(run, heads: int, kv_heads: int, segmented: bool):
     head_axis = "tensor" if tensor > 1 and not heads % tensor and not kv_heads % tensor else None
     spec = P(rows, head_axis, None, None)
     in_specs = (spec, spec, spec, P(rows, None) if segmented else None)
-    shard_map = getattr(jax, "shard_map", None)
-    if shard_map is None:  # older jax
-        from jax.experimental.shard_map import shard_map
-    return shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=spec)
+    # The kernel's outputs carry no varying-axes annotation, which shard_map's check demands.
+    return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)
 
 
 def windows_of(layer_windows: Sequence[int]) -> tuple[int, ...]:
