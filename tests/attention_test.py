@@ -110,6 +110,34 @@ def test_softcap(implementation):
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN runs on an NVIDIA GPU")
+@pytest.mark.parametrize("padding", sorted(PADDINGS))
+@pytest.mark.parametrize("window", [0, 5])
+def test_cudnn_on_gpu(padding, window):
+    """cuDNN itself (bench/gpu_check.sh runs this file on the GPU): bf16 inputs, forward
+    against numpy and gradients against the tiled path, at bf16's tolerance."""
+    q, k, v = _inputs(seed=3, dtype=jnp.bfloat16)
+    key_mask = PADDINGS[padding]
+    mask_BxT = None if key_mask is None else jnp.asarray(key_mask, jnp.int32)
+    mask = attention.Mask(mask_BxT, jnp.int32(window), (0, 5))
+    real = (np.ones((B, T)) if key_mask is None else key_mask)[:, :, None, None]
+    out = jax.jit(lambda q, k, v: _run("cudnn", q, k, v, mask))(q, k, v)
+    expected = _numpy_attention(q, k, v, key_mask, window, SCALE, 0.0)
+    np.testing.assert_allclose(np.asarray(out, np.float32) * real, expected * real, atol=2e-2)
+
+    def loss(implementation):
+        return lambda q, k, v: jnp.sum(
+            _run(implementation, q, k, v, mask).astype(jnp.float32) * real
+        )
+
+    grads = jax.jit(jax.grad(loss("cudnn"), argnums=(0, 1, 2)))(q, k, v)
+    reference = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
+    for got, want in zip(grads, reference, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), atol=5e-2
+        )
+
+
 def test_unknown_implementation_is_refused():
     with pytest.raises(ValueError, match="unknown attention implementation"):
         attention.check_implementation("flash")
