@@ -414,6 +414,8 @@ def _in_shard_map(run, heads: int, kv_heads: int, segmented: bool):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or math.prod(mesh.shape.values()) == 1:
         return run
+    if jax.sharding.AxisType.Manual in mesh.axis_types:  # already inside a shard_map
+        return run
     from jax.sharding import PartitionSpec as P
 
     rows = tuple(axis for axis in ("data", "fsdp") if axis in mesh.shape) or None
