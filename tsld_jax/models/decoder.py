@@ -162,10 +162,9 @@ def _rotary(x_BxTxNxK: jax.Array, positions_BxT: jax.Array, inv_freq_K2: jax.Arr
     return (x32 * cos + rotated * sin).astype(x_BxTxNxK.dtype)
 
 
-# The mask, the tiled attention and the soft-cap live in `attention.py` beside the fused kernels;
-# these names stay for the decoder's callers.
+# The mask, the tiled attention (its QUERY_TILE) and the soft-cap live in `attention.py` beside
+# the fused kernels; these names stay for the decoder's callers.
 attention_mask = attention_lib.attention_mask
-QUERY_TILE = attention_lib.QUERY_TILE
 _softcap = attention_lib.softcap
 
 
