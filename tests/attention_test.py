@@ -226,6 +226,7 @@ def _gpu_mesh_or_skip(target):
 _CUDNN_CALL = "__cudnn$fmha"
 
 
+@pytest.mark.slow  # as tests/aot_test.py: XLA:GPU compiles
 @pytest.mark.parametrize("target", ["a100-40gb", "h200"])
 def test_cudnn_compiles_for_gpu(target):
     """The decoder's train-shaped forward and backward (bf16, odd length, padding, a local and
@@ -250,10 +251,10 @@ def test_cudnn_compiles_for_gpu(target):
 
         return jax.jit(jax.grad(loss)).trace(params, tokens).lower().compile().as_text()
 
-    assert _CUDNN_CALL in text("cudnn", jnp.bfloat16)
+    # (Two compiles of about 30 s each: "cudnn" lowers as "auto" does for bf16, and "xla" is the
+    # float32 program's attention.)
     assert _CUDNN_CALL in text("auto", jnp.bfloat16)
     assert _CUDNN_CALL not in text("auto", jnp.float32)
-    assert _CUDNN_CALL not in text("xla", jnp.bfloat16)
 
 
 def _tpu_devices_or_skip(topology):
