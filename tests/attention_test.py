@@ -224,9 +224,13 @@ def _gpu_mesh_or_skip(target):
 
 
 _CUDNN_CALL = "__cudnn$fmha"
+# jax 0.10.2 writes deviceless programs to the persistent cache but cannot read them back without
+# the device (as in tests/aot_test.py); it then recompiles.
+_NO_CACHE_READS = pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
 
 
 @pytest.mark.slow  # as tests/aot_test.py: XLA:GPU compiles
+@_NO_CACHE_READS
 @pytest.mark.parametrize("target", ["a100-40gb", "h200"])
 def test_cudnn_compiles_for_gpu(target):
     """The decoder's train-shaped forward and backward (bf16, odd length, padding, a local and
@@ -265,6 +269,7 @@ def _tpu_devices_or_skip(topology):
     return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
 
 
+@_NO_CACHE_READS
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
 def test_splash_compiles_for_tpu(topology):
     """The splash kernel (forward and backward) compiles for one TPU chip, and for four inside

@@ -24,6 +24,10 @@ Ampere, above 256 on Hopper, or not a multiple of 8). The l2l loss needs the att
 the KV-cache (generation) path attends over cache slots, not positions: the decoder keeps both on
 `tiled`, which returns scores.
 
+Under `train.remat` "dots" (save matmul outputs only) the fused kernels' outputs are not matmuls,
+so the backward pass runs their forward again; whether saving them pays is for a GPU to measure
+(bench/gpu_check.sh's attention_step stage runs the default, "dots").
+
 Padding: cuDNN only knows per-row lengths (real tokens first). A padded row is compacted, its
 real tokens gathered to the front in order, attended with the row's length, and scattered back;
 for left or right padding that is exactly the masked attention, and for padding between real
