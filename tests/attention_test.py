@@ -307,3 +307,17 @@ def test_splash_compiles_for_tpu(topology):
     tokens = jax.ShapeDtypeStruct((2, 255), jnp.int32, sharding=whole)
     forward = jax.jit(lambda p, t: decoder.forward(p, t, spec, mask_BxT=jnp.ones_like(t)))
     assert "tpu_custom_call" in forward.trace(params, tokens).lower().compile().as_text()
+
+
+def test_config_choice_reaches_the_spec():
+    """config.model.attention sets the models' spec (trainer) and the planned spec (--plan)."""
+    from configs import base
+    from tsld_jax import plan, recipe
+
+    cfg = base.get_config()
+    cfg.model.name_or_path = named.RANDOM
+    cfg.model.attention = "pallas_interpret"
+    assert recipe.load_named_or_path(named.RANDOM, cfg, 0).spec.attention == "pallas_interpret"
+    assert plan.model_spec(cfg).attention == "pallas_interpret"
+    del cfg.model.attention  # a run's config.json from before the field: the default
+    assert recipe.load_named_or_path(named.RANDOM, cfg, 0).spec.attention == "auto"
