@@ -71,7 +71,12 @@ def _hf_config(name: str) -> dict | None:
 
 def model_spec(cfg, name: str | None = None) -> ModelSpec:
     """The architecture a config names, without its weights: "random" from model.random,
-    SmolLM2, a local HF directory's config.json, or a paper hub id (configs/paper.HF_CONFIGS)."""
+    SmolLM2, a local HF directory's config.json, or a paper hub id (configs/paper.HF_CONFIGS);
+    attention as `model.attention` says."""
+    return recipe.with_attention(_architecture(cfg, name), cfg)
+
+
+def _architecture(cfg, name: str | None = None) -> ModelSpec:
     name = name or cfg.model.name_or_path
     if name == named.RANDOM:
         return named.random_spec(cfg.model.random)
