@@ -47,14 +47,18 @@ demo: setup
 
 # What the tests need beyond the demo: llama.cpp (the deploy extra, built from source once), and
 # for tests/aot_test.py's GPU compiles without a GPU (tsld_jax.aot) the CUDA plugin of the
-# installed jax and the CUDA compiler packages, without their dependencies (about 670 MB; no GPU,
-# driver or cuDNN needed). The CUDA 12.9 tools are the versions tested with jax 0.10.2.
+# installed jax and the CUDA compiler packages, without their dependencies (about 670 MB; no GPU
+# or driver needed), and cuDNN's library for the cuDNN attention compiles (tests/attention_test.py).
+# The CUDA 12.9 tools are the versions tested with jax 0.10.2.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[dev,deploy]" "jax==$(JAX)" "jaxlib==$(JAX)"
 	JAX_VERSION="$$($(BIN)/python -c 'import jax; print(jax.__version__)')" && \
 	$(BIN)/python -m pip install --quiet --no-deps "jax-cuda12-plugin==$$JAX_VERSION" \
 	    "jax-cuda12-pjrt==$$JAX_VERSION" nvidia-cuda-nvcc-cu12==12.9.86 \
 	    nvidia-nvjitlink-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79
+	# cuDNN's library (717 MB download, 1.1 GB installed): jax asks it for its version when it
+	# traces cuDNN attention, so compiling `model.attention` "cudnn"/"auto" for a GPU needs it.
+	$(BIN)/python -m pip install --quiet --no-deps nvidia-cudnn-cu12==9.28.0.42
 	touch $@
 
 test: $(VENV)/.installed-test

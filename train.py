@@ -130,7 +130,7 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def _leave_at_once(signum, frame):
     # Start-up before the workdir is touched (imports, flags, the config, jax starting): nothing
     # to clean up, and a KeyboardInterrupt raised inside an import of jax's or at interpreter
-    # exit crashed the process (a traceback at 2 s, a segfault at 3-4 s after launch).
+    # exit crashed the process (a traceback or a segfault, depending on the moment).
     _exit(
         f"stopped by {signal.Signals(signum).name} while starting; nothing was written",
         128 + signum,

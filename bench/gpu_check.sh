@@ -11,11 +11,14 @@
 #   wheels         install bench/wheels/*.whl (no index, no deps) into a scratch --target dir
 #   tests          the GPU-relevant tests natively: Pallas kernels, quantizers, packing, losses,
 #                  train step, sharding, rules, QAT, the packed decoder (kernel in the model),
+#                  cuDNN attention against numpy,
 #                  logit parity with transformers where torch is there
 #   kernels        bench/kernels_speed.py: W2/W4/W8A16 against XLA's bf16 dot, K=N 4096 and 8192,
 #                  M 1..4096
 #   train_step     one QAT-TSLD step at SmolLM2-135M's shapes (random weights, B=4, T=512):
 #                  tokens/s and peak device memory, against the same step in PyTorch on the GPU
+#   attention_step the same step (bf16 forward) with cuDNN's fused attention against the tiled
+#                  XLA attention (config model.attention=cudnn vs xla), B=2, T=2048, one run
 #   packed_forward the packed model's forward, Pallas kernel against the XLA path (and float)
 #   train_smoke    train.py on configs/smoke.py
 # Every figure goes to $OUT/gpu_check.json, a readable summary to $OUT/gpu_check.md, the stages'
@@ -119,14 +122,17 @@ if [ "$CPU" = 1 ]; then
     tests/export_test.py::test_packed_logits_equal_fake_quantized)
   KERNELS=(--smoke)
   STEP=(--tiny --batch 2 --length 64 --steps 2)
+  # cuDNN cannot run on a CPU: the dry run compares the Pallas kernel in interpret mode.
+  ATTENTION_STEP=(--tiny --batch 2 --length 64 --steps 1 --attentions xla pallas_interpret)
   FORWARD=(--tiny)
   SMOKE=(--config.train.steps=4)
 else
   TESTS=(tests/pallas tests/quantizers_test.py tests/qtensor_test.py tests/losses_test.py
     tests/train_step_test.py tests/sharding_test.py tests/rules_test.py tests/qat_test.py
-    tests/export_test.py tests/models_test.py)
+    tests/export_test.py tests/models_test.py tests/attention_test.py)
   KERNELS=(--sizes 4096 8192 --rows 1 16 64 512 4096 --repeats 10)
   STEP=(--batch 4 --length 512 --steps 3)
+  ATTENTION_STEP=(--batch 2 --length 2048 --steps 3 --attentions xla cudnn)
   FORWARD=()
   SMOKE=()
 fi
@@ -139,6 +145,8 @@ run_stage tests 240 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider \
 run_stage kernels 150 "$PY" bench/kernels_speed.py "${KERNELS[@]}" --json "$WORK/kernels.json"
 run_stage train_step 150 "$PY" bench/train_step.py --model random --impls "${IMPLS[@]}" \
   "${STEP[@]}" --json "$WORK/train_step.json"
+run_stage attention_step 150 "$PY" bench/train_step.py --model random --impls jax \
+  --compute-dtype bfloat16 "${ATTENTION_STEP[@]}" --json "$WORK/attention_step.json"
 run_stage packed_forward 100 "$PY" bench/packed_forward.py "${FORWARD[@]}" \
   --json "$WORK/packed_forward.json"
 run_stage train_smoke 120 "$PY" train.py --config configs/smoke.py --workdir "$WORK/smoke" \

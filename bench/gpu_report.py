@@ -3,8 +3,9 @@
     python bench/gpu_report.py WORK_DIR OUT_DIR
 
 Reads WORK_DIR/stages.jsonl (one line per stage: status, exit code, seconds), env.json,
-tests.xml (pytest's junit report), kernels.json, train_step.json, packed_forward.json and
-smoke/metrics.jsonl, whichever exist; writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md.
+tests.xml (pytest's junit report), kernels.json, train_step.json, attention_step.json,
+packed_forward.json and smoke/metrics.jsonl, whichever exist; writes OUT_DIR/gpu_check.json and
+OUT_DIR/gpu_check.md.
 Standard library only: it must run whatever else failed.
 """
 
@@ -122,6 +123,28 @@ def _markdown(report) -> str:
                 f"tsld-jax / PyTorch: {step['speed_vs_torch']:.2f}x tokens/s"
                 + (f", {memory:.2f}x peak device memory" if memory else ""),
             ]
+    attention = report.get("attention_step")
+    if attention:
+        lines += [
+            "",
+            f"## Fused attention step (SmolLM2-135M shapes, random weights, "
+            f"B={attention['batch']}, T={attention['length']}, "
+            f"{attention.get('compute_dtype')} forward, remat={attention['remat']})",
+            "",
+            "| attention | tokens/s | step s | peak device MiB | device |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in attention["results"].items():
+            peak = r.get("peak_device_mib")
+            lines.append(
+                f"| {name} | {r['tokens_per_s']:.0f} | {r['seconds']:.3f} | "
+                f"{'-' if peak is None else f'{peak:.0f}'} | {r['device']} |"
+            )
+        for name, error in attention.get("failures", {}).items():
+            last = error.strip().splitlines()[-1:] or ["?"]
+            lines.append(f"| {name} | FAILED: {last[0][:200]} | | | |")
+        for name, speedup in (attention.get("attention_speedup") or {}).items():
+            lines += ["", f"attention={name} against the first: {speedup:.2f}x steps/s"]
     forward = report.get("packed_forward")
     if forward:
         lines += [
@@ -162,6 +185,7 @@ def main():
         "tests": _tests(os.path.join(work, "tests.xml")),
         "kernels": _load(os.path.join(work, "kernels.json")),
         "train_step": _load(os.path.join(work, "train_step.json")),
+        "attention_step": _load(os.path.join(work, "attention_step.json")),
         "packed_forward": _load(os.path.join(work, "packed_forward.json")),
         "train_smoke": _smoke(work),
     }

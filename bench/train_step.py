@@ -22,6 +22,7 @@ they allocate their large per-step buffers afresh; docs/benchmarks.md gives both
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -89,6 +90,9 @@ def run_jax(args) -> dict:
 
         model = load_model(smollm2_gguf_path())
         tokens = _batch(model.tokenizer, args.batch, args.length)
+    # config.model.attention: which attention implementation the step runs.
+    model.spec = dataclasses.replace(model.spec, attention=args.attention)
+    compute_dtype = jnp.dtype(args.compute_dtype)
     ones = jnp.ones_like(tokens)
     batch = {"tokens": jnp.asarray(tokens), "attention_mask": ones, "loss_mask": ones}
     train_cfg = ml_collections.ConfigDict(
@@ -110,7 +114,12 @@ def run_jax(args) -> dict:
     if args.stage == 1 and args.microbatches == 1:
         step = jax.jit(
             train_step.make_train_step(
-                model.spec, rules.default_rules(), loss_cfg, optimizer, remat=args.remat
+                model.spec,
+                rules.default_rules(),
+                loss_cfg,
+                optimizer,
+                compute_dtype=compute_dtype,
+                remat=args.remat,
             ),
             donate_argnums=(0,),
         )
@@ -137,31 +146,34 @@ def run_jax(args) -> dict:
 
 
 def _pipelined(args, spec, loss_cfg, optimizer, state, batch, teacher):
-    """The step as train.py builds it for config.mesh.stage / train.microbatches: a (stage,)
-    mesh over that many devices (fake CPU devices here, see main), everything placed with the
-    trainer's shardings."""
+    """The step as train.py builds it (`train_step.jit_train_step`) for config.mesh.stage /
+    train.microbatches: a (stage,) mesh over that many devices (fake CPU devices here, see
+    main), everything placed with the trainer's shardings."""
     import jax
+    import ml_collections
 
     from tsld_jax import sharding, train_step
-    from tsld_jax.models import decoder
     from tsld_jax.quant import rules
 
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[: args.stage], stage=args.stage)
-    pipeline = decoder.Pipeline(args.stage, args.microbatches, mesh)
-    state_shardings = sharding.state_shardings(jax.eval_shape(lambda s: s, state), optimizer, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
-    teacher_shardings = sharding.param_shardings(teacher, mesh)
-    step = jax.jit(
-        train_step.make_train_step(
-            spec, rules.default_rules(), loss_cfg, optimizer, remat=args.remat, pipeline=pipeline
-        ),
-        in_shardings=(state_shardings, batch_sharding, teacher_shardings),
-        out_shardings=(state_shardings, None),
-        donate_argnums=(0,),
+    train_cfg = ml_collections.ConfigDict(
+        {"grad_accum": 1, "dtype": "float32", "remat": args.remat}
+        | {"microbatches": args.microbatches}
+    )
+    step = train_step.jit_train_step(
+        spec,
+        rules.default_rules(),
+        loss_cfg,
+        train_cfg,
+        optimizer,
+        jax.eval_shape(lambda s: s, state),
+        mesh,
+        teacher,
+        args.teacher_dtype,
     )
     place = jax.device_put
-    return (step, place(state, state_shardings), place(batch, batch_sharding),
-            place(teacher, teacher_shardings))  # fmt: skip
+    return (step.fn, place(state, step.state_shardings), place(batch, step.batch_sharding),
+            place(teacher, step.teacher_shardings))  # fmt: skip
 
 
 def run_torch(args) -> dict:
@@ -274,6 +286,26 @@ def main():
     parser.add_argument(
         "--microbatches", type=int, default=1, help="jax: config.train.microbatches"
     )
+    attention_choices = ["auto", "xla", "cudnn", "pallas", "pallas_interpret"]
+    parser.add_argument(
+        "--attention",
+        choices=attention_choices,
+        default="auto",
+        help="jax: config.model.attention (the attention implementation)",
+    )
+    parser.add_argument(
+        "--attentions",
+        nargs="+",
+        choices=attention_choices,
+        help="jax: run the step once per implementation (each its own process, one after the "
+        "other), results keyed 'jax attention=NAME', and compare each with the first",
+    )
+    parser.add_argument(
+        "--compute-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="jax: the forward pass's dtype (config.train.dtype; latent weights stay float32)",
+    )
     args = parser.parse_args()
     if args.impl == "jax" and args.stage > 1 and "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = (
@@ -289,8 +321,15 @@ def main():
         print("RESULT " + json.dumps(result))
         return
     results, failures = {}, {}
+    runs = []  # (result key, impl, attention)
     for impl in args.impls:
+        if impl == "jax" and args.attentions:
+            runs += [(f"jax attention={a}", impl, a) for a in args.attentions]
+        else:
+            runs.append((impl, impl, args.attention))
+    for key, impl, attention in runs:
         flags = ["--model", args.model] + (["--tiny"] if args.tiny else [])
+        flags += ["--attention", attention, "--compute-dtype", args.compute_dtype]
         run = subprocess.run(
             [
                 sys.executable,
@@ -317,15 +356,16 @@ def main():
             text=True,
         )
         if run.returncode or "RESULT " not in run.stdout:  # a failing side is a finding
-            failures[impl] = run.stderr[-2000:]
-            print(f"{impl} failed (exit {run.returncode}):\n{failures[impl]}", file=sys.stderr)
+            failures[key] = run.stderr[-2000:]
+            print(f"{key} failed (exit {run.returncode}):\n{failures[key]}", file=sys.stderr)
             continue
-        results[impl] = json.loads(run.stdout.split("RESULT ", 1)[1])
+        results[key] = json.loads(run.stdout.split("RESULT ", 1)[1])
     tokens = args.batch * args.length
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; batch {args.batch} x "
         f"{args.length}; median of {args.steps} steps after one warm-up; remat={args.remat}; "
         f"teacher {args.teacher_dtype}; stage {args.stage} x {args.microbatches} microbatches; "
+        f"compute {args.compute_dtype}; "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} (both processes)"
     )
     for impl, r in results.items():
@@ -340,7 +380,17 @@ def main():
     summary = {"batch": args.batch, "length": args.length, "model": args.model,
                "tiny": args.tiny, "remat": args.remat, "teacher_dtype": args.teacher_dtype,
                "stage": args.stage, "microbatches": args.microbatches, "results": results,
-               "failures": failures}  # fmt: skip
+               "failures": failures, "compute_dtype": args.compute_dtype}  # fmt: skip
+    if args.attentions and len(args.attentions) > 1:
+        # Step time of the first implementation (the baseline) over each other's, same run.
+        base = results.get(f"jax attention={args.attentions[0]}")
+        summary["attention_speedup"] = {
+            a: base["seconds"] / results[f"jax attention={a}"]["seconds"]
+            for a in args.attentions[1:]
+            if base and f"jax attention={a}" in results
+        }
+        for name, speedup in summary["attention_speedup"].items():
+            print(f"attention={name} / attention={args.attentions[0]}: {speedup:.2f}x steps/s")
     if {"jax", "torch"} <= set(results):
         jax_r, torch_r = results["jax"], results["torch"]
         summary["speed_vs_torch"] = torch_r["seconds"] / jax_r["seconds"]

@@ -27,6 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
     # latent weights stay float32 whatever this says (the paper's recipe). Not resumable: a run
     # distilled from another teacher precision is another run.
     c.model.teacher_dtype = "float32"
+    # Self-attention's implementation (both models): "auto" (cuDNN flash attention on NVIDIA
+    # GPUs for bf16/fp16, the Pallas splash kernel on TPUs, the tiled XLA path elsewhere),
+    # "xla", "cudnn" (a float32 model's attention then runs in bf16), "pallas" (TPU) or
+    # "pallas_interpret" (tests). The l2l loss and generation always use the tiled path.
+    c.model.attention = "auto"
     # For name_or_path == "random": a LLaMA-family model of this size (smoke tests).
     c.model.random = ml_collections.ConfigDict()
     c.model.random.vocab_size = 256

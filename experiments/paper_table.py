@@ -73,9 +73,9 @@ TABLES = {
         student="ptb_word_model",
         block_size=128,
         batch_size=16,
-        # Measured here (2 cores, quiet): ~0.6 s an FP step and ~0.9 s a QAT step of 16x128
-        # tokens, 473 steps an epoch; so 4 FP epochs and 1 QAT epoch for each of the ten rows
-        # is the about two hours the issue allows.
+        # 4 FP epochs and 1 QAT epoch for each of the ten rows: the about two hours the issue
+        # allows at this CPU's step times (docs/benchmarks.md, "Measurements behind design
+        # choices").
         fp_epochs=4,
         fp_lr=1e-3,
         fp_warmup=100,
@@ -89,11 +89,12 @@ TABLES = {
         student="smollm2-135m",
         block_size=256,
         batch_size=4,
-        # Measured here (2 cores): ~10 s a QAT step of 4 x 256 tokens, and ~20 minutes to
-        # evaluate both whole PTB splits once (450 blocks each). Eight QAT rows of the latter
-        # alone would be the two hours, so the final perplexities and the error analysis use
-        # the first 64 blocks of each split (16,384 tokens), and the QAT rows train 32 steps at
-        # the short-run learning rate the default run measured (1e-3).
+        # Sized for about two hours of this CPU (its step and evaluation times:
+        # docs/benchmarks.md, "Measurements behind design choices"): evaluating both whole PTB
+        # splits after each of eight QAT rows would alone take them, so the final perplexities
+        # and the error analysis use the first 64 blocks of each split (16,384 tokens), and
+        # the QAT rows train 32 steps at the short-run learning rate the default run chose
+        # from TSLD runs (1e-3).
         fp_epochs=0.05,
         fp_lr=1e-4,
         fp_warmup=0,

@@ -99,7 +99,7 @@ class BlockSizes:
 # Launch defaults, checked by bench/kernels_static.py against the sm_80/sm_90 compilers: no spills,
 # shared memory within an A100's 163 KB and an H100's 227 KB (docs/kernels.md). Decode: 4 warps
 # and 512-row K tiles give each thread 256 weights a tile, over which the loop's fixed costs
-# (addresses, barriers) spread thin: W2 unpacks at under 2 instructions a weight on sm_90.
+# (addresses, barriers) spread thin (W2's instructions a weight: docs/kernels_static.json).
 DECODE = BlockSizes(block_m=16, block_n=128, block_k=512, k_splits=0, num_warps=4, num_stages=4)
 # 17..64 rows: one 64-row tile (weights still read once); half the K tile and two stages,
 # since the activation tile and the accumulators grow fourfold (with three, the 8-bit launch
@@ -252,8 +252,8 @@ def _kernel(
     # A short loop's trip count (k_steps) comes in as data so that the compiler cannot see it:
     # LLVM unrolls a loop of a few known steps fully, which undoes Triton's software
     # pipelining and, with a 64-row tile on sm_80, ran out of registers (160 bytes of spills,
-    # bench/kernels_static.py). Long loops keep the constant (cheaper addressing: prefill on
-    # sm_90 predicted 0.93x bf16 against 0.79x for W4).
+    # bench/kernels_static.py). Long loops keep the constant: its addressing is cheaper
+    # (the predicted prefill times: docs/kernels.md).
     trip_count = steps_ref[0] if steps_ref is not None else k_steps
     acc_MxN, xsum_Mx1 = lax.fori_loop(0, trip_count, step, carry)
     if pairs and one_group:

@@ -138,6 +138,7 @@ def _train(*flags):
         ("--config.model.name_or_path=/no/such/model", "model.name_or_path"),
         ("--config.loss.kind=mse", "loss.kind"),
         ("--config.train.remat=some", "train.remat"),
+        ("--config.model.attention=flash", "model.attention"),
     ],
 )
 def test_bad_config_is_one_line_error(flag, field, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import tiny_models
 
 from tsld_jax import generate
-from tsld_jax.models import decoder, spec_from_hf_config
+from tsld_jax.models import attention, decoder, spec_from_hf_config
 
 NEW_TOKENS = 7
 PROMPT_LENGTHS = (5, 9, 3)
@@ -60,12 +60,12 @@ def _greedy_by_recomputation(params, spec, ids, steps):
 
 @pytest.mark.parametrize(
     "name, tile",
-    [(name, decoder.QUERY_TILE) for name in sorted(tiny_models.CONFIGS)]
+    [(name, attention.QUERY_TILE) for name in sorted(tiny_models.CONFIGS)]
     # Query tiles of 4 over the 11-token prompts: the prefill's tiles cut keys at their end.
     + [("llama_gqa_untied", 4), ("gpt_neo_local", 4)],
 )
 def test_kv_cache_generation_equals_full_recomputation(name, tile, monkeypatch):
-    monkeypatch.setattr(decoder, "QUERY_TILE", tile)
+    monkeypatch.setattr(attention, "QUERY_TILE", tile)
     spec, params = _model(name)
     prompts = _prompts()
     # One batch, three paddings: left (row 0), right (row 1), both sides (row 2).
@@ -82,9 +82,9 @@ def test_kv_cache_generation_equals_full_recomputation(name, tile, monkeypatch):
         assert out[row].tolist() == expected, (name, row)
 
 
-@pytest.mark.parametrize("tile", [decoder.QUERY_TILE, 4])
+@pytest.mark.parametrize("tile", [attention.QUERY_TILE, 4])
 def test_chunked_prefill_matches_forward(tile, monkeypatch):
-    monkeypatch.setattr(decoder, "QUERY_TILE", tile)  # 4: query tiles over the cache's slots
+    monkeypatch.setattr(attention, "QUERY_TILE", tile)  # 4: query tiles over the cache's slots
     spec, params = _model("llama_gqa_untied")
     tokens, mask = _pad(_prompts(), "left")
 

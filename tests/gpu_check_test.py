@@ -10,7 +10,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("kernels", "train_step", "packed_forward")
+STAGES = ("kernels", "train_step", "attention_step", "packed_forward")
 
 
 @pytest.mark.slow
@@ -37,6 +37,11 @@ def test_benchmark_stages_run_on_the_cpu(tmp_path):
     assert formats == {"bf16", "w2a16", "w4a16", "w8a16"}
     assert report["train_step"]["results"]["jax"]["seconds"] > 0
     assert report["train_step"]["failures"] == {}
+    attention = report["attention_step"]
+    assert attention["failures"] == {}
+    assert set(attention["results"]) == {"jax attention=xla", "jax attention=pallas_interpret"}
+    assert attention["attention_speedup"]["pallas_interpret"] > 0
     assert [r["shape"] for r in report["packed_forward"]["rows"]] == ["prefill", "decode"]
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "## Kernels" in markdown and "## Packed forward" in markdown
+    assert "## Fused attention step" in markdown

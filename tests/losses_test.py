@@ -1,13 +1,16 @@
 """The distillation losses against numpy transcriptions of PAPER.md, and chunked vs naive TSLD."""
 
+import copy
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_models
 
-from tsld_jax import losses
+from tsld_jax import losses, qat
+from tsld_jax.models import decoder, load_model
 
 B, T, V = 3, 7, 13
 TAU = 10.0
@@ -55,18 +58,19 @@ def np_tsld(student, teacher, labels, mask):
 
 
 def np_layer_mse(student, teacher, valid):
-    # One layer: mean of squared differences over the valid elements.
+    # One layer: mean of squared differences over the valid elements (`valid` indexes the
+    # leading axes; a hidden state's features all count).
     return ((student - teacher) ** 2)[valid].mean()
 
 
-def np_l2l(student, teacher, s_hidden, t_hidden, s_scores, t_scores, mask):
-    valid_tokens = np.broadcast_to(mask[..., None] > 0, s_hidden.shape[1:])
+def np_l2l(student, teacher, s_hidden, t_hidden, s_probs, t_probs, mask):
+    valid_tokens = mask > 0
     hidden = sum(np_layer_mse(s, t, valid_tokens) for s, t in zip(s_hidden, t_hidden, strict=True))
     causal = np.tril(np.ones((T, T), bool))
     pairs = causal[None] & (mask[:, :, None] > 0) & (mask[:, None, :] > 0)
-    valid_pairs = np.broadcast_to(pairs[:, None], s_scores.shape[1:])
-    scores = sum(np_layer_mse(s, t, valid_pairs) for s, t in zip(s_scores, t_scores, strict=True))
-    return np_logit(student, teacher, mask) + hidden + scores
+    valid_pairs = np.broadcast_to(pairs[:, None], s_probs.shape[1:])
+    probs = sum(np_layer_mse(s, t, valid_pairs) for s, t in zip(s_probs, t_probs, strict=True))
+    return np_logit(student, teacher, mask) + hidden + probs
 
 
 def np_softmax(x):
@@ -179,14 +183,14 @@ def test_teacher_receives_no_gradient(kind):
     aux = _aux(np.random.default_rng(3))
 
     def loss(teacher_logits, teacher_hidden):
-        teacher_aux = {"hidden": teacher_hidden, "attn_scores": aux["teacher_scores"]}
-        student_aux = {"hidden": aux["student_hidden"], "attn_scores": aux["student_scores"]}
+        teacher_aux = {"hidden": teacher_hidden, "attn_probs": aux["teacher_probs"]}
+        student_aux = {"hidden": aux["student_hidden"], "attn_probs": aux["student_probs"]}
         return losses.distillation_loss(
             kind, student, teacher_logits, labels, student_aux=student_aux, teacher_aux=teacher_aux
         )[0]
 
     grads = jax.grad(loss, argnums=(0, 1))(teacher, aux["teacher_hidden"])
-    for grad in grads:
+    for grad in jax.tree.leaves(grads):
         np.testing.assert_array_equal(np.asarray(grad), 0.0)
 
 
@@ -327,19 +331,28 @@ def test_chunked_equals_naive_with_gradients(chunk, dtype):
 
 
 # ----------------------------------------------------------------------------- l2l
-L, H, D = 2, 2, 5
+L, H, D, E = 2, 2, 5, 3
 
 
 def _aux(rng):
     def normal(*shape):
         return jnp.asarray(rng.normal(size=shape), jnp.float32)
 
+    def probs(*shape):
+        return jax.nn.softmax(3.0 * normal(*shape), axis=-1)
+
+    # Hugging Face's hidden-state tuple: L + 1 entries, the last one of another width (OPT-350m's
+    # project_out) to check that every entry is its own mean.
     return {
-        "student_hidden": normal(L + 1, B, T, D),
-        "teacher_hidden": normal(L + 1, B, T, D),
-        "student_scores": normal(L, B, H, T, T),
-        "teacher_scores": normal(L, B, H, T, T),
+        "student_hidden": (*(normal(B, T, D) for _ in range(L)), normal(B, T, E)),
+        "teacher_hidden": (*(normal(B, T, D) for _ in range(L)), normal(B, T, E)),
+        "student_probs": probs(L, B, H, T, T),
+        "teacher_probs": probs(L, B, H, T, T),
     }
+
+
+def _np_aux(aux):
+    return [tuple(map(_np, a)) if isinstance(a, tuple) else _np(a) for a in aux.values()]
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
@@ -350,7 +363,7 @@ def test_l2l_matches_numpy(jit, masked):
     mask = _mask(masked)
     jmask = jnp.asarray(mask) if masked else None
     got = _call(losses.l2l, jit, student, teacher, *aux.values(), jmask)
-    expected = np_l2l(_np(student), _np(teacher), *(_np(a) for a in aux.values()), mask)
+    expected = np_l2l(_np(student), _np(teacher), *_np_aux(aux), mask)
     np.testing.assert_allclose(float(got), expected, rtol=2e-6)
     total, parts = losses.distillation_loss(
         "l2l",
@@ -358,22 +371,155 @@ def test_l2l_matches_numpy(jit, masked):
         teacher,
         jnp.zeros((B, T), jnp.int32),
         jmask,
-        student_aux={"hidden": aux["student_hidden"], "attn_scores": aux["student_scores"]},
-        teacher_aux={"hidden": aux["teacher_hidden"], "attn_scores": aux["teacher_scores"]},
+        student_aux={"hidden": aux["student_hidden"], "attn_probs": aux["student_probs"]},
+        teacher_aux={"hidden": aux["teacher_hidden"], "attn_probs": aux["teacher_probs"]},
     )
     np.testing.assert_allclose(float(total), expected, rtol=2e-6)
     assert set(parts) >= {"logit", "hidden_mse", "attn_mse"}
 
 
-def test_l2l_ignores_the_non_causal_scores():
+def test_l2l_ignores_the_non_causal_probabilities():
     student, teacher, _ = _data()
     aux = _aux(np.random.default_rng(1))
     upper = jnp.triu(jnp.ones((T, T), bool), k=1)[None, None, None]
-    perturbed = jnp.where(upper, aux["student_scores"] + 100.0, aux["student_scores"])
+    perturbed = jnp.where(upper, aux["student_probs"] + 100.0, aux["student_probs"])
     args = (aux["student_hidden"], aux["teacher_hidden"])
-    a = losses.l2l(student, teacher, *args, aux["student_scores"], aux["teacher_scores"])
-    b = losses.l2l(student, teacher, *args, perturbed, aux["teacher_scores"])
+    a = losses.l2l(student, teacher, *args, aux["student_probs"], aux["teacher_probs"])
+    b = losses.l2l(student, teacher, *args, perturbed, aux["teacher_probs"])
     np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- l2l vs the authors
+# Our l2l against aiha-lab/TSLD's trainer (`KDTrainer.compute_loss`, its `l2l` option: kd_pred
+# and kd_l2l) evaluated on transformers' own outputs of a tiny OPT and a tiny LLaMA, teacher and
+# perturbed student, run with eager attention, output_hidden_states and output_attentions.
+HF_BATCH, HF_LENGTH = 2, 12
+
+
+def _authors_l2l(student, teacher, real=None):
+    """The authors' l2l on two transformers outputs, as their trainer computes it.
+
+    With `real` None, line for line theirs: `logit` over positions 0..T-2, MSELoss of every
+    entry of `hidden_states` (the last is after the final norm), and the MSE of the attentions
+    (post-softmax probabilities) over the causal lower triangle. `real`, (B, T) bool, is a
+    padded batch's real tokens: every mean then runs over real positions only (their blocks had
+    no padding). Returns (total, logit, hidden, attention).
+    """
+    torch = pytest.importorskip("torch")
+    mse = torch.nn.MSELoss()
+    student_logits = student.logits[..., :-1, :]
+    teacher_logits = teacher.logits[..., :-1, :].float()
+    soft_ce = torch.sum(
+        -torch.softmax(teacher_logits, -1) * torch.log_softmax(student_logits, -1), dim=-1
+    )
+    pred = soft_ce.mean() if real is None else soft_ce[real[:, 1:]].mean()
+    hidden = 0
+    for s, t in zip(student.hidden_states, teacher.hidden_states, strict=True):
+        hidden += mse(s, t.float()) if real is None else mse(s[real], t[real].float())
+    attention = 0
+    for s, t in zip(student.attentions, teacher.attentions, strict=True):
+        s = torch.where(s <= -1e5, 0, s)  # theirs; a no-op on probabilities
+        t = torch.where(t <= -1e5, 0, t)
+        keep = torch.tril(torch.ones_like(t.float())).bool()
+        if real is not None:
+            keep = keep & real[:, None, :, None] & real[:, None, None, :]
+        attention += ((t - s)[keep] ** 2).mean()
+    return [float(x) for x in (pred + hidden + attention, pred, hidden, attention)]
+
+
+@pytest.fixture(scope="module", params=["opt_pre", "llama_gqa_untied"])
+def teacher_and_student(request, tmp_path_factory):
+    """A tiny random HF model and a perturbed copy, both saved, both in eager attention."""
+    torch = pytest.importorskip("torch")
+    teacher_dir = tmp_path_factory.mktemp(f"{request.param}_teacher")
+    student_dir = tmp_path_factory.mktemp(f"{request.param}_student")
+    teacher = tiny_models.build(request.param, str(teacher_dir))
+    student = copy.deepcopy(teacher)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.03 * torch.randn_like(p))
+    student.save_pretrained(str(student_dir))
+    models = []
+    for model, directory in ((teacher, teacher_dir), (student, student_dir)):
+        model.set_attn_implementation("eager")  # sdpa returns no attention probabilities
+        models.append((model, load_model(str(directory), load_tokenizer=False)))
+    return models
+
+
+def _hf_batch(padded):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, tiny_models.VOCAB, size=(HF_BATCH, HF_LENGTH))
+    attention = np.ones((HF_BATCH, HF_LENGTH), np.int32)
+    if padded:
+        attention[1, 8:] = 0  # right padding on the second row
+    return tokens, attention
+
+
+def _hf_outputs(model, tokens, attention):
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        return model(
+            input_ids=torch.tensor(tokens),
+            attention_mask=torch.tensor(attention),
+            output_hidden_states=True,
+            output_attentions=True,
+        )
+
+
+def _collect(loaded, tokens, attention):
+    return decoder.forward(
+        loaded.params,
+        jnp.asarray(tokens),
+        loaded.spec,
+        mask_BxT=jnp.asarray(attention),
+        collect=("hidden", "attn_probs"),
+    )
+
+
+def test_collected_hidden_states_and_probabilities_are_transformers_own(teacher_and_student):
+    (model, loaded), _ = teacher_and_student
+    tokens, attention = _hf_batch(padded=True)
+    theirs = _hf_outputs(model, tokens, attention)
+    _, aux = _collect(loaded, tokens, attention)
+    real = attention.astype(bool)
+    assert len(aux["hidden"]) == len(theirs.hidden_states) == loaded.spec.num_layers + 1
+    for i, (ours, hf) in enumerate(zip(aux["hidden"], theirs.hidden_states, strict=True)):
+        np.testing.assert_allclose(np.asarray(ours)[real], hf.numpy()[real], atol=2e-5, err_msg=i)
+    probs = np.asarray(aux["attn_probs"])
+    assert probs.shape[0] == len(theirs.attentions)
+    for i, hf in enumerate(theirs.attentions):
+        # Every query of a real token (padded keys get probability 0 in both).
+        rows = real[:, None, :, None] & np.ones(probs.shape[2:], bool)[None]
+        np.testing.assert_allclose(probs[i][rows], hf.numpy()[rows], atol=2e-6, err_msg=i)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["block", "padded"])
+def test_l2l_equals_the_authors_formula_on_transformers_outputs(teacher_and_student, padded):
+    torch = pytest.importorskip("torch")
+    (teacher, teacher_loaded), (student, student_loaded) = teacher_and_student
+    tokens, attention = _hf_batch(padded)
+    real = torch.tensor(attention.astype(bool)) if padded else None
+    expected = _authors_l2l(
+        _hf_outputs(student, tokens, attention), _hf_outputs(teacher, tokens, attention), real
+    )
+    batch = {"tokens": jnp.asarray(tokens), "attention_mask": jnp.asarray(attention)}
+    loss_fn = jax.jit(qat.qat_loss, static_argnums=(3, 4, 5))
+    total, parts = loss_fn(
+        student_loaded.params, teacher_loaded.params, batch, student_loaded.spec, None, "l2l"
+    )
+    got = [
+        float(total),
+        float(parts["logit"]),
+        float(parts["hidden_mse"]),
+        float(parts["attn_mse"]),
+    ]
+    # Each term is far from 0, so a wrong reading of one (pre-softmax scores, the last block's
+    # output before the final norm, a position left out) moves it far beyond the tolerance.
+    assert min(expected) > 1e-3, expected
+    names = ["total", "logit", "hidden", "attention"]
+    for name, value, want in zip(names, got, expected, strict=True):
+        np.testing.assert_allclose(value, want, rtol=2e-5, err_msg=name)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -7,7 +7,7 @@ import pytest
 import tiny_models
 import transformers
 
-from tsld_jax.models import decoder, hf, load_model
+from tsld_jax.models import attention, decoder, hf, load_model
 from tsld_jax.quant import QuantSpec, quantizers, rules
 
 torch = pytest.importorskip("torch")  # the reference is a PyTorch model
@@ -51,7 +51,7 @@ def test_query_tiles_and_joined_projections_match_transformers(tiny, monkeypatch
     """Attention in query tiles (5, 5, 2 rows; keys cut at each tile's end) and q/k/v and
     gate/up as one matmul each (24 rows here, so FUSE_MIN_ROWS is lowered) equal the model."""
     name, directory, model = tiny
-    monkeypatch.setattr(decoder, "QUERY_TILE", 5)
+    monkeypatch.setattr(attention, "QUERY_TILE", 5)
     monkeypatch.setattr(decoder, "FUSE_MIN_ROWS", 1)
     tokens, mask = _tokens_and_mask()
     loaded = load_model(directory, load_tokenizer=False)

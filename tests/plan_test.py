@@ -75,6 +75,75 @@ def test_plan_matches_a_real_cpu_step():
     assert np.isfinite(float(metrics["loss"]))
 
 
+def _total(compiled) -> int:
+    stats = compiled.memory_analysis()
+    return (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+        + stats.temp_size_in_bytes
+        + stats.generated_code_size_in_bytes
+    )
+
+
+def test_pipelined_plan_is_the_pipelined_step():
+    # mesh.stage=2 and train.microbatches=2 on two fake CPU devices. The reference is the
+    # pipelined step jitted by hand (make_train_step with a decoder.Pipeline, the trainer's
+    # shardings spelled out): the plan must be of that program, byte for byte, and its
+    # parameters must be what one stage holds (the layers halved), not the unpipelined step's.
+    cfg = _config()
+    cfg.mesh.stage = 2
+    cfg.train.microbatches = 2
+    out = plan.plan(cfg, "cpu:2")
+    p = out["plan"]
+    assert not p["error"], p["error"]
+    assert (p["stages"], p["microbatches"], p["mesh"]) == (
+        2,
+        2,
+        {"data": 1, "fsdp": 1, "tensor": 1},
+    )
+    assert "mesh stage=2 x data=1 x fsdp=1 x tensor=1" in plan.format_plan(out)
+    assert "2 microbatches" in plan.format_plan(out)
+
+    spec = named.random_spec(cfg.model.random)
+    params = jax.eval_shape(lambda: decoder.init_params(jax.random.key(0), spec))
+    rules = recipe.quant_rules(cfg)
+    state, optimizer, _ = recipe.abstract_state(cfg, params, 1000)
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices("cpu")[:2], stage=2)
+    shardings = sharding.state_shardings(state, optimizer, mesh)
+    teacher_shardings = sharding.param_shardings(params, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    def compiled_step(pipeline):
+        step = jax.jit(
+            train_step.make_train_step(
+                spec, rules, cfg.loss, optimizer, 1, jnp.float32, "dots", pipeline
+            ),
+            in_shardings=(shardings, batch_sharding, teacher_shardings),
+            out_shardings=(shardings, None),
+            donate_argnums=(0,),
+        )
+        place = lambda tree, s, dtype=None: jax.tree.map(  # noqa: E731
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), tree, s
+        )
+        batch = {
+            k: jax.ShapeDtypeStruct((4, 32), jnp.int32, sharding=batch_sharding)
+            for k in ("tokens", "attention_mask", "loss_mask")
+        }
+        teacher = place(params, teacher_shardings, jnp.bfloat16)
+        return step.lower(place(state, shardings), batch, teacher).compile()
+
+    pipelined = _total(compiled_step(decoder.Pipeline(2, 2, mesh)))
+    assert p["total"] == pipelined, (p["total"], pipelined)
+    assert _total(compiled_step(None)) != pipelined  # the unpipelined step is another program
+
+    # One stage's parameters: half of every stacked layer, all of the rest (numpy's count).
+    layers = sum(np.prod(a.shape) * 4 for a in jax.tree.leaves(params["layers"]))
+    rest = sum(np.prod(a.shape) * 4 for k, v in params.items() if k != "layers"
+               for a in jax.tree.leaves(v))  # fmt: skip
+    assert layers % 2 == 0 and p["parameters"] == layers // 2 + rest
+
+
 def test_plan_suggests_what_fits():
     # A mesh that cannot split the batch (4 rows over 8 data devices) does not compile; the plan
     # then tries meshes that do, and says which one fits.

@@ -89,30 +89,35 @@ def test_every_kind_matches_a_manual_composition():
 
     @jax.jit
     def both(student, teacher, batch):
-        # The same losses, composed by hand from PTQ weights and a teacher forward.
-        tokens = batch["tokens"]
-        mask = (batch["loss_mask"] * batch["attention_mask"])[:, 1:]
-        inputs, input_mask = tokens[:, :-1], batch["attention_mask"][:, :-1]
-        collect = ("hidden", "attn_scores")
+        # The same losses, composed by hand from PTQ weights and a teacher forward: on tokens
+        # 0..T-2, and for l2l on all T tokens (its hidden states and attention cover the whole
+        # block, its logits the first T - 1 positions).
+        tokens, attention = batch["tokens"], batch["attention_mask"]
+        mask = (batch["loss_mask"] * attention)[:, 1:]
         ptq = rules.quantize_params(student, rule_set)
-        s_logits, s_aux = decoder.forward(ptq, inputs, spec, mask_BxT=input_mask, collect=collect)
-        t_logits, t_aux = decoder.forward(
-            teacher, inputs, spec, mask_BxT=input_mask, collect=collect
-        )
+        s_logits = decoder.forward(ptq, tokens[:, :-1], spec, mask_BxT=attention[:, :-1])
+        t_logits = decoder.forward(teacher, tokens[:, :-1], spec, mask_BxT=attention[:, :-1])
+        collect = ("hidden", "attn_probs")
+        s_all, s_aux = decoder.forward(ptq, tokens, spec, mask_BxT=attention, collect=collect)
+        t_all, t_aux = decoder.forward(teacher, tokens, spec, mask_BxT=attention, collect=collect)
         out = {}
         for kind in losses.KINDS:
-            out[kind] = (
-                qat.qat_loss(student, teacher, batch, spec, rule_set, kind)[0],
-                losses.distillation_loss(
-                    kind,
-                    s_logits,
-                    t_logits,
-                    tokens[:, 1:],
+            if kind != "l2l":
+                expected = losses.distillation_loss(kind, s_logits, t_logits, tokens[:, 1:], mask)[
+                    0
+                ]
+            else:
+                expected = losses.l2l(
+                    s_all[:, :-1],
+                    t_all[:, :-1],
+                    s_aux["hidden"],
+                    t_aux["hidden"],
+                    s_aux["attn_probs"],
+                    t_aux["attn_probs"],
                     mask,
-                    student_aux=s_aux,
-                    teacher_aux=t_aux,
-                )[0],
-            )
+                    aux_mask=attention,
+                )
+            out[kind] = (qat.qat_loss(student, teacher, batch, spec, rule_set, kind)[0], expected)
         return out
 
     for kind, (got, expected) in both(student, teacher, batch).items():

@@ -1,15 +1,16 @@
-"""Every command block of README.md runs, with small limits, so that the README cannot rot.
+"""Every fenced block of README.md is run, with small limits, or is named here with the reason it
+is not, so that the README cannot rot.
 
-Bash blocks run in one scratch directory laid out like a checkout (the commands, the configs
-and `../shared` beside it). A command that names a path an earlier one named (`runs/smollm2`,
-`results/...`) runs after it, in README order (`eval.py --checkpoint runs/smollm2` reads what
-`train.py --workdir runs/smollm2` wrote); chains that share no path run two at a time, since
-each command is a process that spends much of its time on one core (imports, loading,
-tracing, XLA's compiles). Each `python train.py` / `python eval.py` line gets flags
-appended that shrink its work (later flags win in both parsers); lines that set up or run the
-whole suite are listed in SKIPPED and not run here (`.ci/run` runs `make test` itself). A command
-this file does not know fails the test, so a new README command needs a rule here. Python blocks
-run in order in one namespace.
+Shell blocks (`bash`, `sh`) run in one scratch directory laid out like a checkout (the commands,
+the configs and `../shared` beside it). A command that names a path an earlier one named
+(`runs/smollm2`, `results/...`) runs after it, in README order (`eval.py --checkpoint
+runs/smollm2` reads what `train.py --workdir runs/smollm2` wrote); chains that share no path run
+two at a time, since each command is a process that spends much of its time on one core
+(imports, loading, tracing, XLA's compiles). Each `python train.py` / `python eval.py` line gets
+flags appended that shrink its work (later flags win in both parsers). Commands that are not run
+here are listed in SKIPPED, each with its reason, and reported as skipped tests with it. Python
+blocks run in order in one namespace. A block of another language, a command with neither a
+rule nor a reason, or a SKIPPED entry that no command matches fails the test.
 """
 
 import concurrent.futures
@@ -25,17 +26,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "tsld_jax_test_jit")
 
-# Commands the README shows but this test does not run, by their first words.
-SKIPPED = (
-    "make demo",  # train.py on the embedded default: run below with small limits
-    "make test",  # the suite itself
-    "pip install",
-    "tensorboard",
-    "llama-cli",  # llama.cpp's own binary; tests/export_gguf_test.py runs the file in llama.cpp
-    "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest",  # the suite itself
-    ".ci/py312",  # the suite on Python 3.12 (CI runs it)
-    "bash bench/gpu_check.sh",  # needs a GPU; tests/gpu_check_test.py runs its CPU mode
+SHELL = ("bash", "sh")
+_SHARDS = (
+    "the reader's own corpus (corpus/, held_out.jsonl, and /data/shards/code, which no README "
+    "command writes); tests/prepare_data_test.py runs prepare_data.py on generated files and "
+    "tests/train_shards_test.py trains on its shards"
 )
+_MULTIHOST = (
+    "needs several hosts (SLURM, MPI or a list of them) and OPT-2.7B; tests/multihost_test.py "
+    "runs train.py --multihost as two processes on one machine"
+)
+# Commands the README shows but this test does not run, by their first words, with the reason.
+SKIPPED = {
+    "make demo": "train.py on the embedded default, which `python train.py --workdir "
+    "runs/smollm2` runs here with small limits (make adds only the .venv set-up)",
+    "make test": "the test suite itself",
+    "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest": "the test suite itself",
+    ".ci/py312": "the test suite on Python 3.12 venvs (CI runs it)",
+    "bash bench/gpu_check.sh": "needs a GPU; tests/gpu_check_test.py runs its CPU mode",
+    "llama-cli": "llama.cpp's own binary, not installed here; tests/export_gguf_test.py runs "
+    "the exported files in llama.cpp (llama-cpp-python)",
+    "python prepare_data.py": _SHARDS,
+    "python train.py --workdir runs/web --config.data.name=shards": _SHARDS,
+    "python train.py --workdir runs/mix --config.data.name=shards": _SHARDS,
+    "srun ": _MULTIHOST,
+    "mpirun ": _MULTIHOST,
+    "python train.py --config configs/opt2.7b_tsld.py --workdir /shared/runs/opt2.7b": _MULTIHOST,
+}
 
 SHRINK = {
     "train.py": [
@@ -54,10 +71,21 @@ SHRINK = {
 }
 
 
-def _blocks(language: str) -> list[str]:
+def _fenced() -> list[tuple[int, str, str]]:
+    """Every fenced block of the README, indented ones (in list items) too: (line, language,
+    text with the fence's indentation removed)."""
     with open(README) as f:
         text = f.read()
-    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
+    blocks = []
+    for match in re.finditer(r"^( *)```(\S*)\n(.*?)^\1```", text, flags=re.S | re.M):
+        indent, language, body = match.groups()
+        body = "".join(line[len(indent) :] for line in body.splitlines(keepends=True))
+        blocks.append((text.count("\n", 0, match.start()) + 1, language, body))
+    return blocks
+
+
+def _blocks(languages: tuple[str, ...]) -> list[str]:
+    return [body for _, language, body in _fenced() if language in languages]
 
 
 def _commands(block: str) -> list[str]:
@@ -71,9 +99,13 @@ def _commands(block: str) -> list[str]:
     return commands
 
 
+def _skip_reason(command: str) -> str | None:
+    return next((why for prefix, why in SKIPPED.items() if command.startswith(prefix)), None)
+
+
 def _shrunk(command: str) -> str | None:
     """The command with its limits appended; None for a SKIPPED one."""
-    if command.startswith(SKIPPED):
+    if _skip_reason(command):
         return None
     words = shlex.split(command)
     if words[0] == "python" and len(words) > 1 and words[1] in SHRINK:
@@ -81,13 +113,32 @@ def _shrunk(command: str) -> str | None:
     raise AssertionError(f"README command with no rule in tests/readme_test.py: {command}")
 
 
-def test_every_readme_command_has_a_rule():
-    commands = [c for block in _blocks("bash") for c in _commands(block)]
+def _shell_commands() -> list[str]:
+    return [c for block in _blocks(SHELL) for c in _commands(block)]
+
+
+def test_every_readme_block_is_run_or_skipped_with_a_reason():
+    blocks = _fenced()
+    for line, language, _ in blocks:
+        assert language in (*SHELL, "python"), (
+            f"README.md:{line}: a ```{language} block, which this test neither runs nor skips"
+        )
+    commands = _shell_commands()
+    for command in commands:
+        _shrunk(command)  # raises for a command with neither a rule nor a reason
+    for prefix in SKIPPED:
+        assert any(c.startswith(prefix) for c in commands), f"SKIPPED {prefix!r} matches nothing"
+    assert len(_blocks(("python",))) >= 2
     assert any(c.startswith("python train.py") for c in commands)
     assert any(c.startswith("python eval.py") for c in commands)
     assert "make demo" in commands and "make test" in commands
-    for command in commands:
-        _shrunk(command)  # raises for a command without a rule
+
+
+@pytest.mark.parametrize(
+    "command", [c for c in _shell_commands() if _skip_reason(c)], ids=lambda c: c[:60]
+)
+def test_readme_command_not_run_here(command):
+    pytest.skip(f"README command not run here ({command[:60]}): {_skip_reason(command)}")
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +207,7 @@ def test_readme_bash_blocks_run(checkout):
         "JAX_COMPILATION_CACHE_DIR": CACHE,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
-    commands = [c for block in _blocks("bash") for c in _commands(block) if _shrunk(c)]
+    commands = [c for c in _shell_commands() if _shrunk(c)]
 
     def run_chain(chain: list[str]) -> list[tuple[str, subprocess.CompletedProcess]]:
         done = []
@@ -183,7 +234,7 @@ def test_readme_bash_blocks_run(checkout):
 def test_readme_python_blocks_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    blocks = _blocks("python")
+    blocks = _blocks(("python",))
     assert len(blocks) >= 2
     for block in blocks:
         exec(compile(block, README, "exec"), namespace)  # noqa: S102

@@ -23,6 +23,8 @@ def test_closing_lines_say_what_the_run_showed():
     lines = run_summary.closing_lines(results, cfg, 120 * 512)
     closed = (math.log(1.39e6) - math.log(688.0)) / (math.log(1.39e6) - math.log(35.4))
     assert f"closing {closed:.0%}" in lines[0]
+    # The ratio to the teacher leads: a log-gap share from a baseline in the millions flatters.
+    assert f"to 688.0, {688.0 / 35.4:.1f} times the teacher's 35.4 (closing" in lines[0]
     assert "1,390,000.0 (round-to-nearest) to 688.0" in lines[0] and "61,440 tokens" in lines[0]
     assert "the authors' recipe" in lines[1]
     done = run_summary.closing_lines(results | {"qat_ppl": 36.0}, cfg, 1)

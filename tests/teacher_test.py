@@ -19,18 +19,17 @@ SPEC = llama_spec(
     head_dim=16,
     mlp_size=128,
 )
-BF16_UNIT_ROUNDOFF = 2.0**-8  # 7 stored mantissa bits, round to nearest.
+# The bf16 teacher's relative change of the TSLD loss: 3x the largest change bench/tolerances.py
+# measured over seeds 0-5 (docs/tolerances.md). The change spreads over two decades between
+# seeds, and another backend's bf16 matmuls accumulate in another order, hence the margin; the
+# first-order rounding bound, (4L + 2) x 2^-8 = 0.07 for L = 4 (every rounding on the teacher's
+# path to its logits adds at most the unit roundoff), is 200 times what bf16 does here and would
+# let through a teacher rounded far more coarsely.
+BF16_TEACHER_BOUND = 1e-3
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_bf16_teacher_changes_tsld_loss_within_rounding_bound(seed):
-    # Bound: every rounding on the teacher's path to its logits (its weights and the activations
-    # after each of the 4 matmul stages of a block, plus embedding and head: 4L + 2 of them)
-    # adds at most u relative error, to first order; the TSLD term depends on the teacher only
-    # through softmaxes of its logits, whose relative change is at most that of the logits.
-    # So |loss_bf16 - loss_f32| / loss_f32 <= (4L + 2) u = 0.07 for L = 4. Measured: 3e-6 to
-    # 3e-4 on these models (a peaked teacher, init std 0.2), far inside it; the gt part is the
-    # student's alone and must not move at all.
+def bf16_teacher_change(seed):
+    """(relative change of the TSLD loss, the f32 teacher's parts, the bf16 teacher's parts)."""
     teacher = decoder.init_params(jax.random.key(seed), SPEC, std=0.2)
     student = jax.tree.map(
         lambda x: x + 0.01 * jax.random.normal(jax.random.key(seed + 9), x.shape), teacher
@@ -45,9 +44,14 @@ def test_bf16_teacher_changes_tsld_loss_within_rounding_bound(seed):
         return qat.qat_loss(student, t, batch, SPEC, rules_lib.default_rules(), "tsld")
 
     (l32, p32), (l16, p16) = loss(teacher), loss(teacher16)
-    relative = abs(float(l16) - float(l32)) / abs(float(l32))
-    assert relative <= (4 * SPEC.num_layers + 2) * BF16_UNIT_ROUNDOFF
-    assert float(p16["gt"]) == float(p32["gt"])
+    return abs(float(l16) - float(l32)) / abs(float(l32)), p32, p16
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_teacher_changes_tsld_loss_within_the_measured_bound(seed):
+    relative, p32, p16 = bf16_teacher_change(seed)
+    assert relative <= BF16_TEACHER_BOUND
+    assert float(p16["gt"]) == float(p32["gt"])  # the student's own term does not move
     assert float(p16["tsld"]) != float(p32["tsld"])  # bf16 did reach the teacher's forward
 
 

@@ -23,10 +23,11 @@ Typical use:
     compiled, memory = aot.compile_program(program)
     print(memory)  # per device: arguments, outputs, temporaries, code, total
 
-`train_step_program` builds the trainer's jitted step (`train_step.make_train_step` with the
-trainer's shardings and donation); `forward_program`, `choice_program`, `prefill_program` and
-`decode_program` build evaluation's and generation's own jitted functions for a float,
-fake-quantized or packed model; `quantized_matmul_program` one Pallas kernel launch.
+`train_step_program` builds the trainer's jitted step (`train_step.jit_train_step`, the one
+builder the trainer and `--plan` also call); `forward_program`, `choice_program`,
+`prefill_program` and `decode_program` build evaluation's and generation's own jitted functions
+for a float, fake-quantized or packed model; `quantized_matmul_program` one Pallas kernel
+launch.
 """
 
 from __future__ import annotations
@@ -294,8 +295,8 @@ def compile_programs(
 ) -> dict[Hashable, tuple[jax.stages.Compiled, MemoryAnalysis] | Exception]:
     """Compiles many programs, several at a time.
 
-    XLA compiles one program on one core (a SmolLM2-135M train step: about 35 s on a 2-core
-    x86 CPU), without holding Python's GIL, so threads give a near-linear speed-up. Programs are
+    XLA compiles one program on one core, for tens of seconds for a train step, without
+    holding Python's GIL, so threads give a near-linear speed-up. Programs are
     traced and lowered one after the other first (tracing is Python), then compiled in
     `max_workers` threads. (The persistent compilation cache cannot serve them: on jax 0.10.2 a
     GPU executable compiled without a GPU does not deserialize, and jax warns and recompiles.)
@@ -411,15 +412,17 @@ def train_step_program(
     length: int = 512,
     quant: Any = None,
     grad_accum: int = 1,
+    microbatches: int = 1,
     chunk_size: int = 128,
     teacher_dtype: str = "float32",
 ) -> Program:
-    """The trainer's QAT step, as `trainer.train` jits it: state sharded by
-    `sharding.state_shardings` and donated, batch split over data x fsdp, teacher as an argument.
+    """The trainer's QAT step, built as the trainer builds it (`train_step.jit_train_step`):
+    state sharded by `sharding.state_shardings` and donated, batch split over data x fsdp,
+    teacher as an argument, the layers pipelined over the mesh's "stage" axis when it has one.
 
     Args:
       spec: the architecture (student and teacher).
-      mesh: from `gpu_mesh` (or any mesh).
+      mesh: from `gpu_mesh` (or any mesh, e.g. `sharding.make_mesh(..., stage=S)`).
       loss: one of `losses` kinds ("gt", "logit", "logit_gt", "l2l", "tsld").
       dtype: compute dtype, "float32" or "bfloat16" (latent weights stay float32).
       remat: one of `decoder.REMAT_MODES`.
@@ -427,18 +430,20 @@ def train_step_program(
       length: tokens per sequence (the student reads length - 1).
       quant: rules, a spec tree or a QuantSpec; None means ternary TWN (the default config).
       grad_accum: micro-batches per step.
+      microbatches: the pipeline's microbatches (config.train.microbatches).
       chunk_size: the TSLD loss's chunk (0: unchunked).
       teacher_dtype: "float32" or "bfloat16" (config.model.teacher_dtype).
     """
     import ml_collections
 
-    from tsld_jax import sharding, train_step
+    from tsld_jax import train_step
     from tsld_jax.quant import rules
 
     # configs/base.py's optimizer defaults; the numbers do not change what compiles.
     train_cfg = ml_collections.ConfigDict(
         {"lr": 1e-4, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0}
         | {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
+        | {"grad_accum": grad_accum, "dtype": dtype, "remat": remat, "microbatches": microbatches}
     )
     loss_cfg = ml_collections.ConfigDict(
         {"kind": loss, "temperature": 10.0, "chunk_size": chunk_size}
@@ -446,32 +451,18 @@ def train_step_program(
     optimizer, _ = train_step.make_optimizer(train_cfg, 1000)
     params = abstract_params(spec)
     state = jax.eval_shape(lambda p: train_step.init_state(p, optimizer, 0), params)
-    state_shardings = sharding.state_shardings(state, optimizer, mesh)
-    compute_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    teacher_params = abstract_params(
-        spec, {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[teacher_dtype]
+    step = train_step.jit_train_step(
+        spec,
+        rules.default_rules() if quant is None else quant,
+        loss_cfg,
+        train_cfg,
+        optimizer,
+        state,
+        mesh,
+        params,
+        teacher_dtype,
     )
-    teacher_shardings = sharding.param_shardings(teacher_params, mesh)
-    step = jax.jit(
-        train_step.make_train_step(
-            spec,
-            rules.default_rules() if quant is None else quant,
-            loss_cfg,
-            optimizer,
-            grad_accum,
-            compute_dtype,
-            remat,
-        ),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
-        out_shardings=(state_shardings, None),
-        donate_argnums=(0,),
-    )
-    batch = {
-        name: _batched(mesh, (batch_size, length), jnp.int32)
-        for name in ("tokens", "attention_mask", "loss_mask")
-    }
-    teacher = _abstract(teacher_params, teacher_shardings)
-    return Program(step, (_abstract(state, state_shardings), batch, teacher), {})
+    return Program(step.fn, step.abstract_args(state, (batch_size, length), params), {})
 
 
 def forward_program(

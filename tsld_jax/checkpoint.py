@@ -45,6 +45,7 @@ RESUMABLE_FIELDS = (
     "train.epochs",
     "train.remat",  # What the backward recomputes: memory and speed, the same maths.
     "train.microbatches",  # The pipeline's schedule: the same maths, up to rounding.
+    "model.attention",  # Which attention kernel: the same maths, up to rounding.
     "data.eval_split",  # What is evaluated, and when.
     "data.eval_blocks",
     "data.eval_path",

@@ -6,6 +6,7 @@ import math
 import os
 
 from tsld_jax.models import named
+from tsld_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from tsld_jax.models.decoder import REMAT_MODES
 
 LOSS_KINDS = ("gt", "logit", "logit_gt", "l2l", "tsld")
@@ -193,7 +194,7 @@ def validate(config, weights: bool = True) -> None:
         _require(
             loss.kind != "l2l",
             "loss.kind",
-            "l2l needs every layer's hidden states and attention scores, which the pipeline "
+            "l2l needs every layer's hidden states and attention probabilities, which the pipeline "
             "(mesh.stage > 1 or train.microbatches > 1) does not collect",
         )
     if config.model.name_or_path == "random" and stage > 1:
@@ -212,6 +213,12 @@ def validate(config, weights: bool = True) -> None:
         config.model.teacher_dtype in ("float32", "bfloat16"),
         "model.teacher_dtype",
         f"must be float32 or bfloat16, got {config.model.teacher_dtype!r}",
+    )
+    attention = config.model.get("attention", "auto")
+    _require(
+        attention in ATTENTION_IMPLEMENTATIONS,
+        "model.attention",
+        f"must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}",
     )
     _require(
         train.dtype in ("float32", "bfloat16"),

@@ -26,7 +26,7 @@ buffers (and the gradient into one (B, T, V) buffer), so no stacked per-chunk co
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -350,65 +350,90 @@ def tsld(
 
 
 def hidden_mse(
-    student_hidden: Float[Array, "L B T D"],
-    teacher_hidden: Float[Array, "L B T D"],
+    student_hidden: Sequence[Float[Array, "B T D"]],
+    teacher_hidden: Sequence[Float[Array, "B T D"]],
     mask: Mask = None,
 ) -> Scalar:
-    """Sum over layers of the MSE between hidden states, over the valid tokens."""
-    valid_BxT = _valid(mask, student_hidden.shape[1:3])
-    diff_LxBxTxD = student_hidden.astype(jnp.float32) - lax.stop_gradient(teacher_hidden).astype(
-        jnp.float32
-    )
-    squares_LxBxT = jnp.sum(jnp.square(diff_LxBxTxD), axis=-1)
-    count = jnp.maximum(jnp.sum(valid_BxT.astype(jnp.float32)), 1.0) * student_hidden.shape[-1]
-    return jnp.sum(jnp.where(valid_BxT[None], squares_LxBxT, 0.0)) / count
+    """l2l's hidden-state term: over the entries of the two sequences, the sum of each entry's
+    mean squared difference over its valid tokens and features.
+
+    The authors' trainer (aiha-lab/TSLD, `KDTrainer.compute_loss`) adds up `MSELoss` over every
+    entry of Hugging Face's `hidden_states`; with no mask this is that sum. Entries may differ in
+    width (OPT-350m's last one is after project_out); a masked token counts in no mean.
+    """
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"{len(student_hidden)} student and {len(teacher_hidden)} teacher states")
+    total = jnp.zeros((), jnp.float32)
+    for student_BxTxD, teacher_BxTxD in zip(student_hidden, teacher_hidden, strict=True):
+        valid_BxT = _valid(mask, student_BxTxD.shape[:2])
+        diff_BxTxD = student_BxTxD.astype(jnp.float32) - lax.stop_gradient(teacher_BxTxD).astype(
+            jnp.float32
+        )
+        squares_BxT = jnp.sum(jnp.square(diff_BxTxD), axis=-1)
+        count = jnp.maximum(jnp.sum(valid_BxT.astype(jnp.float32)), 1.0) * diff_BxTxD.shape[-1]
+        total = total + jnp.sum(jnp.where(valid_BxT, squares_BxT, 0.0)) / count
+    return total
 
 
 def attention_mse(
-    student_scores: Float[Array, "L B H T T"],
-    teacher_scores: Float[Array, "L B H T T"],
+    student_probs: Float[Array, "L B H T T"],
+    teacher_probs: Float[Array, "L B H T T"],
     mask: Mask = None,
 ) -> Scalar:
-    """Sum over layers of the MSE between pre-softmax attention scores, causal part only.
+    """l2l's attention term: over layers, the sum of each layer's mean squared difference of the
+    post-softmax attention probabilities over the causal lower triangle (diagonal included).
 
-    A score (query t, key s) counts when s <= t and both positions are valid.
+    As the authors' trainer computes it on Hugging Face's `attentions` (its `<= -1e5` filter is
+    a no-op on probabilities). With a mask, a (query t, key s) pair counts when s <= t and both
+    positions are valid; without one, every pair of the triangle counts, as in theirs.
     """
-    length = student_scores.shape[-1]
-    valid_BxT = _valid(mask, (student_scores.shape[1], length))
+    length = student_probs.shape[-1]
+    valid_BxT = _valid(mask, (student_probs.shape[1], length))
     causal_TxS = jnp.tril(jnp.ones((length, length), bool))
     valid_BxTxS = causal_TxS[None] & valid_BxT[:, :, None] & valid_BxT[:, None, :]
-    diff = student_scores.astype(jnp.float32) - lax.stop_gradient(teacher_scores).astype(
-        jnp.float32
-    )
+    diff = student_probs.astype(jnp.float32) - lax.stop_gradient(teacher_probs).astype(jnp.float32)
     squares_LxBxHxTxS = jnp.where(valid_BxTxS[None, :, None], jnp.square(diff), 0.0)
-    count = jnp.maximum(jnp.sum(valid_BxTxS.astype(jnp.float32)), 1.0) * student_scores.shape[2]
+    # Every layer has the same count, so the sum of the layers' means is one division.
+    count = jnp.maximum(jnp.sum(valid_BxTxS.astype(jnp.float32)), 1.0) * student_probs.shape[2]
     return jnp.sum(squares_LxBxHxTxS) / count
 
 
 def l2l(
     student_logits: Logits,
     teacher_logits: Logits,
-    student_hidden: Float[Array, "L B T D"],
-    teacher_hidden: Float[Array, "L B T D"],
-    student_scores: Float[Array, "L B H T T"],
-    teacher_scores: Float[Array, "L B H T T"],
+    student_hidden: Sequence[Float[Array, "B T D"]],
+    teacher_hidden: Sequence[Float[Array, "B T D"]],
+    student_probs: Float[Array, "L B H T T"],
+    teacher_probs: Float[Array, "L B H T T"],
     mask: Mask = None,
+    aux_mask: Mask = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> Scalar:
-    """Layer-to-layer distillation: `logit` + hidden-state MSE + attention-score MSE.
+    """Layer-to-layer distillation as the authors ran it: `logit` + `hidden_mse` +
+    `attention_mse`.
 
-    Each MSE is the mean over the valid elements of one layer, summed over layers (TernaryBERT's
-    convention, which the authors' code follows). Hidden states are the decoder's `collect=
-    ("hidden",)` output, (L+1, B, T, D); scores are pre-softmax, (L, B, H, T, T), and only their
-    causal part between valid positions counts.
+    Args:
+      student_logits: (B, T', V) student logits, aligned with the labels (T' is T - 1 when the
+        models read the whole block of T tokens, as `qat.qat_loss` runs them for l2l).
+      teacher_logits: (B, T', V) teacher logits.
+      student_hidden: the decoder's `collect=("hidden",)` tuple, L+1 arrays (B, T, D): as Hugging
+        Face's `hidden_states`, the last one after the final norm.
+      teacher_hidden: likewise for the teacher.
+      student_probs: the decoder's `collect=("attn_probs",)`, (L, B, H, T, T), post-softmax.
+      teacher_probs: likewise for the teacher.
+      mask: optional (B, T'), 1 where a logit position counts.
+      aux_mask: optional (B, T), 1 where a position of the hidden states and attention counts;
+        by default `mask`.
+      chunk_size: as in `logit`.
 
     Returns:
       A float32 scalar.
     """
+    aux_mask = mask if aux_mask is None else aux_mask
     return (
         logit(student_logits, teacher_logits, mask, chunk_size)
-        + hidden_mse(student_hidden, teacher_hidden, mask)
-        + attention_mse(student_scores, teacher_scores, mask)
+        + hidden_mse(student_hidden, teacher_hidden, aux_mask)
+        + attention_mse(student_probs, teacher_probs, aux_mask)
     )
 
 
@@ -421,6 +446,7 @@ def distillation_loss(
     *,
     student_aux: Mapping[str, jax.Array] | None = None,
     teacher_aux: Mapping[str, jax.Array] | None = None,
+    aux_mask: Mask = None,
     temperature: float = DEFAULT_TEMPERATURE,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Scalar, dict[str, Scalar]]:
@@ -432,9 +458,11 @@ def distillation_loss(
       teacher_logits: (B, T, V) teacher logits; may be None for "gt".
       labels: (B, T) int targets aligned with the logits.
       mask: optional (B, T), 1 where a token counts.
-      student_aux: for "l2l", the student's `decoder.forward(collect=("hidden", "attn_scores"))`
+      student_aux: for "l2l", the student's `decoder.forward(collect=("hidden", "attn_probs"))`
         aux dict.
       teacher_aux: likewise for the teacher.
+      aux_mask: for "l2l", (B, T) over the positions of the aux arrays (which may be one more
+        than the logits'), 1 where one counts; by default `mask`.
       temperature: tau of TSLD's token-scale softmax.
       chunk_size: tokens per chunk of the memory-lean pass (B x max(1, chunk_size // B)
         positions); None for the naive one.
@@ -463,8 +491,9 @@ def distillation_loss(
         return parts["gt"] + parts["tsld"], parts
     if not student_aux or not teacher_aux:
         raise ValueError("distillation loss 'l2l' needs student_aux and teacher_aux")
-    parts["hidden_mse"] = hidden_mse(student_aux["hidden"], teacher_aux["hidden"], valid_BxT)
+    aux_valid_BxT = valid_BxT if aux_mask is None else aux_mask
+    parts["hidden_mse"] = hidden_mse(student_aux["hidden"], teacher_aux["hidden"], aux_valid_BxT)
     parts["attn_mse"] = attention_mse(
-        student_aux["attn_scores"], teacher_aux["attn_scores"], valid_BxT
+        student_aux["attn_probs"], teacher_aux["attn_probs"], aux_valid_BxT
     )
     return parts["logit"] + parts["hidden_mse"] + parts["attn_mse"], parts

@@ -20,7 +20,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tsld_jax import aot, config_utils, recipe, sharding, train_step
@@ -72,7 +71,12 @@ def _hf_config(name: str) -> dict | None:
 
 def model_spec(cfg, name: str | None = None) -> ModelSpec:
     """The architecture a config names, without its weights: "random" from model.random,
-    SmolLM2, a local HF directory's config.json, or a paper hub id (configs/paper.HF_CONFIGS)."""
+    SmolLM2, a local HF directory's config.json, or a paper hub id (configs/paper.HF_CONFIGS);
+    attention as `model.attention` says."""
+    return recipe.with_attention(_architecture(cfg, name), cfg)
+
+
+def _architecture(cfg, name: str | None = None) -> ModelSpec:
     name = name or cfg.model.name_or_path
     if name == named.RANDOM:
         return named.random_spec(cfg.model.random)
@@ -114,46 +118,35 @@ def _bytes_per_device(tree: Any) -> int:
 
 
 def step_program(cfg, spec: ModelSpec, mesh, teacher_spec: ModelSpec | None = None):
-    """The trainer's jitted step (same shardings, donation and teacher placement) and its
-    abstract arguments, as an `aot.Program`."""
+    """The trainer's jitted step (`train_step.jit_train_step`: the same shardings, donation,
+    pipeline and teacher placement) and its abstract arguments, as an `aot.Program`."""
     rules = recipe.quant_rules(cfg)
     params = jax.eval_shape(
         lambda p: recipe.initial_student_params(p, rules, cfg), aot.abstract_params(spec)
     )
     state, optimizer, _ = recipe.abstract_state(cfg, params, 1000)
-    state_shardings = sharding.state_shardings(state, optimizer, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
-    teacher = teacher_shardings = None
-    if cfg.stage != "fp":
-        teacher = aot.abstract_params(
-            teacher_spec or spec, recipe.TEACHER_DTYPES[cfg.model.teacher_dtype]
-        )
-        teacher_shardings = sharding.param_shardings(teacher, mesh)
-        teacher = aot._abstract(teacher, teacher_shardings)
-    compute_dtype = jnp.bfloat16 if cfg.train.dtype == "bfloat16" else jnp.float32
-    step = jax.jit(
-        train_step.make_train_step(
-            spec, rules, cfg.loss, optimizer, cfg.train.grad_accum, compute_dtype, cfg.train.remat
-        ),
-        in_shardings=(state_shardings, batch_sharding, teacher_shardings),
-        out_shardings=(state_shardings, None),
-        donate_argnums=(0,),
+    teacher = aot.abstract_params(teacher_spec or spec) if cfg.stage != "fp" else None
+    step = train_step.jit_train_step(
+        spec, rules, cfg.loss, cfg.train, optimizer, state, mesh, teacher, cfg.model.teacher_dtype
     )
-    shape = (cfg.data.batch_size, cfg.data.block_size)
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
-        for k in ("tokens", "attention_mask", "loss_mask")
-    }
-    return aot.Program(step, (aot._abstract(state, state_shardings), batch, teacher), {})
+    args = step.abstract_args(state, (cfg.data.batch_size, cfg.data.block_size), teacher)
+    return aot.Program(step.fn, args, {})
 
 
 @dataclasses.dataclass
 class Plan:
-    """One compiled configuration's per-device bytes."""
+    """One compiled configuration's per-device bytes.
+
+    `mesh` is the (data, fsdp, tensor) split of each pipeline stage; `stages` and
+    `microbatches` are config.mesh.stage and config.train.microbatches (the pipeline, when
+    either is over 1).
+    """
 
     mesh: dict[str, int]
     remat: str
     teacher_dtype: str
+    stages: int = 1
+    microbatches: int = 1
     parameters: int = 0
     optimizer_state: int = 0
     teacher: int = 0
@@ -172,23 +165,29 @@ class Plan:
 
 
 def _mesh_sizes(cfg, count: int) -> dict[str, int]:
+    # The data x fsdp x tensor split of each of the mesh.stage stages' devices.
+    per_stage = count // cfg.mesh.stage
     sizes = {axis: cfg.mesh[axis] for axis in ("data", "fsdp", "tensor")}
     fixed = int(np.prod([s for s in sizes.values() if s != -1]))
-    return {a: (count // fixed if s == -1 else s) for a, s in sizes.items()}
+    return {a: (per_stage // fixed if s == -1 else s) for a, s in sizes.items()}
 
 
 def plan_one(cfg, kind: str, count: int, spec: ModelSpec, teacher_spec=None) -> Plan:
     """Compiles the config's step for the target and reads its memory plan."""
-    result = Plan(_mesh_sizes(cfg, count), cfg.train.remat, cfg.model.teacher_dtype)
+    result = Plan(
+        _mesh_sizes(cfg, count),
+        cfg.train.remat,
+        cfg.model.teacher_dtype,
+        cfg.mesh.stage,
+        cfg.train.microbatches,
+    )
     try:
         config_utils.validate_mesh(cfg, count)
+        config_utils.validate_pipeline(cfg, spec.num_layers)
     except config_utils.ConfigError as error:
         result.error = str(error)
         return result
-    sizes = result.mesh
-    mesh = sharding.make_mesh(
-        sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices(kind, count)
-    )
+    mesh = sharding.config_mesh(cfg.mesh, devices=devices(kind, count))
     program = step_program(cfg, spec, mesh, teacher_spec)
     try:
         _, memory = aot.compile_program(program)
@@ -210,13 +209,15 @@ def plan_one(cfg, kind: str, count: int, spec: ModelSpec, teacher_spec=None) -> 
 
 def _alternatives(cfg, count: int, spec: ModelSpec):
     """Config variants to try, fewest changes first: meshes that split the batch, remat
-    "full", a bf16 teacher."""
-    micro = cfg.data.batch_size // cfg.train.grad_accum
+    "full", a bf16 teacher. The pipeline (mesh.stage, train.microbatches) stays as configured;
+    the meshes split each stage's devices."""
+    rows = cfg.data.batch_size // cfg.train.grad_accum // cfg.train.microbatches
+    per_stage = count // cfg.mesh.stage
     meshes = []
-    for data, fsdp in itertools.product(range(1, count + 1), repeat=2):
-        if count % (data * fsdp) or micro % (data * fsdp):
+    for data, fsdp in itertools.product(range(1, per_stage + 1), repeat=2):
+        if per_stage % (data * fsdp) or rows % (data * fsdp):
             continue
-        tensor = count // (data * fsdp)
+        tensor = per_stage // (data * fsdp)
         if spec.num_kv_heads % tensor or spec.mlp_size % tensor:
             continue
         meshes.append({"data": data, "fsdp": fsdp, "tensor": tensor})
@@ -276,8 +277,11 @@ def plan(cfg, target: str, max_alternatives: int = 3) -> dict[str, Any]:
 
 
 def _line(p: dict[str, Any]) -> str:
-    mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
+    sizes = ({"stage": p["stages"]} if p["stages"] > 1 else {}) | p["mesh"]
+    mesh = " x ".join(f"{k}={v}" for k, v in sizes.items())
     head = f"mesh {mesh}, remat {p['remat']}, teacher {p['teacher_dtype']}"
+    if p["microbatches"] > 1:
+        head += f", {p['microbatches']} microbatches"
     if p["error"]:
         return f"{head}: cannot compile: {p['error']}"
     return (

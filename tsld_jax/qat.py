@@ -41,7 +41,8 @@ def qat_loss(
       teacher_params: the full-precision teacher's parameters, same architecture.
       batch: "tokens" (B, T) int; optional "attention_mask" (B, T), 1 for real tokens, and
         "loss_mask" (B, T), 1 where the prediction *into* a position counts (the layout of
-        `data/examples.py`). Position t predicts token t + 1; the models read tokens 0..T-2.
+        `data/examples.py`). Position t predicts token t + 1; the models read tokens 0..T-2 (all
+        T for "l2l", whose hidden states and attention cover every position).
       spec: the architecture of both models.
       rules: quantization rules, a spec tree, or one QuantSpec (see `quant.make_quantizer`);
         None trains in full precision (the FP stage).
@@ -67,7 +68,13 @@ def qat_loss(
         attention_BxT[:, :-1],
         tokens_BxT[:, 1:],
     )
-    collect = ("hidden", "attn_scores") if kind == "l2l" else ()
+    collect = ("hidden", "attn_probs") if kind == "l2l" else ()
+    if collect:
+        # l2l matches every position's hidden states and attention as the authors' trainer
+        # does (it runs the model on the whole block), so the models read all T tokens here;
+        # the logits of positions 0..T-2 come from the last collected hidden state. Under jit
+        # the forward's own (B, T, V) logits, unused, are never computed.
+        inputs_BxT, input_mask_BxT = tokens_BxT, attention_BxT
 
     def run(params, quantizer, remat=False):
         out = decoder.forward(
@@ -80,7 +87,10 @@ def qat_loss(
             remat=remat,
             pipeline=pipeline,
         )
-        return out if collect else (out, None)
+        if not collect:
+            return out, None
+        _, aux = out
+        return decoder.head(params, aux["hidden"][-1][:, :-1], spec), aux
 
     quantizer = None if rules is None else quant_rules.make_quantizer(rules)
     student_logits, student_aux = run(student_params, quantizer, remat)
@@ -97,6 +107,7 @@ def qat_loss(
         mask_BxT,
         student_aux=student_aux,
         teacher_aux=teacher_aux,
+        aux_mask=attention_BxT,
         temperature=temperature,
         chunk_size=chunk_size,
     )

@@ -7,27 +7,35 @@ that both build the very same abstract state from a run's config.json.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from tsld_jax import config_utils, train_step
 from tsld_jax.models import decoder, load_model, named
 from tsld_jax.models.loading import LoadedModel
+from tsld_jax.models.spec import ModelSpec
 from tsld_jax.quant import rules as rules_lib
 from tsld_jax.quant.quantizers import QuantSpec
 
 
 def load_named_or_path(name: str, cfg, seed: int) -> LoadedModel:
-    """`load_model(name)`, or for "random" a model of the config's `model.random` size."""
+    """`load_model(name)`, or for "random" a model of the config's `model.random` size; its
+    spec runs attention as `model.attention` says."""
     if name == named.RANDOM:
-        spec = named.random_spec(cfg.model.random)
+        spec = with_attention(named.random_spec(cfg.model.random), cfg)
         params = decoder.init_params(jax.random.key(seed), spec, std=cfg.model.random.init_std)
         return LoadedModel(
             params, spec, named.random_hf_config(spec), named.ByteTokenizer(), named.RANDOM
         )
-    return load_model(name)
+    model = load_model(name)
+    return dataclasses.replace(model, spec=with_attention(model.spec, cfg))
+
+
+def with_attention(spec: ModelSpec, cfg) -> ModelSpec:
+    """`spec` with the config's `model.attention` (absent in older runs' configs: "auto")."""
+    return dataclasses.replace(spec, attention=cfg.model.get("attention", "auto"))
 
 
 def load_models(cfg, teacher: bool = True) -> tuple[LoadedModel, LoadedModel | None]:
@@ -48,7 +56,7 @@ def load_models(cfg, teacher: bool = True) -> tuple[LoadedModel, LoadedModel | N
     return student, teacher_model
 
 
-TEACHER_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TEACHER_DTYPES = train_step.DTYPES
 
 
 def teacher_params(teacher_params, cfg, shardings=None):

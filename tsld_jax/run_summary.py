@@ -112,8 +112,8 @@ def closing_lines(results: dict[str, Any], cfg, tokens: int) -> list[str]:
         ]
     lines = [
         f"summary: {results['step']} steps ({tokens:,} tokens) of ternary QAT took held-out "
-        f"perplexity from {ptq:,.1f} (round-to-nearest) to {qat:,.1f}, closing {closed:.0%} of "
-        f"the (log) gap to the teacher's {teacher:,.1f}"
+        f"perplexity from {ptq:,.1f} (round-to-nearest) to {qat:,.1f}, {qat / teacher:,.1f} "
+        f"times the teacher's {teacher:,.1f} (closing {closed:.0%} of the log gap)"
     ]
     if closed < 0.9:
         lines.append(

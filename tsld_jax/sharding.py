@@ -80,6 +80,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, stag
     return Mesh(np.asarray(stage_devices).reshape([stage, *sizes]), MESH_AXES)
 
 
+def config_mesh(mesh_cfg, devices=None) -> Mesh:
+    """The mesh config.mesh describes (stage, data, fsdp, tensor; one of data/fsdp/tensor may
+    be -1) over `devices` (default: all of them): the trainer's mesh and the one `--plan`
+    compiles for."""
+    return make_mesh(
+        mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices=devices, stage=mesh_cfg.stage
+    )
+
+
 def _spec_for(shape: tuple[int, ...], logical, mesh: Mesh, name: str) -> PartitionSpec:
     if logical is None:
         return PartitionSpec()

@@ -1,16 +1,21 @@
 """The pure training step: student forward with fake-quantized weights, teacher forward under
-stop_gradient, the distillation loss, AdamW. Jitted once by the trainer with shardings and a
-donated state; the teacher is an argument, never part of the state, never differentiated.
+stop_gradient, the distillation loss, AdamW. Jitted in one place, `jit_train_step`, with
+shardings, a donated state and the pipeline the mesh asks for; the trainer, `--plan` and the
+deviceless compiles all call it. The teacher is an argument, never part of the state, never
+differentiated.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
 
 from tsld_jax import qat
 from tsld_jax.models.spec import ModelSpec
@@ -133,3 +138,123 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+# config.train.dtype (the compute dtype) and config.model.teacher_dtype.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BATCH_KEYS = ("tokens", "attention_mask", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class JittedStep:
+    """The train step as the trainer runs it, and the shardings of its arguments.
+
+    Attributes:
+      fn: `fn(state, batch, teacher_params) -> (state, metrics)`, jitted with these shardings
+        and the state donated.
+      optimizer: the optax transformation the step applies.
+      state_shardings: a TrainState of NamedShardings.
+      batch_sharding: of every batch array (rows over data x fsdp).
+      teacher_shardings: of the teacher's parameters, or None for a run without a teacher.
+      teacher_dtype: the dtype the teacher's parameters are passed in.
+    """
+
+    fn: Callable
+    optimizer: optax.GradientTransformation
+    state_shardings: Any
+    batch_sharding: NamedSharding
+    teacher_shardings: Any
+    teacher_dtype: Any
+
+    def init_state(self, params, seed: int) -> TrainState:
+        """A fresh state from `params`, created in place on the state's shardings."""
+        return jax.jit(
+            lambda p: init_state(p, self.optimizer, seed), out_shardings=self.state_shardings
+        )(params)
+
+    def abstract_args(self, abstract_state, batch_shape: tuple[int, int], teacher_params=None):
+        """`fn`'s arguments as ShapeDtypeStructs carrying their shardings (what a plan or a
+        deviceless compile lowers): the state, an int32 batch of `batch_shape` (rows, tokens),
+        and the teacher's parameters in `teacher_dtype` (None without a teacher)."""
+
+        def placed(tree, shardings, dtype=None):
+            return jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s),
+                tree,
+                shardings,
+            )
+
+        state = placed(abstract_state, self.state_shardings)
+        batch = {
+            key: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=self.batch_sharding)
+            for key in BATCH_KEYS
+        }
+        teacher = None
+        if self.teacher_shardings is not None:
+            teacher = placed(teacher_params, self.teacher_shardings, self.teacher_dtype)
+        return state, batch, teacher
+
+
+def jit_train_step(
+    spec: ModelSpec,
+    rules,
+    loss_cfg,
+    train_cfg,
+    optimizer: optax.GradientTransformation,
+    abstract_state,
+    mesh: Mesh,
+    teacher_params=None,
+    teacher_dtype: str = "float32",
+) -> JittedStep:
+    """The one place the train step is jitted: the trainer, `--plan` (`plan.step_program`) and
+    the deviceless compiles (`aot.train_step_program`) all build it here, so a plan is of the
+    program that runs.
+
+    Args:
+      spec: the student's architecture (the teacher's forward reads its own shapes).
+      rules: quantization rules, or None for full precision.
+      loss_cfg: config.loss (kind, temperature, chunk_size).
+      train_cfg: config.train; reads grad_accum, dtype ("float32"/"bfloat16" compute), remat
+        and microbatches (the pipeline's, with the mesh's "stage" axis as its stages).
+      optimizer: from `make_optimizer`.
+      abstract_state: the TrainState's shapes (`jax.eval_shape` of `init_state`).
+      mesh: from `sharding.make_mesh`; a "stage" axis over 1 runs the layers as a pipeline.
+      teacher_params: the teacher's parameters (arrays or ShapeDtypeStructs; only their shapes
+        are read), or None for a run without a teacher (the fp stage).
+      teacher_dtype: config.model.teacher_dtype, the dtype the teacher is passed in.
+
+    Returns:
+      The jitted step and its argument shardings.
+    """
+    from tsld_jax import sharding  # sharding.py stays free of the train step's imports
+    from tsld_jax.models import pipeline as pipeline_lib
+
+    stages = mesh.shape.get(pipeline_lib.STAGE_AXIS, 1)
+    pipeline = None
+    if stages > 1 or train_cfg.microbatches > 1:
+        pipeline = pipeline_lib.Pipeline(stages, train_cfg.microbatches, mesh)
+    state_shardings = sharding.state_shardings(abstract_state, optimizer, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    # The teacher is sharded like the student (each device holds its shard, never all of it).
+    teacher_shardings = None
+    if teacher_params is not None:
+        teacher_shardings = sharding.param_shardings(teacher_params, mesh)
+    step = make_train_step(
+        spec,
+        rules,
+        loss_cfg,
+        optimizer,
+        train_cfg.grad_accum,
+        DTYPES[train_cfg.dtype],
+        train_cfg.remat,
+        pipeline,
+    )
+    fn = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding, teacher_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
+    return JittedStep(
+        fn, optimizer, state_shardings, batch_sharding, teacher_shardings, DTYPES[teacher_dtype]
+    )

@@ -2,37 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import sys
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tsld_jax import (
     atomic,
     config_utils,
     data,
-    guard,
     logging_utils,
     recipe,
     run_summary,
     sharding,
     train_step,
+    trainer_parts,
 )
 from tsld_jax import checkpoint as checkpoint_lib
 from tsld_jax import workdir as workdir_lib
 from tsld_jax.evaluation import perplexity
-from tsld_jax.models import decoder, hf, named
+from tsld_jax.models import hf, named
 from tsld_jax.quant import rules as rules_lib
 
-
-class TrainingError(RuntimeError):
-    """A run that had to stop: a non-finite loss, a diverged run, bad data found in training."""
+# A run that had to stop: a non-finite loss, a diverged run, bad data found in training.
+TrainingError = trainer_parts.TrainingError
 
 
 def check_positions(cfg, *models) -> None:
@@ -147,11 +145,61 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
             raise checkpoint_lib.write_failure(workdir, error) from None
 
 
+@dataclasses.dataclass
+class _Run:
+    """What a run's start, loop and end read, built once by `_prepare`."""
+
+    cfg: Any
+    workdir: str
+    student: Any  # models.loading.LoadedModel
+    teacher: Any  # the same, or None (the fp stage)
+    rules: Any
+    quantizer: Any  # made once: evaluation's jitted forward takes it as a static argument
+    params: Any  # the student's starting latent weights
+    batches: Any
+    eval_examples: dict[str, np.ndarray]
+    total_steps: int
+    schedule: Any
+    abstract_state: Any
+    jitted: train_step.JittedStep
+    checkpointer: checkpoint_lib.Checkpointer
+    check: trainer_parts.DivergenceCheck
+    writer: logging_utils.MetricsWriter | None = None  # opened after the restore, by _start
+
+    def student_ppl(self, params) -> float:
+        """The held-out perplexity of the student's (fake-quantized) weights."""
+        return heldout_ppl(
+            params,
+            self.student.spec,
+            self.eval_examples,
+            self.cfg.eval.batch_size,
+            self.quantizer,
+        )
+
+
 def _train(cfg, workdir: str) -> dict[str, Any]:
+    run = _prepare(cfg, workdir)
+    state, results = _start(run)
+    teacher_params = None
+    if run.teacher is not None:
+        teacher_params = recipe.teacher_params(
+            run.teacher.params, cfg, run.jitted.teacher_shardings
+        )
+    try:
+        state, stopped_by = _loop(run, state, teacher_params)
+    finally:
+        run.checkpointer.close()
+    if stopped_by is not None:
+        return _stopped(run, state, stopped_by)
+    return _finish(run, state, results)
+
+
+def _prepare(cfg, workdir: str) -> _Run:
+    """Models, data, the jitted step and the checkpointer of a run; checks what can be checked
+    before anything is compiled (positions, warm-up, pipeline, disk space)."""
     student, teacher = recipe.load_models(cfg)
     check_positions(cfg, student, teacher)
     rules = recipe.quant_rules(cfg)
-    quantizer = recipe.make_quantizer(rules)
     params = recipe.initial_student_params(student.params, rules, cfg)
     teacher_pair = (teacher.params, teacher.spec) if teacher is not None else None
     gen_teacher = teacher_pair or (student.params, student.spec)
@@ -171,198 +219,153 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
         )
 
     config_utils.validate_pipeline(cfg, student.spec.num_layers)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, stage=cfg.mesh.stage)
-    pipeline = None
-    if cfg.mesh.stage > 1 or cfg.train.microbatches > 1:
-        pipeline = decoder.Pipeline(cfg.mesh.stage, cfg.train.microbatches, mesh)
+    mesh = sharding.config_mesh(cfg.mesh)
     abstract_state, optimizer, schedule = recipe.abstract_state(cfg, params, total_steps)
-    state_shardings = sharding.state_shardings(abstract_state, optimizer, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
-    # The teacher is sharded like the student (each device holds its shard, never all of it)
-    # and passed with explicit shardings, in model.teacher_dtype.
-    teacher_shardings = (
-        sharding.param_shardings(teacher.params, mesh) if teacher is not None else None
+    # The teacher is passed sharded like the student, in model.teacher_dtype.
+    jitted = train_step.jit_train_step(
+        student.spec,
+        rules,
+        cfg.loss,
+        cfg.train,
+        optimizer,
+        abstract_state,
+        mesh,
+        teacher.params if teacher is not None else None,
+        cfg.model.teacher_dtype,
     )
-    compute_dtype = jnp.bfloat16 if cfg.train.dtype == "bfloat16" else jnp.float32
-    step_fn = jax.jit(
-        train_step.make_train_step(
-            student.spec,
-            rules,
-            cfg.loss,
-            optimizer,
-            cfg.train.grad_accum,
-            compute_dtype,
-            cfg.train.remat,
-            pipeline,
-        ),
-        in_shardings=(state_shardings, batch_sharding, teacher_shardings),
-        out_shardings=(state_shardings, None),
-        donate_argnums=(0,),
-    )
-
     checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.checkpoint.keep)
     checkpointer.check_space(abstract_state)  # before any step: a full disk is one line now
-    abstract_with_shardings = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state,
-        state_shardings,
+    return _Run(
+        cfg=cfg,
+        workdir=workdir,
+        student=student,
+        teacher=teacher,
+        rules=rules,
+        quantizer=recipe.make_quantizer(rules),
+        params=params,
+        batches=batches,
+        eval_examples=eval_examples,
+        total_steps=total_steps,
+        schedule=schedule,
+        abstract_state=abstract_state,
+        jitted=jitted,
+        checkpointer=checkpointer,
+        check=trainer_parts.DivergenceCheck(cfg.guard, vocab_size, checkpointer),
     )
-    restored = checkpointer.restore(abstract_with_shardings)
-    writer = logging_utils.MetricsWriter(workdir)
+
+
+def _start(run: _Run) -> tuple[train_step.TrainState, dict[str, Any]]:
+    """The state to start from: the last checkpoint's (with its data position and guard state)
+    or a fresh one, after a fresh run's baselines. Returns it and the results so far."""
+    cfg = run.cfg
+    restored = run.checkpointer.restore(
+        jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            run.abstract_state,
+            run.jitted.state_shardings,
+        )
+    )
+    run.writer = logging_utils.MetricsWriter(run.workdir)
     results: dict[str, Any] = {}
-    divergence = guard.DivergenceGuard(
-        student.spec.vocab_size,
-        patience=cfg.guard.patience,
-        loss_rise=cfg.guard.loss_rise,
-        collapse_tolerance=cfg.guard.collapse_tolerance,
-        zero_grad_norm=cfg.guard.zero_grad_norm,
-    )
     if restored is not None:
         state, meta = restored
-        batches.restore(meta["data"])
-        divergence.start_loss = meta.get("guard", {}).get("start_loss")
-        print(f"resuming from step {int(state.step)} in {workdir}")
-    else:
-        state = jax.jit(
-            lambda p: train_step.init_state(p, optimizer, cfg.seed), out_shardings=state_shardings
-        )(params)
-        writer.hparams(cfg.to_dict())
-        if cfg.eval.baselines and teacher is not None:
-            results["teacher_ppl"] = heldout_ppl(
-                teacher.params, teacher.spec, eval_examples, cfg.eval.batch_size
+        run.batches.restore(meta["data"])
+        run.check.restore(meta)
+        print(f"resuming from step {int(state.step)} in {run.workdir}")
+        return state, results
+    state = run.jitted.init_state(run.params, cfg.seed)
+    run.writer.hparams(cfg.to_dict())
+    if cfg.eval.baselines and run.teacher is not None:
+        results["teacher_ppl"] = heldout_ppl(
+            run.teacher.params, run.teacher.spec, run.eval_examples, cfg.eval.batch_size
+        )
+        if run.rules is not None:
+            ptq = rules_lib.quantize_params(run.params, run.rules)
+            results["ptq_ppl"] = heldout_ppl(
+                ptq, run.student.spec, run.eval_examples, cfg.eval.batch_size
             )
-            if rules is not None:
-                ptq = rules_lib.quantize_params(params, rules)
-                results["ptq_ppl"] = heldout_ppl(
-                    ptq, student.spec, eval_examples, cfg.eval.batch_size
-                )
-            writer.write(0, {f"baseline_{k}": v for k, v in results.items()})
-            print("baselines: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
-    teacher_params = (
-        recipe.teacher_params(teacher.params, cfg, teacher_shardings)
-        if teacher is not None
-        else None
-    )
+        run.writer.write(0, {f"baseline_{k}": v for k, v in results.items()})
+        print("baselines: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
+    return state, results
+
+
+def _loop(run: _Run, state, teacher_params) -> tuple[train_step.TrainState, int | None]:
+    """Steps from the state's step to the run's last; returns the state and the signal that
+    stopped it (None when it ran to the end). Step n + 1 is dispatched before step n's metrics
+    are read, so the device never waits for the host."""
+    cfg = run.cfg
     start = int(state.step)
-    profile = config_utils.profile_range(cfg)
-    progress = logging_utils.progress(total_steps, start, cfg.log.progress)
-    pending: tuple[int, dict, float] | None = None
+    progress = logging_utils.progress(run.total_steps, start, cfg.log.progress)
     tokens_per_step = cfg.data.batch_size * cfg.data.block_size
-    last_time = time.perf_counter()
-    warned: set[int] = set()  # the first steps of the symptoms already warned about
-
-    def last_good_checkpoint(before: int) -> str:
-        good = [s for s in checkpointer.steps() if s < before]
-        if not good:
-            return f"no checkpoint in {checkpointer.directory} predates it"
-        return f"the last checkpoint from before it is step {good[-1]} in {checkpointer.directory}"
-
-    def handle(step: int, metrics: dict, started: float) -> None:
-        nonlocal last_time
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not np.isfinite(values["loss"]):
-            saved = checkpointer.steps()
-            kept = (
-                f"the last good checkpoint is step {saved[-1]} in {checkpointer.directory}"
-                if saved
-                else f"no checkpoint was saved ({checkpointer.directory} holds none)"
-            )
-            raise TrainingError(f"non-finite loss ({values['loss']}) at step {step}; {kept}")
-        verdict = divergence.update(step, values["gt"], values.get("grad_norm"))
-        if verdict is not None and cfg.guard.action == "stop":
-            # Metrics of step s describe checkpoint s - 1 (see guard.py).
-            raise TrainingError(
-                f"training diverged at step {step}: {verdict.reason}, since step {verdict.since} "
-                f"(guard.patience={cfg.guard.patience}); "
-                f"{last_good_checkpoint(verdict.since - 1)}"
-            )
-        if verdict is not None and cfg.guard.action == "warn" and verdict.since not in warned:
-            warned.add(verdict.since)
-            print(
-                f"warning: step {step}: {verdict.reason} since step {verdict.since}",
-                file=sys.stderr,
-            )
-        now = time.perf_counter()
-        progress.set_postfix(loss=f"{values['loss']:.4f}")
-        progress.update(1)
-        if step % cfg.log.every_steps == 0 or step == total_steps:
-            values["lr"] = float(schedule(step - 1))
-            values["tokens_per_sec"] = tokens_per_step / max(now - started, 1e-9)
-            writer.write(step, values)
-        last_time = now
-
-    stopped_by = None
+    log = trainer_parts.MetricsLog(
+        run.writer, progress, run.schedule, cfg.log.every_steps, run.total_steps, tokens_per_step
+    )
+    read = lambda pending: trainer_parts.read_metrics(*pending, run.check, log)  # noqa: E731
+    profiler = trainer_parts.Profiler(
+        config_utils.profile_range(cfg), os.path.join(run.workdir, "profile")
+    )
+    checkpoints = trainer_parts.CheckpointPolicy(
+        run.checkpointer, cfg.checkpoint.every_steps, run.total_steps
+    )
+    evaluation = trainer_parts.PeriodicEval(cfg.eval.every_steps, run.student_ppl, run.writer)
+    process_local = getattr(run.batches, "process_local", False)
+    pending = None  # (step, metrics, started) of the last step dispatched and not yet read
     try:
         with _StopFlag() as stop:
-            for step in range(start + 1, total_steps + 1):
-                if profile and step == profile[0]:
-                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
-                started = last_time
-                batch = _device_batch(
-                    next(batches), batch_sharding, getattr(batches, "process_local", False)
-                )
-                state, metrics = step_fn(state, batch, teacher_params)
+            for step in range(start + 1, run.total_steps + 1):
+                profiler.before_step(step)
+                started = log.last_time
+                batch = _device_batch(next(run.batches), run.jitted.batch_sharding, process_local)
+                state, metrics = run.jitted.fn(state, batch, teacher_params)
                 if pending is not None:
-                    handle(*pending)  # One step late: the device is already busy with `step`.
+                    read(pending)  # One step late: the device is already busy with `step`.
                 pending = (step, metrics, started)
-                if profile and step == profile[1]:
-                    jax.block_until_ready(state)
-                    jax.profiler.stop_trace()
-                save = step % cfg.checkpoint.every_steps == 0 or step == total_steps
-                if save or stop.signal is not None:
-                    handle(*pending)  # Never save a state whose loss is not finite.
+                profiler.after_step(step, state)
+                # Read once a step: a signal arriving after the save decision (during the
+                # evaluation, say) is handled at the next step's boundary, where it is saved.
+                signum = stop.signal
+                stopping = signum is not None
+                if checkpoints.due(step, stopping):
+                    read(pending)  # Never save a state whose loss is not finite.
                     pending = None
-                    # Only a run that the guard may stop holds its checkpoints back.
-                    suspect = cfg.guard.action == "stop" and divergence.suspect_since is not None
-                    if suspect and step != total_steps and stop.signal is None:
-                        # Keep the kept checkpoints from before a symptom (see config.guard).
-                        logging.warning(
-                            "step %d: not checkpointing while the divergence guard watches a "
-                            "symptom seen since step %d",
-                            step,
-                            divergence.suspect_since,
-                        )
-                    else:
-                        meta = {"data": batches.state(), "step": step, "guard": divergence.state()}
-                        checkpointer.save(step, state, meta)
-                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-                    ppl = heldout_ppl(
-                        state.params, student.spec, eval_examples, cfg.eval.batch_size, quantizer
-                    )
-                    writer.write(step, {"eval_ppl": ppl})
-                if step == cfg.debug.sigkill_after_step:
-                    checkpointer.wait()
+                    checkpoints.save(step, state, run.batches, run.check, stopping)
+                evaluation.after_step(step, state.params)
+                if step == cfg.debug.sigkill_after_step:  # tests: a kill after this save
+                    run.checkpointer.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
-                if stop.signal is not None:
-                    stopped_by = stop.signal
-                    break
+                if stopping:
+                    return state, signum
             if pending is not None:
-                handle(*pending)
+                read(pending)
     finally:
         progress.close()
-        checkpointer.close()
-    if stopped_by is not None:
-        writer.close()
-        if jax.process_index() == 0:
-            run_summary.plot_curves(workdir, run_summary.baselines(workdir))
-        name = signal.Signals(stopped_by).name
-        print(
-            f"stopped by {name} at step {int(state.step)}; checkpoint {int(state.step)} saved in "
-            f"{checkpointer.directory}; run the same command again to resume",
-            file=sys.stderr,
-        )
-        return {"stopped": True, "signal": int(stopped_by), "step": int(state.step)}
+    return state, None
 
+
+def _stopped(run: _Run, state, signum: int) -> dict[str, Any]:
+    run.writer.close()
+    if jax.process_index() == 0:
+        run_summary.plot_curves(run.workdir, run_summary.baselines(run.workdir))
+    name = signal.Signals(signum).name
+    print(
+        f"stopped by {name} at step {int(state.step)}; checkpoint {int(state.step)} saved in "
+        f"{run.checkpointer.directory}; run the same command again to resume",
+        file=sys.stderr,
+    )
+    return {"stopped": True, "signal": int(signum), "step": int(state.step)}
+
+
+def _finish(run: _Run, state, results: dict[str, Any]) -> dict[str, Any]:
+    """The final evaluation, export (fp stage), results.json, plots and closing lines."""
+    cfg, workdir = run.cfg, run.workdir
     final_step = int(state.step)
     results["step"] = final_step
-    key = "qat_ppl" if rules is not None else "ppl"
-    results[key] = heldout_ppl(
-        state.params, student.spec, eval_examples, cfg.eval.batch_size, quantizer
-    )
-    writer.write(final_step, {"eval_ppl": results[key]})
-    writer.close()
+    key = "qat_ppl" if run.rules is not None else "ppl"
+    results[key] = run.student_ppl(state.params)
+    run.writer.write(final_step, {"eval_ppl": results[key]})
+    run.writer.close()
     if cfg.stage == "fp":
-        results["export"] = write_fp_export(workdir, jax.device_get(state.params), student)
+        results["export"] = write_fp_export(workdir, jax.device_get(state.params), run.student)
     # A resumed run logged its baselines before its first step, in an earlier process.
     results = run_summary.baselines(workdir) | results
     if jax.process_index() == 0:  # every process holds the same results
@@ -374,6 +377,7 @@ def _train(cfg, workdir: str) -> dict[str, Any]:
             f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()
         )
     )
+    tokens_per_step = cfg.data.batch_size * cfg.data.block_size
     for line in run_summary.closing_lines(results, cfg, final_step * tokens_per_step):
         print(line)
     logging.info("final results %s", results)

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tsld_jax.models import attention as attention_lib
 from tsld_jax.models import pipeline as pipeline_lib
 from tsld_jax.models.spec import ModelSpec
 
@@ -100,8 +101,8 @@ def linears(
     Each kernel is quantized on its own (so per-tensor statistics stay per layer), then the
     kernels are joined along the output axis: one (in, sum of outs) matmul reads x once, and in
     the backward pass the input gradient is one matmul and the weight gradient transposes x
-    once instead of once per layer. Measured on SmolLM2-135M, one QAT-TSLD step on a 2-core
-    CPU (same process, interleaved): 11.9 s -> 11.3 s. Below FUSE_MIN_ROWS rows, and for
+    once instead of once per layer (the step time it saved: docs/benchmarks.md). Below
+    FUSE_MIN_ROWS rows, and for
     packed layers, each layer runs through `linear()` on its own.
     """
     pairs = list(zip(layers_params, names, strict=True))
@@ -161,57 +162,10 @@ def _rotary(x_BxTxNxK: jax.Array, positions_BxT: jax.Array, inv_freq_K2: jax.Arr
     return (x32 * cos + rotated * sin).astype(x_BxTxNxK.dtype)
 
 
-def attention_mask(
-    query_index_T: jax.Array,
-    key_index_S: jax.Array,
-    key_mask_BxS: jax.Array | None,
-    window: jax.Array | int,
-) -> jax.Array:
-    """Boolean (B or 1, 1, 1, T, S) mask: causal, optional sliding window, optional padding."""
-    distance_TxS = query_index_T[:, None] - key_index_S[None, :]
-    allowed_TxS = (distance_TxS >= 0) & ((window == 0) | (distance_TxS < window))
-    allowed = allowed_TxS[None, None, None]
-    if key_mask_BxS is not None:
-        allowed = allowed & (key_mask_BxS[:, None, None, None, :] > 0)
-    return allowed
-
-
-# Queries are processed in tiles of this many positions. Each tile's (T_tile, S) scores stay in
-# the CPU's cache, and without a KV cache a tile only needs the keys up to its own last position
-# (the later ones are all masked by causality), which skips ~3/8 of the attention arithmetic at
-# T = 512. Measured on a 2-core x86 CPU (SmolLM2 shapes, B = 4, T = 512): one attention layer
-# 4x faster than the single (T, T) pass, fwd+bwd 1.8x; 64 and 256 were both slower than 128.
-QUERY_TILE = 128
-
-
-def _attend(
-    q_BxNxGxTxK: jax.Array,
-    keys_BxNxSxK: jax.Array,
-    values_BxNxSxK: jax.Array,
-    allowed: jax.Array,
-    spec: ModelSpec,
-    value_dtype: Any,
-) -> tuple[jax.Array, jax.Array]:
-    """softmax(soft-capped scaled q k^T, masked) v for one tile of queries; returns (out,
-    scores)."""
-    scores_BxNxGxTxS = jnp.einsum(
-        "bngtk,bnsk->bngts", q_BxNxGxTxK.astype(jnp.float32), keys_BxNxSxK.astype(jnp.float32)
-    )
-    if spec.attn_scale:
-        scores_BxNxGxTxS = scores_BxNxGxTxS * jnp.float32(spec.attn_scale)
-    else:
-        scores_BxNxGxTxS = scores_BxNxGxTxS / jnp.sqrt(jnp.float32(q_BxNxGxTxK.shape[-1]))
-    if spec.attn_softcap:
-        scores_BxNxGxTxS = _softcap(scores_BxNxGxTxS, spec.attn_softcap)
-    masked = jnp.where(allowed, scores_BxNxGxTxS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(masked, axis=-1).astype(value_dtype)
-    out_BxNxGxTxK = jnp.einsum("bngts,bnsk->bngtk", probs, values_BxNxSxK.astype(value_dtype))
-    return out_BxNxGxTxK, scores_BxNxGxTxS
-
-
-def _softcap(x: jax.Array, cap: float) -> jax.Array:
-    """cap * tanh(x / cap): Gemma 2's bound on attention scores and logits."""
-    return jnp.tanh(x / cap) * cap
+# The mask, the tiled attention (its QUERY_TILE) and the soft-cap live in `attention.py` beside
+# the fused kernels; these names stay for the decoder's callers.
+attention_mask = attention_lib.attention_mask
+_softcap = attention_lib.softcap
 
 
 def _attention(
@@ -223,13 +177,15 @@ def _attention(
     allowed: jax.Array,
     quantizer: Quantizer | None,
     cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
-    want_scores: bool = False,
+    want_probs: bool = False,
     packed_kernel: str = "auto",
 ) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array] | None]:
     """Self-attention; with `cache` = (keys_LxBxNxSxK, values_LxBxNxSxK, layer, index) the new
     keys/values are written into layer `layer`'s slots from `index` on, and the queries attend
-    over all S slots (`allowed` is then (B, 1, 1, T, S)). Returns (output, scores (B, H, T, S)
-    if `want_scores` else None, the updated (keys, values) stacks or None).
+    over all S slots (`allowed` is then (B, 1, 1, T, S)); without one, `allowed` is an
+    `attention.Mask` and the attention runs as `spec.attention` chooses. Returns (output, the
+    post-softmax probabilities (B, H, T, S) if `want_probs` else None, the updated (keys, values)
+    stacks or None).
 
     Keys and values are kept heads-first, (B, N, S, K), so that both einsums are plain batched
     matmuls over a cache that is never transposed (decoding reads all of it every step)."""
@@ -248,6 +204,17 @@ def _attention(
     if spec.positional == "rotary":
         q = _rotary(q, positions_BxT, inv_freq_K2)
         k = _rotary(k, positions_BxT, inv_freq_K2)
+    scale = spec.attn_scale or 1.0 / math.sqrt(head_dim)
+    if cache is None and not want_probs and isinstance(allowed, attention_lib.Mask):
+        # Self-attention without probabilities to return: the implementation of the platform
+        # (`attention.self_attention`; l2l's probabilities and the KV cache stay on the tiled path).
+        out_BxTxHxK = attention_lib.self_attention(
+            q, k, v, allowed, scale=scale, cap=spec.attn_softcap, implementation=spec.attention
+        )
+        out = linear(
+            p["o"], out_BxTxHxK.reshape(batch, length, -1), "attn/o", quantizer, packed_kernel
+        )
+        return out, None, None
     k_BxNxTxK = k.transpose(0, 2, 1, 3)
     v_BxNxTxK = v.transpose(0, 2, 1, 3)
     keys_BxNxSxK, values_BxNxSxK, new_kv = k_BxNxTxK, v_BxNxTxK, None
@@ -263,29 +230,26 @@ def _attention(
         new_kv = (keys_L, values_L)
     q_BxNxGxTxK = q.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     slots = keys_BxNxSxK.shape[2]
-    tile = length if want_scores else QUERY_TILE
-    outs, scores = [], None
-    for start in range(0, length, tile):
-        end = min(start + tile, length)
-        # Without a cache, query t sees keys <= t only, so the tile stops at its own end. So it
-        # does when this call fills every slot of a cache (it then starts writing at slot 0);
-        # otherwise slots are not positions and the tile reads them all.
-        limit = end if cache is None or slots == length else slots
-        out, scores = _attend(
-            q_BxNxGxTxK[:, :, :, start:end],
-            keys_BxNxSxK[:, :, :limit],
-            values_BxNxSxK[:, :, :limit],
-            allowed[..., start:end, :limit],
-            spec,
-            v.dtype,
-        )
-        outs.append(out)
-    out_BxNxGxTxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    if isinstance(allowed, attention_lib.Mask):
+        allowed = allowed.dense(length)
+    # Without a cache, query t sees keys <= t only. So it does when this call fills every slot
+    # of a cache (it then starts writing at slot 0); otherwise slots are not positions.
+    out_BxNxGxTxK, probs = attention_lib.tiled(
+        q_BxNxGxTxK,
+        keys_BxNxSxK,
+        values_BxNxSxK,
+        allowed,
+        scale=scale,
+        cap=spec.attn_softcap,
+        value_dtype=v.dtype,
+        want_probs=want_probs,
+        keys_are_positions=cache is None or slots == length,
+    )
     out_BxTxD = out_BxNxGxTxK.transpose(0, 3, 1, 2, 4).reshape(batch, length, -1)
     out = linear(p["o"], out_BxTxD, "attn/o", quantizer, packed_kernel)
-    if want_scores:
-        scores = scores.reshape(batch, spec.num_heads, length, slots)
-    return out, scores if want_scores else None, new_kv
+    if want_probs:
+        probs = probs.reshape(batch, spec.num_heads, length, slots)
+    return out, probs if want_probs else None, new_kv
 
 
 def _mlp(
@@ -311,11 +275,11 @@ def _block(
     allowed: jax.Array,
     quantizer: Quantizer | None,
     cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
-    want_scores: bool = False,
+    want_probs: bool = False,
     packed_kernel: str = "auto",
 ) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array] | None]:
     if spec.pre_norm:
-        attn_out, scores, new_kv = _attention(
+        attn_out, probs, new_kv = _attention(
             layer["attn"],
             _norm(layer["attn_norm"], h, spec),
             spec,
@@ -324,7 +288,7 @@ def _block(
             allowed,
             quantizer,
             cache,
-            want_scores,
+            want_probs,
             packed_kernel,
         )
         if spec.post_norms:  # Gemma: the sublayer's output is normalised before the residual add
@@ -337,7 +301,7 @@ def _block(
             mlp_out = _norm(layer["post_mlp_norm"], mlp_out, spec)
         h = h + mlp_out
     else:  # OPT-350m: normalise after each residual add.
-        attn_out, scores, new_kv = _attention(
+        attn_out, probs, new_kv = _attention(
             layer["attn"],
             h,
             spec,
@@ -346,13 +310,13 @@ def _block(
             allowed,
             quantizer,
             cache,
-            want_scores,
+            want_probs,
             packed_kernel,
         )
         h = _norm(layer["attn_norm"], h + attn_out, spec)
         mlp_out = _mlp(layer["mlp"], h, spec, quantizer, packed_kernel)
         h = _norm(layer["mlp_norm"], h + mlp_out, spec)
-    return h, scores, new_kv
+    return h, probs, new_kv
 
 
 def default_positions(tokens_BxT: jax.Array, mask_BxT: jax.Array | None) -> jax.Array:
@@ -376,18 +340,34 @@ def embed(params: Params, tokens_BxT: jax.Array, positions_BxT: jax.Array, spec:
     return h
 
 
-def unembed(params: Params, h_BxTxD: jax.Array, spec: ModelSpec) -> jax.Array:
-    """Final norm, OPT's project_out and the LM head: hidden states to logits."""
+def final_hidden(params: Params, h_BxTxD: jax.Array, spec: ModelSpec) -> jax.Array:
+    """The last block's output through the final norm and OPT's project_out: the head's input,
+    and the last entry of Hugging Face's `hidden_states` (which ends after both)."""
     if spec.final_norm:
         h_BxTxD = _norm(params["final_norm"], h_BxTxD, spec)
     if spec.embed_proj_dim:
         h_BxTxD = h_BxTxD @ params["project_out"]["kernel"].astype(h_BxTxD.dtype)
+    return h_BxTxD
+
+
+def head(params: Params, h_BxTxE: jax.Array, spec: ModelSpec) -> jax.Array:
+    """The LM head (tied or not) and Gemma 2's logit soft cap: `final_hidden`'s output to
+    logits."""
     if spec.tie_embeddings:
-        table = params["embed"]["tokens"].astype(h_BxTxD.dtype)
-        logits = jnp.einsum("...e,ve->...v", h_BxTxD, table)
+        table = params["embed"]["tokens"].astype(h_BxTxE.dtype)
+        logits = jnp.einsum("...e,ve->...v", h_BxTxE, table)
     else:
-        logits = h_BxTxD @ params["lm_head"]["kernel"].astype(h_BxTxD.dtype)
+        logits = h_BxTxE @ params["lm_head"]["kernel"].astype(h_BxTxE.dtype)
     return _softcap(logits, spec.logit_softcap) if spec.logit_softcap else logits
+
+
+def unembed(params: Params, h_BxTxD: jax.Array, spec: ModelSpec) -> jax.Array:
+    """Final norm, OPT's project_out and the LM head: the last block's output to logits."""
+    return head(params, final_hidden(params, h_BxTxD, spec), spec)
+
+
+# What `forward(collect=...)` can return beside the logits.
+COLLECTABLE = ("hidden", "attn_probs")
 
 
 def forward(
@@ -412,8 +392,12 @@ def forward(
       mask_BxT: 1 for real tokens, 0 for padding; padded keys are never attended to.
       positions_BxT: position ids; by default counted over the real tokens.
       quantizer: optional `quantizer(name, layer_params) -> kernel` applied in every linear().
-      collect: any of "hidden" (the input of every block and the final block output,
-        (L+1, B, T, D)) and "attn_scores" (pre-softmax scores, (L, B, H, T, T)).
+      collect: any of COLLECTABLE, what Hugging Face returns with `output_hidden_states` and
+        `output_attentions` (what the authors' layer-to-layer distillation matches): "hidden",
+        a tuple of L+1 (B, T, .) arrays, the embedding output and every block's output, the
+        last one after the final norm (and OPT's project_out, so (B, T, E) there), i.e. the
+        head's input; "attn_probs", every layer's post-softmax attention probabilities,
+        (L, B, H, T, T) float32, 0 where a key is masked.
       remat: what the backward pass recomputes of each block (jax.checkpoint on the scanned
         block), one of REMAT_MODES: "none" (or False) keeps every activation; "dots" keeps only
         the matmul outputs and recomputes the cheap rest (norms, activations, fake-quantized
@@ -427,6 +411,9 @@ def forward(
     Returns:
       logits (B, T, V), or (logits, aux) when `collect` is not empty.
     """
+    unknown = sorted(set(collect) - set(COLLECTABLE))
+    if unknown:
+        raise ValueError(f"collect: unknown {unknown}; expected any of {COLLECTABLE}")
     h, per_layer, _ = _trunk(
         params,
         tokens_BxT,
@@ -439,14 +426,17 @@ def forward(
         packed_kernel=packed_kernel,
         pipeline=pipeline,
     )
-    logits = unembed(params, h, spec)
+    last = final_hidden(params, h, spec)
+    logits = head(params, last, spec)
     if not collect:
         return logits
     aux = {}
     if "hidden" in collect:
-        aux["hidden"] = jnp.concatenate([per_layer["hidden"], h[None]], axis=0)
-    if "attn_scores" in collect:
-        aux["attn_scores"] = per_layer["attn_scores"]
+        # Hugging Face's tuple: the input of every block, then the normed output of the last.
+        block_inputs = per_layer["hidden"]
+        aux["hidden"] = (*(block_inputs[i] for i in range(spec.num_layers)), last)
+    if "attn_probs" in collect:
+        aux["attn_probs"] = per_layer["attn_probs"]
     return logits, aux
 
 
@@ -542,8 +532,8 @@ def _rematerialised(step: Callable, remat: bool | str | None) -> Callable:
     if mode == "full":
         return jax.checkpoint(step)
     if mode == "dots":
-        # Measured on SmolLM2-135M, one QAT-TSLD step on a 2-core CPU: 15% faster than keeping
-        # everything (XLA zero-fills and copies fewer stacked residuals) at half the temp memory.
+        # Faster than keeping everything on XLA:CPU (fewer stacked residuals zero-filled and
+        # copied) at half the temporary memory (docs/benchmarks.md).
         return jax.checkpoint(step, policy=jax.checkpoint_policies.dots_saveable)
     raise ValueError(f"remat must be one of {REMAT_MODES} (or a bool), got {remat!r}")
 
@@ -574,8 +564,8 @@ def _trunk(
     if cache is None:
         if positions_BxT is None:
             positions_BxT = default_positions(tokens_BxT, mask_BxT)
-        index_T = jnp.arange(length)
-        make_mask = lambda window: attention_mask(index_T, index_T, mask_BxT, window)
+        windows = attention_lib.windows_of(spec.layer_windows())
+        make_mask = lambda window: attention_lib.Mask(mask_BxT, window, windows)
     else:
         if mask_BxT is None:
             mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
@@ -605,7 +595,7 @@ def _trunk(
             raise ValueError("a pipelined forward takes no cache and collects nothing")
 
         def layer_fn(layer, h, positions_BxT, mask_BxT, consts):
-            allowed = attention_mask(index_T, index_T, mask_BxT, consts["window"])
+            allowed = attention_lib.Mask(mask_BxT, consts["window"], windows)
             return _block(
                 layer,
                 h,
@@ -625,12 +615,12 @@ def _trunk(
 
     # With a cache, the stacked keys/values ride in the scan's carry and each layer updates its
     # own slots in place. (Passing them as per-layer inputs and writing the new slots after the
-    # scan made XLA copy the whole stack once more per call: 4x slower decoding on CPU.)
+    # scan made XLA copy the whole stack once more per call: several times slower decoding.)
     def step(carry, xs):
         h, kv = carry
         layer, consts, layer_index = xs
         layer_cache = None if kv is None else (*kv, layer_index, cache["index"])
-        new_h, scores, kv = _block(
+        new_h, probs, kv = _block(
             layer,
             h,
             spec,
@@ -639,14 +629,14 @@ def _trunk(
             make_mask(consts["window"]),
             quantizer,
             layer_cache,
-            want_scores="attn_scores" in collect,
+            want_probs="attn_probs" in collect,
             packed_kernel=packed_kernel,
         )
         outputs = {}
         if "hidden" in collect:
             outputs["hidden"] = h
-        if "attn_scores" in collect:
-            outputs["attn_scores"] = scores
+        if "attn_probs" in collect:
+            outputs["attn_probs"] = probs
         return (new_h, kv), outputs
 
     kv = None if cache is None else (cache["keys"], cache["values"])

@@ -224,8 +224,9 @@ def load_tokenizer(path: str):
     A byte vocabulary (ids are byte values, as `gguf_export` writes for random models) is
     `named.ByteTokenizer`.
 
-    The conversion takes ~15 s for a 49k-token vocabulary; the cached fast tokenizer loads in
-    well under a second. The cache key is the file's absolute path, size and modification time.
+    The conversion takes seconds for a large vocabulary; the cached fast tokenizer loads far
+    faster (docs/benchmarks.md, "Measurements behind design choices"). The cache key is the
+    file's absolute path, size and modification time.
     """
     import hashlib
 

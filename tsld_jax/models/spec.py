@@ -69,6 +69,9 @@ class ModelSpec:
       attention_layers: per layer, "global" or "local"; empty means all global.
       tie_embeddings: the LM head reuses the token embedding.
       embed_proj_dim: OPT's word_embed_proj_dim when it differs from hidden_size, else 0.
+      attention: how self-attention runs, one of `attention.IMPLEMENTATIONS` ("auto": cuDNN on
+        an NVIDIA GPU for bf16/fp16, the Pallas splash kernel on a TPU, the tiled XLA path
+        elsewhere). Not a property of the checkpoint: config `model.attention` sets it.
     """
 
     family: str
@@ -109,11 +112,18 @@ class ModelSpec:
     attention_layers: tuple[str, ...] = ()
     tie_embeddings: bool = True
     embed_proj_dim: int = 0
+    attention: str = "auto"
 
     def __post_init__(self):
         from tsld_jax.models import families  # the registry imports this module
 
         families.check_name(self.family)
+        from tsld_jax.models import attention  # imports jax: not at this module's import
+
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise ConfigError(
+                f"attention {self.attention!r} is not one of {attention.IMPLEMENTATIONS}"
+            )
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"unsupported activation {self.activation!r}; expected {ACTIVATIONS}")
         if self.rope_type not in ROPE_TYPES:

@@ -45,7 +45,8 @@ def _check(spec: ModelSpec) -> None:
     if spec.attention_layers:
         # llama.cpp reads phi3.attention.sliding_window and then turns it off ("Phi SWA is
         # currently disabled", llama-model.cpp): its logits differ from the first token past
-        # the window on (measured: 1.6 of the largest logit at window 3).
+        # the window on (by far more than rounding: docs/benchmarks.md, "Measurements behind
+        # design choices").
         raise ConfigError(
             f"llama.cpp's phi3 graph ignores the sliding window ({spec.local_window}) of this "
             "model, so its logits would differ beyond it"
