@@ -1,0 +1,294 @@
+"""Weight-only quantized matmul on TPU: `x @ unpack(packed)` with 2/4/8-bit packed weights.
+
+The Mosaic TPU counterpart of `pallas/quantized_matmul.py` (the Triton GPU kernel), over the same
+`qtensor.PackedWeight` format and with the same `quantized_matmul_reference`. One launch shape:
+grid `(M / bm, N / bn, K / bk)`, K last and sequential ("arbitrary"), a float32 accumulator in
+VMEM scratch written out after the last K step; the M and N axes are "parallel" (megacore chips
+split them between their cores).
+
+Each K step reads a `(bk / P, bn)` tile of int32 words (P = 16 two-bit or 8 four-bit codes a word)
+or a `(bk, bn)` int8 tile, and unpacks it on the vector unit with one shift and one mask per field:
+field f of every word is one `(bk / P, bn)` slab, whole (8, 128) vregs, with no relayout. The
+slabs are stacked along sublanes into a `(bk, bn)` weight tile whose rows come field-major (row
+`f * bk / P + j` holds kernel row `P j + f` of the tile); x is permuted to that order once, in
+the wrapper (`_field_major`), so one dot of the tile's full depth feeds the MXU. Codes become
+floats through float32 (v5e has no bf16 vector unit), have their offset and zero point taken away
+there, and are narrowed to the activations' dtype (exact: |v| <= 256), so bf16 inputs take the
+MXU's bf16 path with float32 accumulation.
+
+A K tile never crosses a scale group (`bk` divides the group's rows), so the scale multiplies the
+tile's partial product, `acc += (x @ (v - zero)) * mult`, as in the GPU kernel. The tiles obey
+Mosaic's layout rules: `bk` a multiple of 128 (x's lane axis; 128 rows are 8 sublanes of 2-bit
+words), `bn` a multiple of 128 or all of N, `bm` a multiple of 16. A format whose K tiling admits
+no such `bk` (groups of fewer than 128 rows, or a padded K that 128 does not divide) is refused
+by `supports`, and the "auto" kernel choice then falls back to XLA's dequantize-then-dot on TPU
+(`export.packed_matmul`). See docs/kernels.md.
+
+`quantized_matmul` is a `jax.custom_vjp`: the gradient with respect to x is that of
+`quantized_matmul_reference`; the packed weights get none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jaxtyping import Array, Float
+
+from pallas import quantized_matmul as _gpu
+from tsld_jax.quant import qtensor
+from tsld_jax.quant.qtensor import PackedWeight
+
+# The one reference of the op, shared with the GPU kernel (same signature).
+quantized_matmul_reference = _gpu.quantized_matmul_reference
+
+_LANES = 128  # x's K tile is on the lane axis: a multiple of 128
+_SUBLANES = 16  # rows of a bf16 vreg tile (8 for float32): M is padded to this
+DECODE_MAX_M = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile shape of one launch (hashable: a static argument).
+
+    Attributes:
+      block_m: activation rows per program, at most; lowered to M rounded up to 16.
+      block_n: output columns per program; lowered to the largest multiple of 128 that divides
+        the padded N (all of N where 128 does not divide it).
+      block_k: K rows per grid step; lowered to the largest multiple of 128 that divides both
+        the padded K and the scale group's rows.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+
+
+# Decode (M <= 64) is bound by reading the weights: large K tiles spread the fixed cost of a grid
+# step (~0.35 us) over more bytes; a 2-bit tile of 2048 x 512 is 256 KiB of words, and its
+# unpacked float32 tile 4 MiB of VMEM (v5e's scoped default is 16 MiB).
+DECODE = BlockSizes(block_m=DECODE_MAX_M, block_n=512, block_k=2048)
+# Prefill is bound by the MXU: 256-row tiles reuse each unpacked weight tile over more rows.
+PREFILL = BlockSizes(block_m=256, block_n=512, block_k=512)
+
+
+def select_block_sizes(m: int) -> BlockSizes:
+    """`DECODE` up to `DECODE_MAX_M` activation rows, else `PREFILL`."""
+    return DECODE if m <= DECODE_MAX_M else PREFILL
+
+
+def _largest_multiple_dividing(n: int, unit: int, cap: int) -> int | None:
+    """The largest multiple of `unit` that divides n and is at most cap; None if there is none."""
+    for t in range(min(cap, n) // unit, 0, -1):
+        if n % (t * unit) == 0:
+            return t * unit
+    return None
+
+
+def _block_k(packed: PackedWeight, cap: int) -> int | None:
+    kp, _ = packed.padded_shape
+    return _largest_multiple_dividing(math.gcd(kp, packed.group_rows), _LANES, cap)
+
+
+def supports(packed: PackedWeight) -> bool:
+    """Whether the kernel tiles this format: a K tile of a multiple of 128 rows that divides the
+    padded K and the scale group (channel and tensor scales with K % 128 == 0, or groups of a
+    multiple of 128 rows)."""
+    return _block_k(packed, cap=max(packed.padded_shape[0], _LANES)) is not None
+
+
+def _fit(blocks: BlockSizes, packed: PackedWeight, m: int) -> tuple[BlockSizes, int]:
+    """Block sizes that tile the padded problem exactly; also returns the padded M."""
+    kp, np_ = packed.padded_shape
+    block_m = min(blocks.block_m, -(-m // _SUBLANES) * _SUBLANES)
+    block_m = -(-block_m // _SUBLANES) * _SUBLANES
+    block_n = _largest_multiple_dividing(np_, _LANES, blocks.block_n) or np_
+    block_k = _block_k(packed, max(blocks.block_k, _LANES))
+    if block_k is None:
+        raise NotImplementedError(
+            f"no K tile of a multiple of {_LANES} rows divides the padded K ({kp}) and the "
+            f"scale group ({packed.group_rows} rows) of this {packed.bits}-bit format; use "
+            "channel scales with K a multiple of 128, or a group size that is one, or the "
+            'kernel "xla"'
+        )
+    mp = -(-m // block_m) * block_m
+    return BlockSizes(block_m, block_n, block_k), mp
+
+
+def scoped_vmem_bytes(compiled_hlo: str) -> int:
+    """VMEM bytes the compiled program reserves for its Mosaic kernels (the largest), read from
+    the `used_scoped_memory_configs` of its custom calls (memory space 1 is VMEM); 0 if none."""
+    sizes = re.findall(
+        r'"used_scoped_memory_configs":\[[^\]]*?"memory_space":"1","offset":"\d+","size":"(\d+)"',
+        compiled_hlo,
+    )
+    return max(map(int, sizes), default=0)
+
+
+def _field_major(x_MxK: jax.Array, block_k: int, per_word: int) -> jax.Array:
+    """x with each K tile's columns in the kernel's field-major order: column `f W + j` of a tile
+    (W = block_k / P word rows) holds its column `P j + f`."""
+    if per_word == 1:
+        return x_MxK
+    m, kp = x_MxK.shape
+    tiles = x_MxK.reshape(m, kp // block_k, block_k // per_word, per_word)
+    return tiles.transpose(0, 1, 3, 2).reshape(m, kp)
+
+
+def _kernel(
+    x_ref,
+    codes_ref,
+    mult_ref,
+    *rest,
+    cbits: int,
+    per_word: int,
+    offset: int,
+    has_zeros: bool,
+    compute_dtype,
+):
+    zeros_ref = rest[0] if has_zeros else None
+    out_ref, acc_ref = rest[-2:]
+    step = pl.program_id(2)
+
+    @pl.when(step == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    words_WxN = codes_ref[...]
+    if per_word == 1:
+        codes_KxN = words_WxN.astype(jnp.int32)
+    else:
+        # Field f of every word at once: a shift and a mask per field, whole vregs, stacked
+        # field-major along sublanes (x's columns were permuted to match).
+        mask = 2**cbits - 1
+        fields = [
+            (lax.shift_right_logical(words_WxN, cbits * f) if f else words_WxN) & mask
+            for f in range(per_word)
+        ]
+        codes_KxN = jnp.concatenate(fields, axis=0)
+    zero_1xN = zeros_ref[...] if has_zeros else 0.0
+    w_KxN = (codes_KxN.astype(jnp.float32) - (zero_1xN + offset)).astype(compute_dtype)
+    x_MxK = x_ref[...].astype(compute_dtype)
+    partial_MxN = jnp.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32)
+    acc_ref[...] += partial_MxN * mult_ref[...]
+
+    @pl.when(step == pl.num_programs(2) - 1)
+    def _():
+        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+    # Small integers are exact in bf16, so bf16 activations keep the MXU's bf16 path; f16 (which
+    # the TPU's MXU does not take) and f32 multiply in float32.
+    return jnp.dtype(jnp.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(jnp.float32)
+
+
+def _matmul_2d(x_MxK: jax.Array, packed: PackedWeight, interpret: bool, blocks: BlockSizes):
+    m, k = x_MxK.shape
+    kp, np_ = packed.padded_shape
+    blocks, mp = _fit(blocks, packed, m)
+    bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
+    per_word = packed.values_per_word
+    x_MxK = jnp.pad(x_MxK, ((0, mp - m), (0, kp - k))) if (mp, kp) != (m, k) else x_MxK
+    x_MxK = _field_major(x_MxK, bk, per_word)
+    mult, zeros = qtensor.kernel_multipliers(packed)
+    # One scale row per K step: as (groups, 1, N), a block's last two dims are (1, bn), legal
+    # for Mosaic because 1 is that axis' whole extent.
+    groups = mult.shape[0]
+    steps_per_group = packed.group_rows // bk
+
+    def scale_map(i, j, s):
+        return (s // steps_per_group, 0, j)
+
+    words = bk // per_word
+    in_specs = [
+        pl.BlockSpec((bm, bk), lambda i, j, s: (i, s)),
+        pl.BlockSpec((words, bn), lambda i, j, s: (s, j)),
+        pl.BlockSpec((_gpu._SQUEEZED, 1, bn), scale_map),
+    ]
+    args = [x_MxK, packed.codes, mult.reshape(groups, 1, np_)]
+    if zeros is not None:
+        in_specs.append(pl.BlockSpec((_gpu._SQUEEZED, 1, bn), scale_map))
+        args.append(zeros.reshape(groups, 1, np_))
+    kernel = functools.partial(
+        _kernel,
+        cbits=packed.container_bits,
+        per_word=per_word,
+        offset=packed.offset,
+        has_zeros=zeros is not None,
+        compute_dtype=_compute_dtype(x_MxK.dtype),
+    )
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((mp, np_), x_MxK.dtype),
+        grid=(mp // bm, np_ // bn, kp // bk),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j, s: (i, j)),
+        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        interpret=interpret,
+        name=f"quantized_matmul_tpu_w{packed.bits}",
+    )(*args)
+    return out[:m, : packed.shape[1]]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _quantized_matmul(x, packed, interpret, block_sizes):
+    x_MxK = x.reshape(-1, x.shape[-1])
+    blocks = block_sizes or select_block_sizes(x_MxK.shape[0])
+    out = _matmul_2d(x_MxK, packed, interpret, blocks)
+    return out.reshape(*x.shape[:-1], packed.shape[1])
+
+
+def _quantized_matmul_fwd(x, packed, interpret, block_sizes):
+    return _quantized_matmul(x, packed, interpret, block_sizes), (x, packed)
+
+
+def _quantized_matmul_bwd(interpret, block_sizes, residuals, dy):
+    del interpret, block_sizes
+    x, packed = residuals
+    _, vjp = jax.vjp(lambda x: quantized_matmul_reference(x, packed), x)
+    (dx,) = vjp(dy)
+    return dx, None  # no gradient for the packed integer codes and their scales
+
+
+_quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes"))
+def quantized_matmul(
+    x: Float[Array, "*lead k"],
+    packed: PackedWeight,
+    *,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> Float[Array, "*lead n"]:
+    """`x @ unpack(packed)` with the packed weights unpacked on the fly, in a Pallas TPU kernel.
+
+    Args:
+      x: activations `(..., in_features)`, bfloat16, float16 or float32.
+      packed: one quantized matrix (`qtensor.pack` of an `(in_features, out_features)` kernel)
+        whose format the kernel tiles (`supports`).
+      interpret: run the kernel in Pallas interpret mode (CPU, tests).
+      block_sizes: the launch; None picks `DECODE` or `PREFILL` from the number of rows of x.
+        Sizes are lowered to fit the padded shape (see `BlockSizes`).
+
+    Returns:
+      `(..., out_features)` in x's dtype: the product with float32 accumulation, weights
+      dequantized into bf16 for bf16 inputs (float32 otherwise) and scaled per K tile.
+
+    Raises:
+      ValueError: x does not match the packed shape, or packed holds stacked matrices.
+      NotImplementedError: the format's K tiling admits no K tile (`supports` is False).
+    """
+    _gpu._check(x, packed)
+    return _quantized_matmul(x, packed, interpret, block_sizes)

@@ -1,0 +1,215 @@
+"""The Pallas TPU kernel == x @ unpack(packed) for every packed format, its grad, the kernel choice,
+and its Mosaic compile for TPU v5e and v6e without a TPU (libtpu's compiler on this CPU).
+
+The numerics run in Pallas interpret mode off a TPU (natively on one).
+"""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas import quantized_matmul_tpu as qmm_tpu
+from pallas import targets
+from tsld_jax.quant import export, qtensor
+from tsld_jax.quant.quantizers import QuantSpec
+
+INTERPRET = jax.default_backend() != "tpu"
+_pack = jax.jit(qtensor.pack, static_argnums=(1,))
+_unpack = jax.jit(qtensor.unpack)
+# ||out - ref|| / ||ref|| bounds: float32 arithmetic, and bf16 operands/output.
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+# Small tiles: K = 512 and N = 384 give a grid of 4 K steps by 3 N blocks.
+SMALL = qmm_tpu.BlockSizes(block_m=16, block_n=128, block_k=128)
+
+# Every container (2-, 4-, 8-bit), the ternary one, and every scale granularity.
+FORMATS = [
+    QuantSpec("twn", 2, "channel"),  # ternary
+    QuantSpec("pact", 2, "channel"),  # W2
+    QuantSpec("asym", 4, "group", 128),  # W4, group scales and zero points
+    QuantSpec("sym", 4, "channel"),  # W4
+    QuantSpec("sym", 8, "channel"),  # W8
+    QuantSpec("asym", 8, "tensor"),  # W8, int8 codes stored with an offset, one scale
+]
+
+
+def _fid(spec):
+    return f"{spec.method}{spec.bits}-{spec.granularity}"
+
+
+def _problem(spec, m, k, n, dtype, seed):
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.normal(size=(k, n)) * rng.uniform(0.5, 2.0, size=(n,)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(m, k)) + 0.1, dtype)
+    return x, _pack(w, spec)
+
+
+def _relative(actual, expected):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape and np.isfinite(actual).all()
+    return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+
+
+def _dense(x, packed):  # independent of both kernels: numpy float64 over the unpacked weights
+    return np.asarray(x, np.float64) @ np.asarray(_unpack(packed), np.float64)
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("spec", FORMATS, ids=_fid)
+def test_matches_reference_bf16(spec, m):
+    x, packed = _problem(spec, m, 512, 384, jnp.bfloat16, seed=m + 7 * spec.bits)
+    out = qmm_tpu.quantized_matmul(x, packed, interpret=INTERPRET, block_sizes=SMALL)
+    assert out.dtype == jnp.bfloat16 and out.shape == (m, 384)
+    assert _relative(out, _dense(x, packed)) < TOLERANCE[jnp.bfloat16]
+    ref = qmm_tpu.quantized_matmul_reference(x, packed)
+    assert _relative(out, ref) < TOLERANCE[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("spec", FORMATS, ids=_fid)
+def test_matches_reference_f32(spec):
+    # Ragged M, K and N (padded to 16 rows, 640 and 320; groups need K = 640), 5 K steps.
+    k = 640 if spec.granularity == "group" else 600
+    x, packed = _problem(spec, 3, k, 300, jnp.float32, seed=spec.bits)
+    out = qmm_tpu.quantized_matmul(x, packed, interpret=INTERPRET, block_sizes=SMALL)
+    assert out.dtype == jnp.float32 and out.shape == (3, 300)
+    assert _relative(out, _dense(x, packed)) < TOLERANCE[jnp.float32]
+    ref = qmm_tpu.quantized_matmul_reference(x, packed)
+    assert _relative(out, ref) < TOLERANCE[jnp.float32]
+
+
+@pytest.mark.parametrize("m", [2, 80], ids=["decode", "prefill"])
+def test_default_launches(m):
+    # The launches `select_block_sizes` picks, fitted to a 1024 x 640 problem: decode takes all
+    # of K in one step, prefill four steps of 256 rows of 128-row scale groups.
+    spec = QuantSpec("asym", 4, "group", 128)
+    x, packed = _problem(spec, m, 1024, 640, jnp.bfloat16, seed=m)
+    blocks = qmm_tpu.select_block_sizes(m)
+    assert blocks is (qmm_tpu.DECODE if m <= qmm_tpu.DECODE_MAX_M else qmm_tpu.PREFILL)
+    fitted, mp = qmm_tpu._fit(blocks, packed, m)
+    assert (fitted.block_k, fitted.block_n) == (128, 128)  # the group caps K; 640 = 5 x 128
+    assert mp == (16 if m == 2 else 80)  # M rounded up to 16 rows, in one block
+    out = qmm_tpu.quantized_matmul(x, packed, interpret=INTERPRET)
+    assert _relative(out, _dense(x, packed)) < TOLERANCE[jnp.bfloat16]
+    channel = _pack(jnp.ones((4096, 512)), QuantSpec("twn", 2, "channel"))
+    assert qmm_tpu._fit(qmm_tpu.DECODE, channel, 1)[0] == qmm_tpu.BlockSizes(16, 512, 2048)
+    assert qmm_tpu._fit(qmm_tpu.PREFILL, channel, 4096)[0] == qmm_tpu.PREFILL
+
+
+def test_field_major_order():
+    # Column f W + j of a tile holds column P j + f (W = block_k / P word rows).
+    x = jnp.arange(2 * 256, dtype=jnp.float32).reshape(1, 512)
+    permuted = np.asarray(qmm_tpu._field_major(x, 256, 16))[0]
+    tile, f, j = 1, 3, 5
+    assert permuted[tile * 256 + f * 16 + j] == tile * 256 + 16 * j + f
+    assert sorted(permuted.tolist()) == list(range(512))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
+def test_gradient_wrt_x_equals_reference(dtype):
+    spec = QuantSpec("twn", 2, "channel")
+    x, packed = _problem(spec, 5, 256, 128, dtype, seed=3)
+    cotangent = jnp.asarray(np.random.default_rng(4).normal(size=(5, 128)), dtype)
+
+    def loss(fn):
+        return lambda x: jnp.sum(fn(x, packed).astype(jnp.float32) * cotangent)
+
+    kernel = jax.grad(loss(lambda x, p: qmm_tpu.quantized_matmul(x, p, interpret=INTERPRET)))(x)
+    reference = jax.grad(loss(qmm_tpu.quantized_matmul_reference))(x)
+    assert kernel.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(reference))
+    expected = np.asarray(cotangent, np.float64) @ np.asarray(_unpack(packed), np.float64).T
+    assert _relative(kernel, expected) < TOLERANCE[dtype]
+
+
+def test_formats_without_a_k_tile():
+    # K tiles are multiples of 128 rows inside one scale group: 32-row groups and a padded K of
+    # 576 (SmolLM2's width; 4.5 x 128) have none. The kernel refuses them; "auto" falls back.
+    for spec, k in [
+        (QuantSpec("asym", 4, "group", 32), 256),
+        (QuantSpec("twn", 2, "channel"), 576),
+    ]:
+        x, packed = _problem(spec, 2, k, 128, jnp.float32, seed=k)
+        assert not qmm_tpu.supports(packed)
+        with pytest.raises(NotImplementedError, match="no K tile"):
+            qmm_tpu.quantized_matmul(x, packed, interpret=True)
+        out = export.packed_matmul(x, packed, "auto")
+        assert _relative(out, _dense(x, packed)) < TOLERANCE[jnp.float32]
+    assert qmm_tpu.supports(_problem(FORMATS[0], 1, 640, 64, jnp.float32, seed=0)[1])
+
+
+def test_kernel_names_select_it():
+    spec = QuantSpec("sym", 4, "channel")
+    x, packed = _problem(spec, 4, 256, 128, jnp.bfloat16, seed=9)
+    out = export.packed_matmul(x, packed, "interpret_tpu")
+    direct = qmm_tpu.quantized_matmul(x, packed, interpret=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(direct))
+    assert _relative(out, _dense(x, packed)) < TOLERANCE[jnp.bfloat16]
+    # On this CPU, "auto" is XLA's dequantize-then-dot, unchanged by the TPU branch.
+    auto = jax.jit(lambda x, p: export.packed_matmul(x, p, "auto"))
+    reference = jax.jit(qmm_tpu.quantized_matmul_reference)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(np.asarray(auto(x, packed)), np.asarray(reference(x, packed)))
+        assert "tpu_custom_call" not in auto.lower(x, packed).as_text()
+
+
+# --- Deviceless compiles for TPU v5e and v6e (libtpu's compiler on the CPU) ----------------------
+
+_NO_LIBTPU = importlib.util.find_spec("libtpu") is None
+_TOPOLOGIES = {"v5e": "v5e:2x2", "v6e": "v6e:2x2"}
+
+
+def _tpu_device(chip):
+    if _NO_LIBTPU:
+        pytest.skip("libtpu is not installed (pip install libtpu): no TPU compiler")
+    if jax.default_backend() != "cpu":
+        pytest.skip("deviceless TPU compiles run with the CPU as the default backend")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server here
+    from jax.experimental import topologies
+
+    topology = topologies.get_topology_desc(platform="tpu", topology_name=_TOPOLOGIES[chip])
+    return topology.devices[0]  # a Mosaic kernel compiles for one device (no shard_map here)
+
+
+def _nbytes(tree):
+    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
+def _abstract(spec, k, n, device):
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    packed = jax.eval_shape(
+        lambda w: qtensor.pack(w, spec), jax.ShapeDtypeStruct((k, n), jnp.float32)
+    )
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), packed)
+
+
+@pytest.mark.parametrize("chip", list(_TOPOLOGIES))
+def test_compiles_for_tpu(chip):
+    device = _tpu_device(chip)
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    with targets.abstract_tpu(device.device_kind, device.num_cores):
+        for spec in (FORMATS[0], FORMATS[2], FORMATS[4]):  # W2, W4 (groups), W8
+            packed = _abstract(spec, 4096, 11008, device)
+            for rows, dtype in [(1, jnp.bfloat16), (64, jnp.float32), (512, jnp.bfloat16)]:
+                x = jax.ShapeDtypeStruct((rows, 4096), dtype, sharding=sharding)
+                lowered = jax.jit(lambda x, p: qmm_tpu.quantized_matmul(x, p)).lower(x, packed)
+                assert "tpu_custom_call" in lowered.as_text()
+                compiled = lowered.compile()  # Mosaic's own checks (layouts, VMEM) run here
+                # The weights stay packed in HBM: no temporary as large as even 8-bit codes.
+                memory = compiled.memory_analysis()
+                assert memory.argument_size_in_bytes >= _nbytes(packed)
+                assert memory.temp_size_in_bytes < 4096 * 11008
+                # The kernel's VMEM (the scoped memory the compiled call reserves) fits the
+                # 16 MiB that Mosaic may use by default on both chips.
+                vmem = qmm_tpu.scoped_vmem_bytes(compiled.as_text())
+                assert 0 < vmem <= 16 * 2**20
+        # "auto" picks the kernel when the program is compiled for a TPU.
+        x = jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16, sharding=sharding)
+        packed = _abstract(FORMATS[0], 4096, 11008, device)
+        auto = jax.jit(lambda x, p: export.packed_matmul(x, p, "auto")).lower(x, packed)
+        assert "tpu_custom_call" in auto.as_text()
+        unsupported = _abstract(QuantSpec("asym", 4, "group", 32), 4096, 11008, device)
+        fallback = jax.jit(lambda x, p: export.packed_matmul(x, p, "auto")).lower(x, unsupported)
+        assert "tpu_custom_call" not in fallback.as_text()
