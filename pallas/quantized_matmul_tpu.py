@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
 
 import jax
@@ -93,14 +92,22 @@ def _largest_multiple_dividing(n: int, unit: int, cap: int) -> int | None:
 
 
 def _block_k(packed: PackedWeight, cap: int) -> int | None:
+    """The K tile: a multiple of 128 rows that divides the padded K and either divides the scale
+    group or is made of whole groups (of a multiple of 128 rows)."""
     kp, _ = packed.padded_shape
-    return _largest_multiple_dividing(math.gcd(kp, packed.group_rows), _LANES, cap)
+    group = packed.group_rows
+    if group % _LANES:
+        return None
+    for t in range(min(cap, kp) // _LANES, 0, -1):
+        bk = t * _LANES
+        if kp % bk == 0 and (group % bk == 0 or bk % group == 0):
+            return bk
+    return None
 
 
 def supports(packed: PackedWeight) -> bool:
-    """Whether the kernel tiles this format: a K tile of a multiple of 128 rows that divides the
-    padded K and the scale group (channel and tensor scales with K % 128 == 0, or groups of a
-    multiple of 128 rows)."""
+    """Whether the kernel tiles this format: channel and tensor scales with a padded K that 128
+    divides, or scale groups of a multiple of 128 rows."""
     return _block_k(packed, cap=max(packed.padded_shape[0], _LANES)) is not None
 
 
@@ -113,10 +120,9 @@ def _fit(blocks: BlockSizes, packed: PackedWeight, m: int) -> tuple[BlockSizes, 
     block_k = _block_k(packed, max(blocks.block_k, _LANES))
     if block_k is None:
         raise NotImplementedError(
-            f"no K tile of a multiple of {_LANES} rows divides the padded K ({kp}) and the "
-            f"scale group ({packed.group_rows} rows) of this {packed.bits}-bit format; use "
-            "channel scales with K a multiple of 128, or a group size that is one, or the "
-            'kernel "xla"'
+            f"no K tile of a multiple of {_LANES} rows fits the padded K ({kp}) and the scale "
+            f"group ({packed.group_rows} rows) of this {packed.bits}-bit format; use channel "
+            'scales with K a multiple of 128, a group size that is one, or the kernel "xla"'
         )
     mp = -(-m // block_m) * block_m
     return BlockSizes(block_m, block_n, block_k), mp
@@ -132,14 +138,15 @@ def scoped_vmem_bytes(compiled_hlo: str) -> int:
     return max(map(int, sizes), default=0)
 
 
-def _field_major(x_MxK: jax.Array, block_k: int, per_word: int) -> jax.Array:
-    """x with each K tile's columns in the kernel's field-major order: column `f W + j` of a tile
-    (W = block_k / P word rows) holds its column `P j + f`."""
+def _field_major(x_MxK: jax.Array, unit: int, per_word: int) -> jax.Array:
+    """x with each unit's columns (a K tile, or one scale group of it) in the kernel's
+    field-major order: column `f W + j` of a unit (W = unit / P word rows) holds its column
+    `P j + f`."""
     if per_word == 1:
         return x_MxK
     m, kp = x_MxK.shape
-    tiles = x_MxK.reshape(m, kp // block_k, block_k // per_word, per_word)
-    return tiles.transpose(0, 1, 3, 2).reshape(m, kp)
+    units = x_MxK.reshape(m, kp // unit, unit // per_word, per_word)
+    return units.transpose(0, 1, 3, 2).reshape(m, kp)
 
 
 def _kernel(
@@ -152,6 +159,7 @@ def _kernel(
     offset: int,
     has_zeros: bool,
     compute_dtype,
+    unit: int,
 ):
     zeros_ref = rest[0] if has_zeros else None
     out_ref, acc_ref = rest[-2:]
@@ -161,23 +169,30 @@ def _kernel(
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    words_WxN = codes_ref[...]
-    if per_word == 1:
-        codes_KxN = words_WxN.astype(jnp.int32)
-    else:
-        # Field f of every word at once: a shift and a mask per field, whole vregs, stacked
-        # field-major along sublanes (x's columns were permuted to match).
-        mask = 2**cbits - 1
-        fields = [
-            (lax.shift_right_logical(words_WxN, cbits * f) if f else words_WxN) & mask
-            for f in range(per_word)
-        ]
-        codes_KxN = jnp.concatenate(fields, axis=0)
-    zero_1xN = zeros_ref[...] if has_zeros else 0.0
-    w_KxN = (codes_KxN.astype(jnp.float32) - (zero_1xN + offset)).astype(compute_dtype)
-    x_MxK = x_ref[...].astype(compute_dtype)
-    partial_MxN = jnp.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32)
-    acc_ref[...] += partial_MxN * mult_ref[...]
+    # A K tile is one unit (channel/tensor scales, or part of a group) or several whole scale
+    # groups: one dot per unit, scaled by its group's row.
+    words = unit // per_word
+    sum_MxN = None
+    for q in range(x_ref.shape[1] // unit):
+        words_WxN = codes_ref[q * words : (q + 1) * words, :]
+        if per_word == 1:
+            codes_KxN = words_WxN.astype(jnp.int32)
+        else:
+            # Field f of every word at once: a shift and a mask per field, whole vregs,
+            # stacked field-major along sublanes (x's columns were permuted to match).
+            mask = 2**cbits - 1
+            fields = [
+                (lax.shift_right_logical(words_WxN, cbits * f) if f else words_WxN) & mask
+                for f in range(per_word)
+            ]
+            codes_KxN = jnp.concatenate(fields, axis=0)
+        zero_1xN = zeros_ref[q : q + 1, :] if has_zeros else 0.0
+        w_KxN = (codes_KxN.astype(jnp.float32) - (zero_1xN + offset)).astype(compute_dtype)
+        x_MxK = x_ref[:, q * unit : (q + 1) * unit].astype(compute_dtype)
+        partial_MxN = jnp.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32)
+        partial_MxN = partial_MxN * mult_ref[q : q + 1, :]
+        sum_MxN = partial_MxN if sum_MxN is None else sum_MxN + partial_MxN
+    acc_ref[...] += sum_MxN
 
     @pl.when(step == pl.num_programs(2) - 1)
     def _():
@@ -197,26 +212,28 @@ def _matmul_2d(x_MxK: jax.Array, packed: PackedWeight, interpret: bool, blocks: 
     bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
     per_word = packed.values_per_word
     x_MxK = jnp.pad(x_MxK, ((0, mp - m), (0, kp - k))) if (mp, kp) != (m, k) else x_MxK
-    x_MxK = _field_major(x_MxK, bk, per_word)
+    unit = min(bk, packed.group_rows)
+    x_MxK = _field_major(x_MxK, unit, per_word)
     mult, zeros = qtensor.kernel_multipliers(packed)
-    # One scale row per K step: as (groups, 1, N), a block's last two dims are (1, bn), legal
-    # for Mosaic because 1 is that axis' whole extent.
+    # The scale rows of a K step (one, or the tile's whole groups): as (groups / per_tile,
+    # per_tile, N), a block's last two dims are (per_tile, bn), legal for Mosaic because
+    # per_tile is that axis' whole extent.
     groups = mult.shape[0]
-    steps_per_group = packed.group_rows // bk
+    per_tile = bk // unit
 
     def scale_map(i, j, s):
-        return (s // steps_per_group, 0, j)
+        return ((s * bk) // (per_tile * packed.group_rows), 0, j)
 
     words = bk // per_word
     in_specs = [
         pl.BlockSpec((bm, bk), lambda i, j, s: (i, s)),
         pl.BlockSpec((words, bn), lambda i, j, s: (s, j)),
-        pl.BlockSpec((_gpu._SQUEEZED, 1, bn), scale_map),
+        pl.BlockSpec((_gpu._SQUEEZED, per_tile, bn), scale_map),
     ]
-    args = [x_MxK, packed.codes, mult.reshape(groups, 1, np_)]
+    args = [x_MxK, packed.codes, mult.reshape(groups // per_tile, per_tile, np_)]
     if zeros is not None:
-        in_specs.append(pl.BlockSpec((_gpu._SQUEEZED, 1, bn), scale_map))
-        args.append(zeros.reshape(groups, 1, np_))
+        in_specs.append(pl.BlockSpec((_gpu._SQUEEZED, per_tile, bn), scale_map))
+        args.append(zeros.reshape(groups // per_tile, per_tile, np_))
     kernel = functools.partial(
         _kernel,
         cbits=packed.container_bits,
@@ -224,6 +241,7 @@ def _matmul_2d(x_MxK: jax.Array, packed: PackedWeight, interpret: bool, blocks: 
         offset=packed.offset,
         has_zeros=zeros is not None,
         compute_dtype=_compute_dtype(x_MxK.dtype),
+        unit=unit,
     )
     out = pl.pallas_call(
         kernel,

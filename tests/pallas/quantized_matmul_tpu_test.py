@@ -82,20 +82,43 @@ def test_matches_reference_f32(spec):
 
 @pytest.mark.parametrize("m", [2, 80], ids=["decode", "prefill"])
 def test_default_launches(m):
-    # The launches `select_block_sizes` picks, fitted to a 1024 x 640 problem: decode takes all
-    # of K in one step, prefill four steps of 256 rows of 128-row scale groups.
+    # The launches `select_block_sizes` picks, fitted to a 1024 x 640 problem with 128-row scale
+    # groups: decode takes all of K (8 groups) in one step, prefill two steps of 4 groups.
     spec = QuantSpec("asym", 4, "group", 128)
     x, packed = _problem(spec, m, 1024, 640, jnp.bfloat16, seed=m)
     blocks = qmm_tpu.select_block_sizes(m)
     assert blocks is (qmm_tpu.DECODE if m <= qmm_tpu.DECODE_MAX_M else qmm_tpu.PREFILL)
     fitted, mp = qmm_tpu._fit(blocks, packed, m)
-    assert (fitted.block_k, fitted.block_n) == (128, 128)  # the group caps K; 640 = 5 x 128
+    assert fitted.block_k == (1024 if m == 2 else 512)
+    assert fitted.block_n == 128  # 640 = 5 x 128
     assert mp == (16 if m == 2 else 80)  # M rounded up to 16 rows, in one block
     out = qmm_tpu.quantized_matmul(x, packed, interpret=INTERPRET)
     assert _relative(out, _dense(x, packed)) < TOLERANCE[jnp.bfloat16]
+    assert _relative(out, qmm_tpu.quantized_matmul_reference(x, packed)) < TOLERANCE[jnp.bfloat16]
     channel = _pack(jnp.ones((4096, 512)), QuantSpec("twn", 2, "channel"))
     assert qmm_tpu._fit(qmm_tpu.DECODE, channel, 1)[0] == qmm_tpu.BlockSizes(16, 512, 2048)
     assert qmm_tpu._fit(qmm_tpu.PREFILL, channel, 4096)[0] == qmm_tpu.PREFILL
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec("asym", 4, "group", 128),
+        QuantSpec("sym", 2, "group", 256),
+        QuantSpec("asym", 8, "group", 128),
+    ],
+    ids=_fid,
+)
+def test_tiles_of_several_groups(spec, dtype):
+    # K tiles of 512 rows hold 4 (or 2) scale groups, each its own dot and scale row; K = 1536
+    # gives 3 K steps, so the scale blocks move with the steps.
+    x, packed = _problem(spec, 5, 1536, 256, dtype, seed=spec.bits + spec.group_size)
+    blocks = qmm_tpu.BlockSizes(block_m=16, block_n=128, block_k=512)
+    assert qmm_tpu._fit(blocks, packed, 5)[0].block_k == 512
+    out = qmm_tpu.quantized_matmul(x, packed, interpret=INTERPRET, block_sizes=blocks)
+    assert _relative(out, _dense(x, packed)) < TOLERANCE[dtype]
+    assert _relative(out, qmm_tpu.quantized_matmul_reference(x, packed)) < TOLERANCE[dtype]
 
 
 def test_field_major_order():
@@ -125,8 +148,9 @@ def test_gradient_wrt_x_equals_reference(dtype):
 
 
 def test_formats_without_a_k_tile():
-    # K tiles are multiples of 128 rows inside one scale group: 32-row groups and a padded K of
-    # 576 (SmolLM2's width; 4.5 x 128) have none. The kernel refuses them; "auto" falls back.
+    # K tiles are multiples of 128 rows, inside one scale group or of whole groups: 32-row
+    # groups and a padded K of 576 (SmolLM2's width; 4.5 x 128) have none. The kernel refuses
+    # them; "auto" falls back to XLA's dot.
     for spec, k in [
         (QuantSpec("asym", 4, "group", 32), 256),
         (QuantSpec("twn", 2, "channel"), 576),
