@@ -70,12 +70,15 @@ class BlockSizes:
     block_k: int
 
 
-# Decode (M <= 64) is bound by reading the weights: large K tiles spread the fixed cost of a grid
-# step (~0.35 us) over more bytes; a 2-bit tile of 2048 x 512 is 256 KiB of words, and its
-# unpacked float32 tile 4 MiB of VMEM (v5e's scoped default is 16 MiB).
+# Launch defaults, checked by bench/kernels_static_tpu.py against libtpu's compiler for v5e and
+# v6e (docs/kernels.md): no launch over 9 MiB of VMEM (16 MiB is Mosaic's default limit).
+# Decode (M <= 64) is bound by unpacking on the vector unit (the compiled step bodies are ~85%
+# VALU): large K tiles spread a grid step's fixed cost over more weights; a 2-bit tile of
+# 2048 x 512 is 256 KiB of words.
 DECODE = BlockSizes(block_m=DECODE_MAX_M, block_n=512, block_k=2048)
-# Prefill is bound by the MXU: 256-row tiles reuse each unpacked weight tile over more rows.
-PREFILL = BlockSizes(block_m=256, block_n=512, block_k=512)
+# Prefill: each unpacked weight tile feeds 1024 rows, so the MXU, not the unpacking, bounds a
+# step on v5e (predicted 0.94x of XLA's bf16 dot for W2 at 4096^3; 256 rows: 0.70x).
+PREFILL = BlockSizes(block_m=1024, block_n=512, block_k=512)
 
 
 def select_block_sizes(m: int) -> BlockSizes:
@@ -180,16 +183,30 @@ def _kernel(
         else:
             # Field f of every word at once: a shift and a mask per field, whole vregs,
             # stacked field-major along sublanes (x's columns were permuted to match).
+            # The top field needs no mask: the logical shift leaves only its bits.
             mask = 2**cbits - 1
             fields = [
-                (lax.shift_right_logical(words_WxN, cbits * f) if f else words_WxN) & mask
+                lax.shift_right_logical(words_WxN, cbits * f) if f else words_WxN
                 for f in range(per_word)
             ]
+            fields = [w if f == per_word - 1 else w & mask for f, w in enumerate(fields)]
             codes_KxN = jnp.concatenate(fields, axis=0)
+        # Decode: the dot takes the stored codes as they are (exact in bf16) and the offset and
+        # zero point come off afterwards, once per output rather than once per weight:
+        # x @ (c - o - z) = x @ c - sum(x) (o + z). The vector unit bounds decoding, and this
+        # saves it one of ~4.5 operations a weight; with many rows (prefill) the sums and the
+        # correction cost more than they save (docs/kernels.md).
+        fold = x_ref.shape[0] <= DECODE_MAX_M and (has_zeros or offset)
         zero_1xN = zeros_ref[q : q + 1, :] if has_zeros else 0.0
-        w_KxN = (codes_KxN.astype(jnp.float32) - (zero_1xN + offset)).astype(compute_dtype)
+        values_KxN = codes_KxN.astype(jnp.float32)
+        if not fold:
+            values_KxN = values_KxN - (zero_1xN + offset)
+        w_KxN = values_KxN.astype(compute_dtype)
         x_MxK = x_ref[:, q * unit : (q + 1) * unit].astype(compute_dtype)
         partial_MxN = jnp.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32)
+        if fold:
+            xsum_Mx1 = jnp.sum(x_MxK.astype(jnp.float32), axis=1, keepdims=True)
+            partial_MxN = partial_MxN - xsum_Mx1 * (zero_1xN + offset)
         partial_MxN = partial_MxN * mult_ref[q : q + 1, :]
         sum_MxN = partial_MxN if sum_MxN is None else sum_MxN + partial_MxN
     acc_ref[...] += sum_MxN
