@@ -191,6 +191,9 @@ def _tpu_device(chip):
     if jax.default_backend() != "cpu":
         pytest.skip("deviceless TPU compiles run with the CPU as the default backend")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server here
+    # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) for the TPU it would drive; with
+    # none to drive, another process compiling for TPUs (a --plan) must not fail this one.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     topology = topologies.get_topology_desc(platform="tpu", topology_name=_TOPOLOGIES[chip])
