@@ -14,6 +14,8 @@ import pytest
 
 from pallas import quantized_matmul_tpu as qmm_tpu
 from pallas import targets
+from tsld_jax.models import decoder
+from tsld_jax.models.spec import ModelSpec
 from tsld_jax.quant import export, qtensor
 from tsld_jax.quant.quantizers import QuantSpec
 
@@ -177,6 +179,40 @@ def test_kernel_names_select_it():
     if jax.default_backend() == "cpu":
         np.testing.assert_array_equal(np.asarray(auto(x, packed)), np.asarray(reference(x, packed)))
         assert "tpu_custom_call" not in auto.lower(x, packed).as_text()
+
+
+def test_in_the_decoder():
+    # A packed model's forward with the TPU kernel (sliced from stacked layers by the decoder's
+    # scan, under jit) equals the same forward through XLA's dequantize-then-dot. Widths are
+    # multiples of 128 so that every block linear tiles.
+    spec = ModelSpec(
+        family="llama", vocab_size=61, hidden_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=32, mlp_size=256, norm="rmsnorm", activation="silu",
+        gated_mlp=True, positional="rotary", attn_bias=False, attn_out_bias=False,
+        mlp_bias=False, tie_embeddings=False,
+    )  # fmt: skip
+    params = decoder.init_params(jax.random.key(0), spec)
+    packed = export.export_packed(params, QuantSpec("asym", 4, "group", 128))
+    tokens = jax.random.randint(jax.random.key(1), (2, 5), 0, spec.vocab_size)
+
+    def logits(kernel):
+        fn = jax.jit(lambda p, t: decoder.forward(p, t, spec, packed_kernel=kernel))
+        return fn(packed, tokens)
+
+    kernel = "pallas_tpu" if jax.default_backend() == "tpu" else "interpret_tpu"
+    assert _relative(logits(kernel), logits("xla")) < 1e-5
+
+
+def test_scoped_vmem_bytes_parsing():
+    # The compiled HLO's backend_config of a Mosaic call, abridged: VMEM is memory space 1.
+    hlo = (
+        '%a = custom-call(), custom_call_target="tpu_custom_call", backend_config={"flag_configs":'
+        '[],"used_scoped_memory_configs":[{"memory_space":"1","offset":"0","size":"724992"}]}\n'
+        '%b = custom-call(), custom_call_target="tpu_custom_call", backend_config={'
+        '"used_scoped_memory_configs":[{"memory_space":"1","offset":"0","size":"2048"}]}'
+    )
+    assert qmm_tpu.scoped_vmem_bytes(hlo) == 724992
+    assert qmm_tpu.scoped_vmem_bytes("ENTRY %main {}") == 0
 
 
 # --- Deviceless compiles for TPU v5e and v6e (libtpu's compiler on the CPU) ----------------------
