@@ -127,8 +127,30 @@ def _fit(blocks: BlockSizes, packed: PackedWeight, m: int) -> tuple[BlockSizes, 
             f"group ({packed.group_rows} rows) of this {packed.bits}-bit format; use channel "
             'scales with K a multiple of 128, a group size that is one, or the kernel "xla"'
         )
+    if block_k * 2 <= blocks.block_k and packed.values_per_word > 1:
+        # K with few tile sizes (11008 = 2 x 43 x 128 tiles only by 256 below 5504): a longer
+        # tile, up to four times the launch's, with fewer columns for the same weights a step,
+        # rather than short steps whose fixed cost dominates. Not for int8 codes: bound by
+        # their bytes, they lose more to re-reading x for the narrower column blocks
+        # (docs/kernels.md).
+        longer = _block_k_at_least(packed, blocks.block_k, 4 * blocks.block_k)
+        if longer is not None:
+            budget = max(_LANES, blocks.block_k * blocks.block_n // longer)
+            narrow = _largest_multiple_dividing(np_, _LANES, budget)
+            if narrow is not None:
+                block_k, block_n = longer, narrow
     mp = -(-m // block_m) * block_m
     return BlockSizes(block_m, block_n, block_k), mp
+
+
+def _block_k_at_least(packed: PackedWeight, low: int, high: int) -> int | None:
+    """The shortest K tile of `_block_k`'s kind between low and high rows, if any."""
+    kp, _ = packed.padded_shape
+    group = packed.group_rows
+    for bk in range(-(-low // _LANES) * _LANES, min(high, kp) + 1, _LANES):
+        if kp % bk == 0 and (group % bk == 0 or bk % group == 0):
+            return bk
+    return None
 
 
 def scoped_vmem_bytes(compiled_hlo: str) -> int:

@@ -123,6 +123,30 @@ def test_tiles_of_several_groups(spec, dtype):
     assert _relative(out, qmm_tpu.quantized_matmul_reference(x, packed)) < TOLERANCE[dtype]
 
 
+def test_longer_k_tiles_where_k_has_few_divisors():
+    # LLaMA's K = 11008 = 2 x 43 x 128 tiles by 256 rows below 5504: 2-/4-bit decode takes
+    # 5504-row tiles of 128 columns (about the weights of 2048 x 512), int8 keeps 256 x 512.
+    decode = {
+        spec.bits: qmm_tpu._fit(qmm_tpu.DECODE, _abstract_cpu(spec, 11008, 4096), 1)[0]
+        for spec in (FORMATS[0], FORMATS[2], FORMATS[4])
+    }
+    assert decode[2] == decode[4] == qmm_tpu.BlockSizes(16, 128, 5504)
+    assert decode[8] == qmm_tpu.BlockSizes(16, 512, 256)
+    # The same rule at a small size, run: K = 640 = 5 x 128 with 512-row launches.
+    spec = QuantSpec("asym", 4, "group", 128)
+    x, packed = _problem(spec, 3, 640, 256, jnp.bfloat16, seed=640)
+    blocks = qmm_tpu.BlockSizes(block_m=16, block_n=256, block_k=512)
+    assert qmm_tpu._fit(blocks, packed, 3)[0] == qmm_tpu.BlockSizes(16, 128, 640)
+    out = qmm_tpu.quantized_matmul(x, packed, interpret=INTERPRET, block_sizes=blocks)
+    assert _relative(out, _dense(x, packed)) < TOLERANCE[jnp.bfloat16]
+
+
+def _abstract_cpu(spec, k, n):
+    return jax.eval_shape(
+        lambda w: qtensor.pack(w, spec), jax.ShapeDtypeStruct((k, n), jnp.float32)
+    )
+
+
 def test_field_major_order():
     # Column f W + j of a tile holds column P j + f (W = block_k / P word rows).
     x = jnp.arange(2 * 256, dtype=jnp.float32).reshape(1, 512)
