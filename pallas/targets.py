@@ -55,3 +55,22 @@ def current_arch(default: int = 90) -> int:
         if device.platform == "gpu" and capability:
             return int(str(capability).replace(".", ""))
     return default
+
+
+@contextlib.contextmanager
+def abstract_tpu(device_kind: str = "TPU v5 lite", num_cores: int = 1) -> Iterator[None]:
+    """Lowers the enclosed traces' Pallas kernels for a TPU of `device_kind`, present or not.
+
+    Pallas' Mosaic lowering reads the chip (its generation, VMEM, vreg shape) from the abstract
+    mesh's device, else from the default device, which is the CPU in a deviceless compile. Take
+    the kind and cores from `jax.experimental.topologies` devices (`device.device_kind`,
+    `device.num_cores`).
+    """
+    device = jax.sharding.AbstractDevice(
+        device_kind=device_kind, num_cores=num_cores, platform="tpu"
+    )
+    mesh = jax.sharding.AbstractMesh(
+        (1,), ("tpu",), (jax.sharding.AxisType.Auto,), abstract_device=device
+    )
+    with jax.sharding.use_abstract_mesh(mesh):
+        yield

@@ -20,8 +20,9 @@ Typical use:
 Which matmul runs is an argument of the forward pass (`decoder.forward(..., packed_kernel=)`,
 `packed_matmul(..., kernel=)`, one of KERNELS), static and so part of the jitted program.
 "auto", the default, is resolved when the program is lowered, by the platform it is lowered
-for (`lax.platform_dependent`): the Pallas kernel on a CUDA GPU, XLA's dequantize-then-dot
-elsewhere (interpret mode is a test tool).
+for (`lax.platform_dependent`): the Pallas Triton kernel on a CUDA GPU, the Pallas TPU kernel
+on a TPU (where it tiles the format, `quantized_matmul_tpu.supports`), XLA's
+dequantize-then-dot elsewhere (interpret mode is a test tool).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ Params = dict[str, Any]
 
 FORMAT = "tsld-jax-packed"
 FORMAT_VERSION = "1"
-KERNELS = ("auto", "pallas", "interpret", "xla")
+KERNELS = ("auto", "pallas", "interpret", "pallas_tpu", "interpret_tpu", "xla")
 PACKED = "packed"  # the leaf name that replaces "kernel" in a packed linear layer
 # Paths whose kernel the decoder multiplies in `linear()`; only these can be packed.
 _BLOCK_LINEAR = re.compile(r"layers/(attn/(q|k|v|o)|mlp/(up|gate|down))")
@@ -56,6 +57,12 @@ def _pallas_module():
     from pallas import quantized_matmul
 
     return quantized_matmul
+
+
+def _pallas_tpu_module():
+    from pallas import quantized_matmul_tpu
+
+    return quantized_matmul_tpu
 
 
 def check_kernel(kernel: str) -> str:
@@ -71,9 +78,11 @@ def packed_matmul(x: jax.Array, packed: PackedWeight, kernel: str = "auto") -> j
     Args:
       x: activations `(..., in_features)`.
       packed: one matrix (inside the decoder's scan, the layer's slice of a stacked weight).
-      kernel: "auto" (the Pallas kernel where the program is compiled for a CUDA GPU, XLA's
-        dequantize-then-dot elsewhere), "pallas" (the Pallas kernel, compiled for the GPU),
-        "interpret" (the same kernel in Pallas interpret mode: CPU tests) or "xla"
+      kernel: "auto" (the Pallas kernel of the platform the program is compiled for: Triton on
+        a CUDA GPU, Mosaic on a TPU where it tiles the format; XLA's dequantize-then-dot
+        elsewhere), "pallas" (the Triton kernel, compiled for the GPU), "interpret" (the same
+        kernel in Pallas interpret mode: CPU tests), "pallas_tpu" and "interpret_tpu" (the TPU
+        kernel, `pallas.quantized_matmul_tpu`, compiled or interpreted) or "xla"
         (`quantized_matmul_reference`: unpack, then XLA's dot).
 
     Returns:
@@ -83,12 +92,25 @@ def packed_matmul(x: jax.Array, packed: PackedWeight, kernel: str = "auto") -> j
     check_kernel(kernel)
     if kernel == "xla":
         return kernels.quantized_matmul_reference(x, packed)
+    if kernel.endswith("_tpu"):
+        tpu = _pallas_tpu_module()
+        return tpu.quantized_matmul(x, packed, interpret=kernel == "interpret_tpu")
     if kernel == "auto":
         # Chosen when the program is lowered, for the platform it is lowered for (not the
-        # host's default backend): a program compiled for a GPU from a CPU host, or exported
-        # for both, runs the kernel on the GPU. Interpret mode is a test tool, never chosen.
+        # host's default backend): a program compiled for a GPU or a TPU from a CPU host, or
+        # exported for several, runs that platform's kernel. Every branch is traced, so the
+        # TPU branch must not raise for a format its kernel does not tile: it falls back to
+        # the reference there. Interpret mode is a test tool, never chosen.
+        tpu = _pallas_tpu_module()
+        tpu_matmul = (
+            tpu.quantized_matmul if tpu.supports(packed) else kernels.quantized_matmul_reference
+        )
         return jax.lax.platform_dependent(
-            x, packed, cuda=kernels.quantized_matmul, default=kernels.quantized_matmul_reference
+            x,
+            packed,
+            cuda=kernels.quantized_matmul,
+            tpu=tpu_matmul,
+            default=kernels.quantized_matmul_reference,
         )
     return kernels.quantized_matmul(x, packed, interpret=kernel == "interpret")
 
