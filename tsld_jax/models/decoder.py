@@ -403,8 +403,9 @@ def forward(
         the matmul outputs and recomputes the cheap rest (norms, activations, fake-quantized
         kernels); "full" (or True) keeps only each block's input.
       packed_kernel: the matmul of packed layers (a packed model), one of `export.KERNELS`:
-        "auto" runs the Pallas kernel where the program is compiled for a GPU and XLA's
-        dequantize-then-dot elsewhere; "pallas", "interpret" or "xla" force one.
+        "auto" runs the Pallas GPU kernel where the program is compiled for a GPU, the Pallas
+        TPU kernel on a TPU (for the formats it tiles) and XLA's dequantize-then-dot elsewhere;
+        "pallas", "interpret", "pallas_tpu", "interpret_tpu" or "xla" force one.
       pipeline: run the layer scan as a microbatched pipeline over the mesh's "stage" axis
         (`pipeline.Pipeline`); not with `collect`. Same result as without, up to rounding.
 
