@@ -205,6 +205,11 @@ def test_document_attention_yields_segment_ids(tmp_path):
         ends += is_eos[:, :-1].sum()
     assert ends > 20  # the rows hold several documents each
     # The same rows as without the option: the order does not depend on it.
+    # Held-out blocks are scored as training reads them: with their segment ids.
+    eval_cfg = ml_collections.ConfigDict({**cfg, "eval_path": path, "eval_blocks": 5})
+    held_out = data.eval_examples(eval_cfg, eos, 256)
+    is_eos = (held_out["tokens"] == 10).astype(np.int32)
+    np.testing.assert_array_equal(held_out["segment_ids"], np.cumsum(is_eos, axis=1) - is_eos)
     cfg.document_attention = False
     plain = data.train_batches(cfg, 0, eos, 256)
     for batch in batches:

@@ -288,11 +288,17 @@ def batches(cfg, tokenizer, vocab_size: int, seed: int, workers: int | None = No
     return ShardBatches(corpora, cfg.batch_size, seed, workers=workers)
 
 
-def eval_examples(path: str, block_size: int, count: int, tokenizer, vocab_size: int):
-    """The first `count` blocks (0: all) of a held-out shard set, in order, as examples."""
+def eval_examples(
+    path: str, block_size: int, count: int, tokenizer, vocab_size: int, segments: bool = False
+):
+    """The first `count` blocks (0: all) of a held-out shard set, in order, as examples (with
+    "segment_ids" when `segments`: `data.document_attention`)."""
     from tsld_jax.quant import export
 
     identity = export.tokenizer_identity(tokenizer)
-    blocks = Blocks(Corpus(path, identity, vocab_size), block_size)
+    blocks = Blocks(Corpus(path, identity, vocab_size), block_size, segments)
     n = len(blocks) if count == 0 else min(count, len(blocks))
-    return _example(np.stack([blocks[i] for i in range(n)]))
+    rows = [blocks[i] for i in range(n)]
+    if segments:
+        return _example(tuple(np.stack(parts) for parts in zip(*rows, strict=True)))
+    return _example(np.stack(rows))

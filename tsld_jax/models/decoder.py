@@ -510,6 +510,7 @@ def hidden_states(
     quantizer: Quantizer | None = None,
     cache: Params | None = None,
     packed_kernel: str = "auto",
+    segment_ids_BxT: jax.Array | None = None,
 ) -> tuple[jax.Array, Params | None]:
     """The last block's output (before the final norm), optionally through a KV cache.
 
@@ -528,6 +529,7 @@ def hidden_states(
         every real token written before them. Local (GPT-Neo) windows count positions, not slots,
         so padding inside the cache does not shorten them.
       packed_kernel: as in `forward`.
+      segment_ids_BxT: as in `forward` (without a cache only).
 
     Returns:
       (hidden (B, T, D), the updated cache or None).
@@ -542,6 +544,7 @@ def hidden_states(
         (),
         cache,
         packed_kernel=packed_kernel,
+        segment_ids_BxT=segment_ids_BxT,
     )
     return h, new_cache
 
