@@ -70,6 +70,12 @@ def get_config() -> ml_collections.ConfigDict:
     # (not held out: the run says so).
     c.data.eval_path = ""
     c.data.workers = 1  # For "shards": grain's reading threads (the batches do not depend on it).
+    # For "shards": keep attention within a document. Each batch then also holds every token's
+    # document (segment ids, from the shard index's document boundaries); student and teacher
+    # attend only to earlier tokens of the same document, and positions start again at 0 with
+    # each document. False (default): a block is one sequence, attention crossing the EOS
+    # between documents. The loss is the same either way (docs/data.md).
+    c.data.document_attention = False
     c.data.generated_sequences = 64  # For "generated": sequences sampled from the teacher.
     c.data.generated_temperature = 1.0  # Sampling temperature for "generated".
 

@@ -40,7 +40,7 @@ PADDINGS = {
 }
 
 
-def _numpy_attention(q, k, v, key_mask, window, scale, cap):
+def _numpy_attention(q, k, v, key_mask, window, scale, cap, segments=None):
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     groups = q.shape[2] // k.shape[2]
     k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
@@ -52,6 +52,8 @@ def _numpy_attention(q, k, v, key_mask, window, scale, cap):
     allowed = np.broadcast_to(allowed, scores.shape)
     if key_mask is not None:
         allowed = allowed & (key_mask[:, None, None, :] > 0)
+    if segments is not None:  # a query sees keys of its own segment only
+        allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
     scores = np.where(allowed, scores, -1e30)  # a fully masked (padded) row: any finite output
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -93,6 +95,44 @@ def test_forward_and_gradients_match(implementation, padding, window):
 
     def loss(implementation):
         return lambda q, k, v: jnp.sum(_run(implementation, q, k, v, mask) * weights * real_BxTx1x1)
+
+    grads = jax.jit(jax.grad(loss(implementation), argnums=(0, 1, 2)))(q, k, v)
+    reference = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(grads, reference, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-5)
+
+
+# Documents packed into each row: row 0 three documents (10, 15, 12 tokens), row 1 two (20, 17).
+SEGMENTS = np.stack([np.repeat([0, 1, 2], [10, 15, 12]), np.repeat([0, 1], [20, 17])])
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("padding", sorted(PADDINGS))
+@pytest.mark.parametrize("window", [0, 5])
+def test_segments_match_numpy(implementation, padding, window):
+    """With segment ids (data.document_attention) no query sees a key of another document:
+    every implementation against numpy (cuDNN's mapping falls back to the tiled path), and
+    gradients against the tiled path's."""
+    q, k, v = _inputs(seed=4)
+    key_mask = PADDINGS[padding]
+    mask_BxT = None if key_mask is None else jnp.asarray(key_mask, jnp.int32)
+    mask = attention.Mask(mask_BxT, jnp.int32(window), (0, 5), jnp.asarray(SEGMENTS, jnp.int32))
+    real = np.ones((B, T)) if key_mask is None else key_mask
+    real_BxTx1x1 = real[:, :, None, None]
+
+    out = jax.jit(lambda q, k, v: _run(implementation, q, k, v, mask))(q, k, v)
+    expected = _numpy_attention(q, k, v, key_mask, window, SCALE, 0.0, SEGMENTS)
+    np.testing.assert_allclose(np.asarray(out) * real_BxTx1x1, expected * real_BxTx1x1, atol=2e-5)
+    # The reference is not the unsegmented attention (the segments change the outputs).
+    unsegmented = _numpy_attention(q, k, v, key_mask, window, SCALE, 0.0)
+    assert np.abs((expected - unsegmented) * real_BxTx1x1).max() > 0.1
+
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=out.shape), jnp.float32)
+
+    def loss(implementation):
+        return lambda q, k, v: jnp.sum(
+            _run(implementation, q, k, v, mask) * weights * jnp.asarray(real_BxTx1x1, jnp.float32)
+        )
 
     grads = jax.jit(jax.grad(loss(implementation), argnums=(0, 1, 2)))(q, k, v)
     reference = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
@@ -200,6 +240,55 @@ def test_decoder_forward_and_gradients_match_tiled():
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         # Gradients reach ~100 here; splash sums in another order (online softmax).
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-3)
+
+
+def _learned_spec(attention_impl):
+    """The windowed model with a learned position table instead of rotary embeddings (GPT-2
+    and OPT's scheme), where restarted positions change the inputs themselves."""
+    import dataclasses
+
+    spec = _windowed_spec(attention_impl)
+    return dataclasses.replace(spec, positional="learned", max_positions=64)
+
+
+@pytest.mark.parametrize(
+    "make_spec, implementation, pipelined",
+    [
+        (_windowed_spec, "xla", False),
+        (_windowed_spec, "pallas_interpret", False),
+        (_windowed_spec, "xla", True),
+        (_learned_spec, "xla", False),
+    ],
+)
+def test_documents_in_one_block_read_as_if_alone(make_spec, implementation, pipelined):
+    """The independent check of data.document_attention: the logits of a block holding two
+    documents, with their segment ids, are the logits of each document run alone (positions
+    restart per document); without segment ids the second document's logits differ."""
+    spec = make_spec(implementation)
+    params = decoder.init_params(jax.random.key(0), spec, std=0.2)
+    first, second = 7, 12
+    tokens = jax.random.randint(jax.random.key(2), (2, first + second), 0, 64)
+    segments = jnp.asarray(np.repeat([[0, 1]], 2, axis=0).repeat([first, second], axis=1))
+    pipeline = decoder.Pipeline(1, 2, None) if pipelined else None
+    packed = decoder.forward(params, tokens, spec, segment_ids_BxT=segments, pipeline=pipeline)
+    alone = [
+        decoder.forward(params, tokens[:, :first], spec),
+        decoder.forward(params, tokens[:, first:], spec),
+    ]
+    np.testing.assert_allclose(np.asarray(packed[:, :first]), np.asarray(alone[0]), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(packed[:, first:]), np.asarray(alone[1]), atol=1e-4)
+    crossing = decoder.forward(params, tokens, spec)
+    assert np.abs(np.asarray(crossing[:, first:] - alone[1])).max() > 1e-2
+
+
+def test_positions_restart_per_segment_and_count_real_tokens():
+    """Each segment counts its own real tokens from 0."""
+    segments = jnp.asarray([[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 1, 1, 1]])
+    mask = jnp.asarray([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 0]])
+    got = decoder.default_positions(jnp.zeros((2, 8), jnp.int32), mask, segments)
+    np.testing.assert_array_equal(
+        np.asarray(got), [[0, 1, 2, 0, 1, 0, 1, 2], [0, 0, 0, 1, 2, 0, 1, 1]]
+    )  # a padded token takes its segment's last real position, as without segments
 
 
 def test_l2l_probabilities_stay_tiled():

@@ -122,3 +122,44 @@ def test_every_kind_matches_a_manual_composition():
 
     for kind, (got, expected) in both(student, teacher, batch).items():
         np.testing.assert_allclose(float(got), float(expected), rtol=1e-5, err_msg=kind)
+
+
+def test_segment_ids_reach_student_and_teacher():
+    """data.document_attention's segment ids: the ground-truth loss is the cross-entropy of each
+    document's logits run alone (the first token of the second document predicted from the
+    first's last position), and the logit loss of a student equal to its teacher is the entropy
+    of those per-document distributions (both models read the same mask)."""
+    spec, teacher, _ = _setup()
+    tokens = jax.random.randint(jax.random.key(7), (2, 10), 0, spec.vocab_size)
+    ones = jnp.ones(tokens.shape, jnp.int32)
+    segments = jnp.asarray(np.repeat([[0, 1]], 2, axis=0).repeat([4, 6], axis=1))
+    batch = {"tokens": tokens, "attention_mask": ones, "loss_mask": ones}
+
+    def cross_entropy(logits_BxTxV):  # numpy, mean over all 9 predictions of each row
+        logits = np.asarray(logits_BxTxV, np.float64)
+        log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        target = np.take_along_axis(logits, np.asarray(tokens)[:, 1:, None], -1)[..., 0]
+        return np.mean(log_z - target)
+
+    crossing = decoder.forward(teacher, tokens[:, :-1], spec)
+    alone = jnp.concatenate(
+        [
+            decoder.forward(teacher, tokens[:, :4], spec),
+            decoder.forward(teacher, tokens[:, 4:9], spec),
+        ],
+        axis=1,
+    )
+    plain, _ = qat.qat_loss(teacher, teacher, batch, spec, None, "gt")
+    np.testing.assert_allclose(float(plain), cross_entropy(crossing), rtol=1e-5)
+    segmented = {**batch, "segment_ids": segments}
+    loss, _ = qat.qat_loss(teacher, teacher, segmented, spec, None, "gt")
+    np.testing.assert_allclose(float(loss), cross_entropy(alone), rtol=1e-5)
+    assert abs(float(loss) - float(plain)) > 1e-3
+
+    # The logit loss is the soft cross-entropy to the teacher: with the student equal to the
+    # teacher and both reading the mask, the entropy of each document's own distributions.
+    logit, _ = qat.qat_loss(teacher, teacher, segmented, spec, None, "logit")
+    z = np.asarray(alone, np.float64)
+    log_p = z - z.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    np.testing.assert_allclose(float(logit), np.mean(-(np.exp(log_p) * log_p).sum(-1)), rtol=1e-5)

@@ -173,6 +173,51 @@ def test_corpora_mix_by_weight(tmp_path):
     assert shards.parse_paths("/odd:name") == [("/odd:name", 1.0)]
 
 
+def test_document_attention_yields_segment_ids(tmp_path):
+    """data.document_attention: each row comes with its segment ids, a new segment after each
+    document's EOS. The loader reads them from the index's document boundaries; the reference
+    counts the EOS tokens in the row before each position (independent of the index)."""
+    rng = np.random.default_rng(1)
+    files = {
+        f"{i}.txt": "\n".join("x" * int(n) for n in rng.integers(1, 30, size=50)) for i in range(2)
+    }
+    source = tmp_path / "inputs"
+    source.mkdir()
+    for name, text in files.items():
+        (source / name).write_text(text)
+    eos = named.ByteTokenizer()
+    eos.eos_token_id = 10  # "\n": never inside a document of one line, so it marks the ends
+    path = str(tmp_path / "docs")
+    prepare.prepare([str(source)], path, eos, "random", workers=0, log=lambda _: None)
+    cfg = ml_collections.ConfigDict(
+        {"name": "shards", "path": path, "block_size": 24, "batch_size": 4, "workers": 1}
+        | {"document_attention": True}
+    )
+    iterator = data.train_batches(cfg, 0, eos, 256)
+    batches = [next(iterator) for _ in range(12)]
+    ends = 0
+    for batch in batches:
+        tokens, segments = batch["tokens"], batch["segment_ids"]
+        assert segments.shape == tokens.shape and segments.dtype == np.int32
+        is_eos = (tokens == 10).astype(np.int32)
+        want = np.cumsum(is_eos, axis=1) - is_eos  # EOS strictly before each position
+        np.testing.assert_array_equal(segments, want)
+        ends += is_eos[:, :-1].sum()
+    assert ends > 20  # the rows hold several documents each
+    # The same rows as without the option: the order does not depend on it.
+    # Held-out blocks are scored as training reads them: with their segment ids.
+    eval_cfg = ml_collections.ConfigDict({**cfg, "eval_path": path, "eval_blocks": 5})
+    held_out = data.eval_examples(eval_cfg, eos, 256)
+    is_eos = (held_out["tokens"] == 10).astype(np.int32)
+    np.testing.assert_array_equal(held_out["segment_ids"], np.cumsum(is_eos, axis=1) - is_eos)
+    cfg.document_attention = False
+    plain = data.train_batches(cfg, 0, eos, 256)
+    for batch in batches:
+        row = next(plain)
+        assert "segment_ids" not in row
+        np.testing.assert_array_equal(row["tokens"], batch["tokens"])
+
+
 def test_eval_examples_are_the_first_blocks_in_order(corpus, tmp_path):
     cfg = ml_collections.ConfigDict(
         {"name": "ptb", "eval_path": corpus, "block_size": 16, "eval_blocks": 3}
@@ -223,6 +268,10 @@ def test_bad_shards_name_the_file(corpus, tmp_path):
         ({"name": "shards", "path": "{corpus}:-1"}, r"data\.path: .*weight .* must be > 0"),
         ({"eval_path": "/no/such/dir"}, r"data\.eval_path: '/no/such/dir' is not a directory"),
         ({"eval_path": "{corpus},{corpus}"}, r"data\.eval_path: names one shard directory"),
+        (
+            {"name": "ptb", "document_attention": True},
+            r"data\.document_attention: needs data\.name=shards",
+        ),
     ],
 )
 def test_shard_config_errors_name_the_field(fields, message, corpus):
@@ -231,6 +280,6 @@ def test_shard_config_errors_name_the_field(fields, message, corpus):
 
     cfg = smoke.get_config()
     for key, value in fields.items():
-        cfg.data[key] = value.format(corpus=corpus)
+        cfg.data[key] = value.format(corpus=corpus) if isinstance(value, str) else value
     with pytest.raises(config_utils.ConfigError, match=message):
         config_utils.validate(cfg)

@@ -88,6 +88,20 @@ def test_sigkill_resume_sees_the_unbroken_runs_batches(corpora, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_document_attention_reaches_the_step(corpora, tmp_path):
+    """data.document_attention: a short run trains; the segment ids reach the step, so its
+    first loss (same weights, same batch) differs from the run's without them."""
+    short = ("--config.train.steps=2", "--config.eval.every_steps=0")
+    runs = {}
+    for flag in ("True", "False"):
+        workdir = tmp_path / flag
+        result = _train(workdir, corpora, *short, f"--config.data.document_attention={flag}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[flag] = _losses(workdir)
+    assert sorted(runs["True"]) == [1, 2] and all(np.isfinite(list(runs["True"].values())))
+    assert runs["True"][1] != runs["False"][1]
+
+
 def test_shards_made_with_another_tokenizer_are_one_error_line(corpora, tmp_path):
     manifest = json.load(open(os.path.join(corpora["valid"], "manifest.json")))
     other = tmp_path / "other"

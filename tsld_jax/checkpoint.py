@@ -67,6 +67,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "model.teacher_dtype": "float32",
     "data.eval_path": "",
     "data.workers": 1,
+    "data.document_attention": False,  # Not resumable: it changes the attention, so the maths.
 }
 
 

@@ -267,6 +267,11 @@ def validate(config, weights: bool = True) -> None:
             "," not in data.eval_path, "data.eval_path", "names one shard directory (no weights)"
         )
     _require(data.get("workers", 1) >= 1, "data.workers", "must be >= 1")
+    _require(
+        not data.get("document_attention", False) or data.name == "shards",
+        "data.document_attention",
+        f"needs data.name=shards (the loader that knows where documents end), not {data.name!r}",
+    )
     _require(data.eval_blocks >= 0, "data.eval_blocks", "must be >= 0 (0: all)")
     _require(
         data.generated_temperature >= 0,

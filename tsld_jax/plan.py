@@ -129,7 +129,8 @@ def step_program(cfg, spec: ModelSpec, mesh, teacher_spec: ModelSpec | None = No
     step = train_step.jit_train_step(
         spec, rules, cfg.loss, cfg.train, optimizer, state, mesh, teacher, cfg.model.teacher_dtype
     )
-    args = step.abstract_args(state, (cfg.data.batch_size, cfg.data.block_size), teacher)
+    shape = (cfg.data.batch_size, cfg.data.block_size)
+    args = step.abstract_args(state, shape, teacher, train_step.batch_keys(cfg.data))
     return aot.Program(step.fn, args, {})
 
 

@@ -41,8 +41,12 @@ def qat_loss(
       teacher_params: the full-precision teacher's parameters, same architecture.
       batch: "tokens" (B, T) int; optional "attention_mask" (B, T), 1 for real tokens, and
         "loss_mask" (B, T), 1 where the prediction *into* a position counts (the layout of
-        `data/examples.py`). Position t predicts token t + 1; the models read tokens 0..T-2 (all
-        T for "l2l", whose hidden states and attention cover every position).
+        `data/examples.py`); optional "segment_ids" (B, T), the document of each token
+        (`data.document_attention`): student and teacher attend only within a document, with
+        positions restarted in each, and the loss is unchanged (the first token of a document
+        is still predicted from the EOS before it). Position t predicts token t + 1; the models
+        read tokens 0..T-2 (all T for "l2l", whose hidden states and attention cover every
+        position).
       spec: the architecture of both models.
       rules: quantization rules, a spec tree, or one QuantSpec (see `quant.make_quantizer`);
         None trains in full precision (the FP stage).
@@ -63,11 +67,13 @@ def qat_loss(
     attention_BxT = batch.get("attention_mask", ones_BxT)
     mask_BxT = batch.get("loss_mask", ones_BxT)[:, 1:] * attention_BxT[:, 1:]
     # Forwarding tokens 0..T-2 (instead of slicing the logits) avoids a copy of (B, T, V).
+    segments_BxT = batch.get("segment_ids")
     inputs_BxT, input_mask_BxT, labels_BxT = (
         tokens_BxT[:, :-1],
         attention_BxT[:, :-1],
         tokens_BxT[:, 1:],
     )
+    input_segments_BxT = None if segments_BxT is None else segments_BxT[:, :-1]
     collect = ("hidden", "attn_probs") if kind == "l2l" else ()
     if collect:
         # l2l matches every position's hidden states and attention as the authors' trainer
@@ -75,6 +81,7 @@ def qat_loss(
         # the logits of positions 0..T-2 come from the last collected hidden state. Under jit
         # the forward's own (B, T, V) logits, unused, are never computed.
         inputs_BxT, input_mask_BxT = tokens_BxT, attention_BxT
+        input_segments_BxT = segments_BxT
 
     def run(params, quantizer, remat=False):
         out = decoder.forward(
@@ -82,6 +89,7 @@ def qat_loss(
             inputs_BxT,
             spec,
             mask_BxT=input_mask_BxT,
+            segment_ids_BxT=input_segments_BxT,
             quantizer=quantizer,
             collect=collect,
             remat=remat,

@@ -143,6 +143,13 @@ def make_train_step(
 # config.train.dtype (the compute dtype) and config.model.teacher_dtype.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BATCH_KEYS = ("tokens", "attention_mask", "loss_mask")
+# With config.data.document_attention, the batch also holds each token's document.
+SEGMENT_KEY = "segment_ids"
+
+
+def batch_keys(data_cfg) -> tuple[str, ...]:
+    """The arrays of a training batch under `config.data`."""
+    return BATCH_KEYS + ((SEGMENT_KEY,) if data_cfg.get("document_attention", False) else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,10 +179,13 @@ class JittedStep:
             lambda p: init_state(p, self.optimizer, seed), out_shardings=self.state_shardings
         )(params)
 
-    def abstract_args(self, abstract_state, batch_shape: tuple[int, int], teacher_params=None):
+    def abstract_args(
+        self, abstract_state, batch_shape: tuple[int, int], teacher_params=None, keys=BATCH_KEYS
+    ):
         """`fn`'s arguments as ShapeDtypeStructs carrying their shardings (what a plan or a
-        deviceless compile lowers): the state, an int32 batch of `batch_shape` (rows, tokens),
-        and the teacher's parameters in `teacher_dtype` (None without a teacher)."""
+        deviceless compile lowers): the state, an int32 batch of `batch_shape` (rows, tokens)
+        holding `keys` (`batch_keys`), and the teacher's parameters in `teacher_dtype` (None
+        without a teacher)."""
 
         def placed(tree, shardings, dtype=None):
             return jax.tree.map(
@@ -187,7 +197,7 @@ class JittedStep:
         state = placed(abstract_state, self.state_shardings)
         batch = {
             key: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=self.batch_sharding)
-            for key in BATCH_KEYS
+            for key in keys
         }
         teacher = None
         if self.teacher_shardings is not None:

@@ -59,6 +59,7 @@ def heldout_ppl(params, spec, examples, batch_size: int, quantizer=None) -> floa
         quantizer=quantizer,
         loss_mask=examples["loss_mask"] * examples["attention_mask"],
         attention_mask=examples["attention_mask"],
+        segment_ids=examples.get("segment_ids"),
         progress=False,
     )
     return perplexity.perplexity(losses)

@@ -168,6 +168,23 @@ class IndexedFile:
         data = os.pread(self._fd, count * size, start * size)
         return np.frombuffer(data, self.dtype.newbyteorder("<"))
 
+    def document_starts(self, start: int, count: int) -> np.ndarray:
+        """The offsets, relative to `start`, of the documents that begin inside tokens
+        (start, start + count): two binary searches over the memory-mapped index (a few pages
+        read), nothing held in memory."""
+        size = self.dtype.itemsize
+        # The sequences that begin after the first token of the range and inside it.
+        first, last = np.searchsorted(self.pointers, [(start + 1) * size, (start + count) * size])
+        sequences = np.arange(first, last, dtype=np.int64)
+        # Those that begin a document (the document index lists each document's first sequence).
+        at = np.searchsorted(self.document_index, sequences)
+        inside = at < len(self.document_index)
+        begins = np.zeros(len(sequences), bool)
+        begins[inside] = self.document_index[at[inside]] == sequences[inside]
+        offsets = np.asarray(self.pointers[sequences[begins]]) // size - start
+        # A document of no tokens shares its start with the next one.
+        return np.unique(offsets)
+
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)

@@ -5,7 +5,10 @@ A corpus (one shard directory) is the token streams of its shards, each cut into
 `block_size` tokens (a shard's last partial block dropped). Since every document ends with EOS
 in the files, a block is documents packed back to back with EOS between them, read with one
 pread: nothing is tokenized, copied whole, memory-mapped or held in memory, so the host's
-memory stays flat over a pass (bench/data.py measures it).
+memory stays flat over a pass (bench/data.py measures it). With `data.document_attention`, each
+block also comes with its segment ids (B, T), the document of each token, from the shard index's
+document boundaries (two binary searches in the memory-mapped .idx per block), for a mask that
+keeps attention within a document.
 
 Order: grain's index shuffle (a permutation computed per index, O(1) memory) of each corpus's
 blocks from the seed, a new permutation each epoch; several corpora are interleaved by
@@ -131,10 +134,15 @@ class Corpus:
 
 
 class Blocks:
-    """Random access to the blocks of a corpus (grain's RandomAccessDataSource protocol)."""
+    """Random access to the blocks of a corpus (grain's RandomAccessDataSource protocol).
 
-    def __init__(self, corpus: Corpus, block_size: int):
-        self.corpus, self.block_size = corpus, block_size
+    With `segments`, an element is (tokens, segment ids): segment ids count the documents
+    begun since the block's start (0 for the first, partial or whole), read from the shard's
+    index of document boundaries (`document_starts`), so the EOS that ends a document is in
+    that document's segment and the next token starts a new one."""
+
+    def __init__(self, corpus: Corpus, block_size: int, segments: bool = False):
+        self.corpus, self.block_size, self.segments = corpus, block_size, segments
         counts = [entry["tokens"] // block_size for entry in corpus.entries]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         if self._starts[-1] == 0:
@@ -145,22 +153,36 @@ class Blocks:
     def __len__(self) -> int:
         return self._starts[-1]
 
-    def __getitem__(self, index: int) -> np.ndarray:
+    def __getitem__(self, index: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         shard = bisect.bisect_right(self._starts, index) - 1
         offset = (index - self._starts[shard]) * self.block_size
-        return self.corpus.shard(shard).read(offset, self.block_size).astype(np.int32)
+        opened = self.corpus.shard(shard)
+        tokens_T = opened.read(offset, self.block_size).astype(np.int32)
+        if not self.segments:
+            return tokens_T
+        segments_T = np.zeros(self.block_size, np.int32)
+        starts = opened.document_starts(offset, self.block_size)
+        np.add.at(segments_T, starts, 1)
+        return tokens_T, np.cumsum(segments_T, dtype=np.int32)
 
 
-def _open(spec: str, block_size: int, identity, vocab_size) -> list[tuple[Blocks, float]]:
+def _open(
+    spec: str, block_size: int, identity, vocab_size, segments: bool = False
+) -> list[tuple[Blocks, float]]:
     return [
-        (Blocks(Corpus(path, identity, vocab_size), block_size), weight)
+        (Blocks(Corpus(path, identity, vocab_size), block_size, segments), weight)
         for path, weight in parse_paths(spec)
     ]
 
 
-def _example(tokens_T: np.ndarray) -> dict[str, np.ndarray]:
+def _example(block) -> dict[str, np.ndarray]:
+    """A block's arrays: its tokens (and its segment ids, when `Blocks` reads them)."""
+    tokens_T, segments_T = block if isinstance(block, tuple) else (block, None)
     ones = np.ones_like(tokens_T)
-    return {"tokens": tokens_T, "attention_mask": ones, "loss_mask": ones}
+    example = {"tokens": tokens_T, "attention_mask": ones, "loss_mask": ones}
+    if segments_T is not None:
+        example["segment_ids"] = segments_T
+    return example
 
 
 class ShardBatches:
@@ -260,16 +282,23 @@ def batches(cfg, tokenizer, vocab_size: int, seed: int, workers: int | None = No
     from tsld_jax.quant import export
 
     identity = export.tokenizer_identity(tokenizer)
-    corpora = _open(cfg.path, cfg.block_size, identity, vocab_size)
+    segments = cfg.get("document_attention", False)
+    corpora = _open(cfg.path, cfg.block_size, identity, vocab_size, segments)
     workers = cfg.get("workers", 1) if workers is None else workers
     return ShardBatches(corpora, cfg.batch_size, seed, workers=workers)
 
 
-def eval_examples(path: str, block_size: int, count: int, tokenizer, vocab_size: int):
-    """The first `count` blocks (0: all) of a held-out shard set, in order, as examples."""
+def eval_examples(
+    path: str, block_size: int, count: int, tokenizer, vocab_size: int, segments: bool = False
+):
+    """The first `count` blocks (0: all) of a held-out shard set, in order, as examples (with
+    "segment_ids" when `segments`: `data.document_attention`)."""
     from tsld_jax.quant import export
 
     identity = export.tokenizer_identity(tokenizer)
-    blocks = Blocks(Corpus(path, identity, vocab_size), block_size)
+    blocks = Blocks(Corpus(path, identity, vocab_size), block_size, segments)
     n = len(blocks) if count == 0 else min(count, len(blocks))
-    return _example(np.stack([blocks[i] for i in range(n)]))
+    rows = [blocks[i] for i in range(n)]
+    if segments:
+        return _example(tuple(np.stack(parts) for parts in zip(*rows, strict=True)))
+    return _example(np.stack(rows))

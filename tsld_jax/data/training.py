@@ -26,8 +26,12 @@ def eval_examples(
 ) -> examples.Examples:
     """The held-out examples (the first `cfg.eval_blocks`; 0: all) for the perplexity."""
     count = cfg.eval_blocks
+    # With data.document_attention, held-out blocks are scored as training reads them.
+    segments = cfg.get("document_attention", False)
     if cfg.get("eval_path", ""):
-        return shards.eval_examples(cfg.eval_path, cfg.block_size, count, tokenizer, vocab_size)
+        return shards.eval_examples(
+            cfg.eval_path, cfg.block_size, count, tokenizer, vocab_size, segments
+        )
     if examples.resolve_name(cfg) == "shards":
         path = shards.parse_paths(cfg.path)[0][0]
         count = count or 16
@@ -36,7 +40,7 @@ def eval_examples(
             f"training shards in {path} (not held out)",
             file=sys.stderr,
         )
-        return shards.eval_examples(path, cfg.block_size, count, tokenizer, vocab_size)
+        return shards.eval_examples(path, cfg.block_size, count, tokenizer, vocab_size, segments)
     held_out = examples.load_examples(
         cfg, tokenizer, cfg.eval_split, teacher, workdir, progress=progress
     )

@@ -40,14 +40,21 @@ def block_losses(
     quantizer=None,
     loss_mask_BxT: jax.Array | None = None,
     attention_mask_BxT: jax.Array | None = None,
+    segment_ids_BxT: jax.Array | None = None,
 ) -> jax.Array:
     """Each block's mean next-token cross-entropy, (B,), in float32.
 
     With `loss_mask_BxT`, the mean runs over the positions whose mask is 1 (the prediction of
-    token t from tokens < t counts where loss_mask[t] is 1); by default over all T - 1.
+    token t from tokens < t counts where loss_mask[t] is 1); by default over all T - 1. With
+    `segment_ids_BxT` (`data.document_attention`), attention stays within each document.
     """
     hidden_BxTxD, _ = decoder.hidden_states(
-        params, blocks_BxT, spec, mask_BxT=attention_mask_BxT, quantizer=quantizer
+        params,
+        blocks_BxT,
+        spec,
+        mask_BxT=attention_mask_BxT,
+        quantizer=quantizer,
+        segment_ids_BxT=segment_ids_BxT,
     )
     # The head only where a next token exists, and logsumexp - target logit rather than a full
     # log_softmax: neither the (B, T, V) slice nor the normalised copy is ever written.
@@ -62,8 +69,12 @@ def block_losses(
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "quantizer"))
-def _jitted_block_losses(params, blocks_BxT, spec, quantizer, loss_mask_BxT, attention_mask_BxT):
-    return block_losses(params, blocks_BxT, spec, quantizer, loss_mask_BxT, attention_mask_BxT)
+def _jitted_block_losses(
+    params, blocks_BxT, spec, quantizer, loss_mask_BxT, attention_mask_BxT, segment_ids_BxT=None
+):
+    return block_losses(
+        params, blocks_BxT, spec, quantizer, loss_mask_BxT, attention_mask_BxT, segment_ids_BxT
+    )
 
 
 def evaluate_blocks(
@@ -75,12 +86,14 @@ def evaluate_blocks(
     quantizer=None,
     loss_mask: np.ndarray | None = None,
     attention_mask: np.ndarray | None = None,
+    segment_ids: np.ndarray | None = None,
     progress: bool = True,
 ) -> np.ndarray:
     """Per-block mean losses for all blocks, batched with one compiled shape (last batch padded).
 
     Dense blocks (both masks None or all ones) follow the authors' protocol exactly; masked
-    sequences (GSM8K-style) average over their counted positions.
+    sequences (GSM8K-style) average over their counted positions. `segment_ids` (N, T): the
+    document of each token, attention kept within each (`data.document_attention`).
     """
     if loss_mask is not None and attention_mask is not None:
         if loss_mask.all() and attention_mask.all():
@@ -91,7 +104,7 @@ def evaluate_blocks(
     ):
         rows = slice(start, start + batch_size)
         arrays = [blocks_NxT[rows]] + [
-            m[rows] if m is not None else None for m in (loss_mask, attention_mask)
+            m[rows] if m is not None else None for m in (loss_mask, attention_mask, segment_ids)
         ]
         real = len(arrays[0])
         if real < batch_size:  # Pad with copies so the compiled shape never changes.
@@ -99,11 +112,11 @@ def evaluate_blocks(
                 None if a is None else np.concatenate([a, np.repeat(a[:1], batch_size - real, 0)])
                 for a in arrays
             ]
-        batch, batch_loss_mask, batch_attention_mask = (
+        batch, batch_loss_mask, batch_attention_mask, batch_segments = (
             None if a is None else jnp.asarray(a) for a in arrays
         )
         out = _jitted_block_losses(
-            params, batch, spec, quantizer, batch_loss_mask, batch_attention_mask
+            params, batch, spec, quantizer, batch_loss_mask, batch_attention_mask, batch_segments
         )
         losses.append(np.asarray(out)[:real])
     return np.concatenate(losses)

@@ -2,7 +2,8 @@
 
 `self_attention` computes softmax(scale * q k^T, soft-capped, masked) v for a decoder's own
 tokens (no KV cache): causal, grouped-query (fewer key/value heads than query heads), an optional
-sliding window, and an optional padding mask. Which code runs is `implementation`
+sliding window, an optional padding mask and optional segment ids (documents packed into one
+block, attention kept within each: `data.document_attention`). Which code runs is `implementation`
 (`ModelSpec.attention`, config `model.attention`), one of IMPLEMENTATIONS:
 
 - "xla": `tiled`, the hand-written path: float32 scores materialised per QUERY_TILE queries and
@@ -20,9 +21,10 @@ sliding window, and an optional padding mask. Which code runs is `implementation
 
 What the fused kernels cannot express falls back to "xla", for "auto" and explicit choices
 alike: attention soft-capping (Gemma 2) on cuDNN, and head dims cuDNN refuses (above 128 on
-Ampere, above 256 on Hopper, or not a multiple of 8). The l2l loss needs the attention probabilities
-and the KV-cache (generation) path attends over cache slots, not positions: the decoder keeps both
-on `tiled`, which returns probabilities.
+Ampere, above 256 on Hopper, or not a multiple of 8), and segment ids on cuDNN
+(`jax.nn.dot_product_attention` has no argument for them). The l2l loss needs the attention
+probabilities and the KV-cache (generation) path attends over cache slots, not positions: the
+decoder keeps both on `tiled`, which returns probabilities.
 
 Under `train.remat` "dots" (save matmul outputs only) the fused kernels' outputs are not matmuls,
 so the backward pass runs their forward again; whether saving them pays is for a GPU to measure
@@ -79,16 +81,21 @@ class Mask(NamedTuple):
         inside the decoder's layer scan; its possible values are `windows`.
       windows: every value `window` can take (static): the fused kernels compile one variant
         per window and pick one with `lax.switch`.
+      segment_ids_BxT: the document of each token (`data.document_attention`); a query sees
+        only keys of its own segment. None: one segment (attention crosses documents).
     """
 
     key_mask_BxT: jax.Array | None
     window: jax.Array | int
     windows: tuple[int, ...] = (0,)
+    segment_ids_BxT: jax.Array | None = None
 
     def dense(self, length: int) -> jax.Array:
         """The boolean (B or 1, 1, 1, T, T) mask of `attention_mask`."""
         index_T = jnp.arange(length)
-        return attention_mask(index_T, index_T, self.key_mask_BxT, self.window)
+        return attention_mask(
+            index_T, index_T, self.key_mask_BxT, self.window, self.segment_ids_BxT
+        )
 
 
 def attention_mask(
@@ -96,13 +103,18 @@ def attention_mask(
     key_index_S: jax.Array,
     key_mask_BxS: jax.Array | None,
     window: jax.Array | int,
+    segment_ids_BxT: jax.Array | None = None,
 ) -> jax.Array:
-    """Boolean (B or 1, 1, 1, T, S) mask: causal, optional sliding window, optional padding."""
+    """Boolean (B or 1, 1, 1, T, S) mask: causal, optional sliding window, optional padding,
+    optional segments (queries and keys are the same T tokens then: T == S)."""
     distance_TxS = query_index_T[:, None] - key_index_S[None, :]
     allowed_TxS = (distance_TxS >= 0) & ((window == 0) | (distance_TxS < window))
     allowed = allowed_TxS[None, None, None]
     if key_mask_BxS is not None:
         allowed = allowed & (key_mask_BxS[:, None, None, None, :] > 0)
+    if segment_ids_BxT is not None:
+        same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+        allowed = allowed & same_BxTxT[:, None, None]
     return allowed
 
 
@@ -204,7 +216,7 @@ def self_attention(
     Args:
       q_BxTxHxK: queries (rotary embedding applied), H query heads.
       k_BxTxNxK, v_BxTxNxK: keys and values of N heads (H a multiple of N: grouped-query).
-      mask: padding and sliding window (`Mask`).
+      mask: padding, sliding window and segments (`Mask`).
       scale: multiplies q k^T (1/sqrt(K) for most models).
       cap: soft-cap of the scores, cap * tanh(s / cap); 0 means none.
       implementation: one of IMPLEMENTATIONS (see the module docstring).
@@ -231,7 +243,9 @@ def self_attention(
     tpu = functools.partial(_splash, **options, interpret=False)
 
     def static_windows(fn):  # the operands are arrays; the windows stay static
-        return lambda q, k, v, key_mask, window: fn(q, k, v, Mask(key_mask, window, mask.windows))
+        return lambda q, k, v, key_mask, window, segments: fn(
+            q, k, v, Mask(key_mask, window, mask.windows, segments)
+        )
 
     return lax.platform_dependent(
         q_BxTxHxK,
@@ -239,6 +253,7 @@ def self_attention(
         v_BxTxNxK,
         mask.key_mask_BxT,
         mask.window,
+        mask.segment_ids_BxT,
         cuda=static_windows(cuda if half and _cudnn_present() else xla),
         tpu=static_windows(tpu if _tpu_present() else xla),
         default=static_windows(xla),
@@ -307,8 +322,12 @@ def _cudnn(q_BxTxHxK, k_BxTxNxK, v_BxTxNxK, mask: Mask, *, scale, cap, fallback,
     # `backend` "xla" runs the same call through jax's XLA attention: tests check this
     # function's argument mapping on the CPU that way (cuDNN itself needs a GPU).
     head_dim = q_BxTxHxK.shape[-1]
-    if cap or head_dim % 8 or head_dim > _cudnn_max_head_dim():
-        # Soft-capped scores (Gemma 2) and these head dims have no cuDNN flash kernel.
+    segmented = mask.segment_ids_BxT is not None
+    if cap or head_dim % 8 or head_dim > _cudnn_max_head_dim() or segmented:
+        # Soft-capped scores (Gemma 2) and these head dims have no cuDNN flash kernel; and
+        # `jax.nn.dot_product_attention` takes no segment ids (only per-row lengths, and a
+        # dense bias or mask, which cuDNN's kernel would read as a (T, T) tensor per row):
+        # attention kept within documents runs on the tiled path.
         return fallback(q_BxTxHxK, k_BxTxNxK, v_BxTxNxK, mask)
     out_dtype = v_BxTxNxK.dtype
     q, k, v = q_BxTxHxK, k_BxTxNxK, v_BxTxNxK
@@ -405,10 +424,16 @@ def _splash(q_BxTxHxK, k_BxTxNxK, v_BxTxNxK, mask: Mask, *, scale, cap, interpre
     extra = ((0, 0), (0, 0), (0, padded - length), (0, 0))
     q_BxHxTxK, k_BxNxTxK, v_BxNxTxK = (jnp.pad(x, extra) for x in (q_BxHxTxK, k_BxNxTxK, v_BxNxTxK))
     segments_BxT = None
+    if key_mask_BxT is None and mask.segment_ids_BxT is not None:
+        key_mask_BxT = jnp.ones((batch, length), jnp.int32)
     if key_mask_BxT is not None:
         # Real tokens are segment 1 and padding (appended slots included) segment 0: a query
-        # attends within its segment, so real queries never see padding.
-        segments_BxT = jnp.pad((key_mask_BxT > 0).astype(jnp.int32), ((0, 0), (0, padded - length)))
+        # attends within its segment, so real queries never see padding. With documents, a real
+        # token's segment is its document's id + 1.
+        real_BxT = (key_mask_BxT > 0).astype(jnp.int32)
+        if mask.segment_ids_BxT is not None:
+            real_BxT = real_BxT * (mask.segment_ids_BxT.astype(jnp.int32) + 1)
+        segments_BxT = jnp.pad(real_BxT, ((0, 0), (0, padded - length)))
 
     def attend(window):
         kernel = _splash_kernel(heads, padded, window, cap, interpret)

@@ -319,11 +319,29 @@ def _block(
     return h, probs, new_kv
 
 
-def default_positions(tokens_BxT: jax.Array, mask_BxT: jax.Array | None) -> jax.Array:
-    """Position ids: 0, 1, 2, ... counted over the real tokens (left padding starts at 0)."""
-    if mask_BxT is None:
+def default_positions(
+    tokens_BxT: jax.Array, mask_BxT: jax.Array | None, segment_ids_BxT: jax.Array | None = None
+) -> jax.Array:
+    """Position ids: 0, 1, 2, ... counted over the real tokens (left padding starts at 0),
+    starting again at 0 with each segment (document) when `segment_ids_BxT` is given."""
+    if mask_BxT is None and segment_ids_BxT is None:
         return jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
-    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+    if mask_BxT is None:
+        mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+    counted_BxT = jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1)
+    if segment_ids_BxT is not None:
+        # Subtract the count before each segment's first token (a running maximum: the counts
+        # never decrease along a row).
+        starts_BxT = jnp.concatenate(
+            [
+                jnp.ones_like(segment_ids_BxT[:, :1], bool),
+                segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1],
+            ],
+            axis=1,
+        )
+        before_BxT = jnp.where(starts_BxT, counted_BxT - mask_BxT.astype(jnp.int32), 0)
+        counted_BxT = counted_BxT - lax.cummax(before_BxT, axis=1)
+    return jnp.maximum(counted_BxT - 1, 0)
 
 
 def embed(params: Params, tokens_BxT: jax.Array, positions_BxT: jax.Array, spec: ModelSpec):
@@ -377,6 +395,7 @@ def forward(
     *,
     mask_BxT: jax.Array | None = None,
     positions_BxT: jax.Array | None = None,
+    segment_ids_BxT: jax.Array | None = None,
     quantizer: Quantizer | None = None,
     collect: Sequence[str] = (),
     remat: bool | str = False,
@@ -390,7 +409,12 @@ def forward(
       tokens_BxT: int token ids.
       spec: the architecture.
       mask_BxT: 1 for real tokens, 0 for padding; padded keys are never attended to.
-      positions_BxT: position ids; by default counted over the real tokens.
+      positions_BxT: position ids; by default counted over the real tokens, from 0 again in
+        each segment when `segment_ids_BxT` is given.
+      segment_ids_BxT: int (B, T), the document of each token, for several documents packed
+        into one row (`data.document_attention`): a token attends only to earlier tokens of its
+        own segment, so each document is read as if it were alone (with restarted positions).
+        None: attention crosses documents.
       quantizer: optional `quantizer(name, layer_params) -> kernel` applied in every linear().
       collect: any of COLLECTABLE, what Hugging Face returns with `output_hidden_states` and
         `output_attentions` (what the authors' layer-to-layer distillation matches): "hidden",
@@ -426,6 +450,7 @@ def forward(
         remat=remat,
         packed_kernel=packed_kernel,
         pipeline=pipeline,
+        segment_ids_BxT=segment_ids_BxT,
     )
     last = final_hidden(params, h, spec)
     logits = head(params, last, spec)
@@ -486,6 +511,7 @@ def hidden_states(
     quantizer: Quantizer | None = None,
     cache: Params | None = None,
     packed_kernel: str = "auto",
+    segment_ids_BxT: jax.Array | None = None,
 ) -> tuple[jax.Array, Params | None]:
     """The last block's output (before the final norm), optionally through a KV cache.
 
@@ -504,6 +530,7 @@ def hidden_states(
         every real token written before them. Local (GPT-Neo) windows count positions, not slots,
         so padding inside the cache does not shorten them.
       packed_kernel: as in `forward`.
+      segment_ids_BxT: as in `forward` (without a cache only).
 
     Returns:
       (hidden (B, T, D), the updated cache or None).
@@ -518,6 +545,7 @@ def hidden_states(
         (),
         cache,
         packed_kernel=packed_kernel,
+        segment_ids_BxT=segment_ids_BxT,
     )
     return h, new_cache
 
@@ -551,6 +579,7 @@ def _trunk(
     remat=False,
     packed_kernel="auto",
     pipeline=None,
+    segment_ids_BxT=None,
 ):
     """Embedding and the scanned blocks; the one body behind `forward` and `hidden_states`."""
     from tsld_jax.quant import export  # lazy, as in linear()
@@ -562,11 +591,13 @@ def _trunk(
         "inv_freq": jnp.asarray(spec.layer_inv_frequencies()),
     }
     length = tokens_BxT.shape[1]
+    if cache is not None and segment_ids_BxT is not None:
+        raise ValueError("segment ids are for training blocks; a KV-cache call takes none")
     if cache is None:
         if positions_BxT is None:
-            positions_BxT = default_positions(tokens_BxT, mask_BxT)
+            positions_BxT = default_positions(tokens_BxT, mask_BxT, segment_ids_BxT)
         windows = attention_lib.windows_of(spec.layer_windows())
-        make_mask = lambda window: attention_lib.Mask(mask_BxT, window, windows)
+        make_mask = lambda window: attention_lib.Mask(mask_BxT, window, windows, segment_ids_BxT)
     else:
         if mask_BxT is None:
             mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
@@ -595,8 +626,9 @@ def _trunk(
         if cache is not None or collect:
             raise ValueError("a pipelined forward takes no cache and collects nothing")
 
-        def layer_fn(layer, h, positions_BxT, mask_BxT, consts):
-            allowed = attention_lib.Mask(mask_BxT, consts["window"], windows)
+        def layer_fn(layer, h, positions_BxT, masks, consts):
+            mask_BxT, segment_ids_BxT = masks
+            allowed = attention_lib.Mask(mask_BxT, consts["window"], windows, segment_ids_BxT)
             return _block(
                 layer,
                 h,
@@ -609,8 +641,9 @@ def _trunk(
             )[0]
 
         body = _rematerialised(layer_fn, remat)
+        masks = (mask_BxT, segment_ids_BxT)
         h = pipeline_lib.run(
-            body, params["layers"], per_layer_consts, h, positions_BxT, mask_BxT, pipeline
+            body, params["layers"], per_layer_consts, h, positions_BxT, masks, pipeline
         )
         return h, {}, None
 

@@ -65,8 +65,8 @@ class Pipeline:
             )
 
 
-# layer_fn(layer_params, h_BxTxD, positions_BxT, mask_BxT or None, consts) -> h_BxTxD, where
-# consts is the layer's slice of `run`'s consts_L.
+# layer_fn(layer_params, h_BxTxD, positions_BxT, mask, consts) -> h_BxTxD, where mask is the
+# microbatch's slice of `run`'s mask_BxT pytree and consts the layer's slice of `run`'s consts_L.
 LayerFn = Callable[[Any, jax.Array, jax.Array, Any, Any], jax.Array]
 
 
@@ -125,7 +125,8 @@ def run(
         leading axis L: the attention window, the rotary frequencies), given to each layer.
       h_BxTxD: the embedded input.
       positions_BxT: position ids.
-      mask_BxT: 1 for real tokens (None: all real).
+      mask_BxT: 1 for real tokens (None: all real); any pytree of (B, T) arrays (the decoder
+        passes the padding mask and the segment ids), split into microbatches like h.
       pipeline: stages and microbatches (and the mesh).
 
     Returns:
@@ -143,7 +144,7 @@ def run(
 
     h_MxBxTxD = _to_microbatches(h_BxTxD, micro)
     positions_MxBxT = _to_microbatches(positions_BxT, micro)
-    mask_MxBxT = None if mask_BxT is None else _to_microbatches(mask_BxT, micro)
+    mask_MxBxT = jax.tree.map(lambda x: _to_microbatches(x, micro), mask_BxT)
 
     def stage_fn(params, consts_L, h, positions, mask):
         def body(h, xs):
@@ -162,7 +163,7 @@ def run(
         first = (stage_ids == 0).reshape(stages, 1, 1, 1)
         buffer = _constrain(jnp.where(first, fresh[None].astype(buffer.dtype), buffer), pipeline)
         positions = positions_MxBxT[which_S]
-        mask = None if mask_MxBxT is None else mask_MxBxT[which_S]
+        mask = jax.tree.map(lambda x: x[which_S], mask_MxBxT)
         out = _constrain(run_stages(stage_layers, consts_SxL, buffer, positions, mask), pipeline)
         return _shift(out, pipeline), out[stages - 1]
 
