@@ -42,6 +42,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import glob
 import os
 import sys
 import tempfile
@@ -346,27 +347,32 @@ def _quiet_stderr() -> Iterator[None]:
             os.close(saved)
 
 
+def _tpu_attached() -> bool:
+    # TPU VMs expose their chips as /dev/accel* (v4, v5e) or VFIO groups (v5p, v6e).
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
 @functools.cache
 def _tpu_topology_devices(topology: str) -> tuple[Any, ...]:
     from jax.experimental import topologies
 
-    # Without a TPU attached there is no metadata server to ask for the slice's shape.
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    if not _tpu_attached():
+        # Without a TPU there is no metadata server to ask for the slice's shape, and no chip
+        # for two processes to contend for: libtpu's one-process-at-a-time lock (which made a
+        # second compiling process fail, "Internal error when accessing libtpu multi-process
+        # lockfile") guards nothing.
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         with _quiet_stderr():
-            return tuple(
-                topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
-            )
+            topology_desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
     except (RuntimeError, ValueError, NotImplementedError) as error:
         text = str(error).strip()
-        if (
-            "not installed" in text
-            or "libtpu" in text.lower()
-            or "topology not implemented" in text
-        ):
-            raise _libtpu_missing(text.splitlines()[0]) from error
         first = text.splitlines()[0] if text else type(error).__name__
+        if "support not installed" in text:  # jax found no libtpu
+            raise _libtpu_missing(first) from error
         raise ValueError(f"TPU topology {topology!r}: {first}") from None
+    return tuple(topology_desc.devices)
 
 
 def tpu_devices(slice_: str) -> list[Any]:
