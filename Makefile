@@ -48,13 +48,18 @@ demo: setup
 # What the tests need beyond the demo: llama.cpp (the deploy extra, built from source once), and
 # for tests/aot_test.py's GPU compiles without a GPU (tsld_jax.aot) the CUDA plugin of the
 # installed jax and the CUDA compiler packages, without their dependencies (about 670 MB; no GPU,
-# driver or cuDNN needed). The CUDA 12.9 tools are the versions tested with jax 0.10.2.
+# driver or cuDNN needed). The CUDA 12.9 tools are the versions tested with jax 0.10.2. And for
+# tests/tpu_test.py's TPU compiles without a TPU, the libtpu that jax[tpu] pins for the installed
+# jax (read from jax's own metadata; libtpu 0.0.42.x for jax 0.10.2), without jax[tpu]'s other
+# dependency (requests, for the TPU VM's metadata server): about 680 MB, 5 s from a local index.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[dev,deploy]" "jax==$(JAX)" "jaxlib==$(JAX)"
 	JAX_VERSION="$$($(BIN)/python -c 'import jax; print(jax.__version__)')" && \
 	$(BIN)/python -m pip install --quiet --no-deps "jax-cuda12-plugin==$$JAX_VERSION" \
 	    "jax-cuda12-pjrt==$$JAX_VERSION" nvidia-cuda-nvcc-cu12==12.9.86 \
 	    nvidia-nvjitlink-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79
+	LIBTPU="$$($(BIN)/python -c 'import importlib.metadata as m; print(next(r.split(";")[0].strip() for r in m.requires("jax") if r.startswith("libtpu")))')" && \
+	$(BIN)/python -m pip install --quiet --no-deps "$$LIBTPU"
 	touch $@
 
 test: $(VENV)/.installed-test

@@ -12,7 +12,11 @@ Needs libtpu (`make test` installs it).
 
 import concurrent.futures
 import importlib.util
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -31,6 +35,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry"),
 ]
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 GIB = 1024**3
 SPEC = aot.SMOLLM2_135M
 SMOLLM2_PARAMS = 134_515_008  # 30 layers of 576/1536 (q 576x576, k/v 576x192) + 49152x576
@@ -134,3 +139,20 @@ def test_paper_row_plans(results):
     assert p["teacher"] == p["parameters"]
     assert 0 < p["activations_and_temporaries"] < p["total"] <= out["usable_gib"] * GIB
     assert p["compile_seconds"] > 0
+
+
+def test_cli_plan_for_a_tpu_is_quiet():
+    # libtpu writes warnings to stderr when it loads; train.py --plan keeps them out (and
+    # tsld_jax names the CPU as jax's backend where no TPU or GPU is attached).
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    run = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/smoke.py", "--plan", "v5e:1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0 and run.stderr == "", run.stderr[-2000:]
+    assert run.stdout.startswith("plan for random on v5e:1 (batch 4 x 32; per device; usable 15.8")
+    assert run.stdout.rstrip().endswith("-> fits")
