@@ -2,6 +2,7 @@
 
     python bench/plan_rows.py                 # every row whose JSON is missing
     python bench/plan_rows.py --force v6e-8   # rows whose record name contains "v6e-8", again
+    python bench/plan_rows.py --reverse       # a second runner beside the first
     python bench/plan_table.py docs/plans     # then the tables
     python bench/plan_table.py --batch docs/plans/long_context
 
@@ -46,20 +47,25 @@ ROWS = TPU_ROWS + LONG_ROWS
 def main(argv: list[str]) -> None:
     force = "--force" in argv
     patterns = [a for a in argv if not a.startswith("--")]
+    # --reverse: from the last row back, so that a second runner can share the list; a row
+    # being planned is marked by NAME.json.running.
+    rows = ROWS[::-1] if "--reverse" in argv else ROWS
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.environ.get("PYTHONPATH", ROOT)}
-    for name, row, config_target, target, overrides in ROWS:
+    for name, row, config_target, target, overrides in rows:
         if patterns and not any(p in name for p in patterns):
             continue
         path = os.path.join(PLANS, name + ".json")
-        if os.path.exists(path) and not force:
+        if (os.path.exists(path) and not force) or os.path.exists(path + ".running"):
             continue
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path + ".running", "w").close()
         command = ["nice", "-n", "10", sys.executable, "train.py"]
         command += ["--config", f"configs/{row}.py:{config_target}", "--plan", target]
         command += [*overrides, "--plan-json", path]
         start = time.perf_counter()
         run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
+        os.remove(path + ".running")
         print(f"{name}: {seconds:.0f} s, exit {run.returncode}", flush=True)
         print(run.stdout.strip() or run.stderr.strip()[-2000:], flush=True)
 
