@@ -26,19 +26,31 @@ TPU_ROWS = [
     for target in ("v5p-8", "v6e-8")
     for row in ("opt2.7b_tsld", "llama7b_tsld", "llama3.2_1b_tsld", "qwen3_0.6b_tsld")
 ]
-# Long context: the tokens of one batch held at 65,536 (16 x 4,096 and 8 x 8,192), today's
-# models that were pretrained at 8k tokens and more.
-LONG_TARGETS = [("1xh100", "h100-80gb:1"), ("8xa100", "a100-40gb:8"), ("v6e-8", "v6e-8")]
+# Long context: the tokens of one optimizer step held at 65,536 (16 x 4,096 and 8 x 8,192), for
+# today's models that were pretrained at 8k tokens and more. The step's (B, T, V) float32
+# logits, the teacher's and their gradient are whole in memory (losses.py chunks the loss, not
+# the logits): 3 x 65,536 x 128,256 x 4 bytes = 101 GB for Llama-3.2-1B, so the step runs as
+# train.grad_accum micro-batches of equal tokens at both lengths: 8 on one H100 (2 x 4,096 or
+# 1 x 8,192 a micro-batch), 2 on 8 devices (fsdp=4: 2 x 4,096 or 1 x 8,192 a device). And
+# remat "full": "dots" (the configs' default) saves every matmul output for the backward, the
+# attention scores of each 128-query tile included, which is B x H x T^2 / 2 floats a layer
+# (docs/scaling.md, "Long context").
+LONG_TARGETS = [("1xh100", "h100-80gb:1", 8), ("8xa100", "a100-40gb:8", 2), ("v6e-8", "v6e-8", 2)]
 LONG_ROWS = [
     (
         f"long_context/{row}_{batch}x{length}_{config_target}",
         row,
         config_target,
         target,
-        [f"--config.data.batch_size={batch}", f"--config.data.block_size={length}"],
+        [
+            f"--config.data.batch_size={batch}",
+            f"--config.data.block_size={length}",
+            f"--config.train.grad_accum={accum}",
+            "--config.train.remat=full",
+        ],
     )
+    for config_target, target, accum in LONG_TARGETS
     for row in ("llama3.2_1b_tsld", "qwen3_0.6b_tsld")
-    for config_target, target in LONG_TARGETS
     for batch, length in ((16, 4096), (8, 8192))
 ]
 ROWS = TPU_ROWS + LONG_ROWS
