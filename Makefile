@@ -49,7 +49,10 @@ demo: setup
 # for tests/aot_test.py's GPU compiles without a GPU (tsld_jax.aot) the CUDA plugin of the
 # installed jax and the CUDA compiler packages, without their dependencies (about 670 MB; no GPU
 # or driver needed), and cuDNN's library for the cuDNN attention compiles (tests/attention_test.py).
-# The CUDA 12.9 tools are the versions tested with jax 0.10.2.
+# The CUDA 12.9 tools are the versions tested with jax 0.10.2. And for tests/tpu_test.py's TPU
+# compiles without a TPU, the libtpu that jax[tpu] pins for the installed jax (read from jax's own
+# metadata; libtpu 0.0.42.x for jax 0.10.2), without jax[tpu]'s other dependency (requests, for
+# the TPU VM's metadata server): about 680 MB, 5 s from a local index.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[dev,deploy]" "jax==$(JAX)" "jaxlib==$(JAX)"
 	JAX_VERSION="$$($(BIN)/python -c 'import jax; print(jax.__version__)')" && \
@@ -59,6 +62,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	# cuDNN's library (717 MB download, 1.1 GB installed): jax asks it for its version when it
 	# traces cuDNN attention, so compiling `model.attention` "cudnn"/"auto" for a GPU needs it.
 	$(BIN)/python -m pip install --quiet --no-deps nvidia-cudnn-cu12==9.28.0.42
+	LIBTPU="$$($(BIN)/python -c 'import importlib.metadata as m; print(next(r.split(";")[0].strip() for r in m.requires("jax") if r.startswith("libtpu")))')" && \
+	$(BIN)/python -m pip install --quiet --no-deps "$$LIBTPU"
 	touch $@
 
 test: $(VENV)/.installed-test

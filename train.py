@@ -54,8 +54,9 @@ def _define_flags(argv) -> tuple[flags.FlagValues, flags.FlagHolder]:
     flags.DEFINE_string(
         "plan",
         None,
-        "Compile the step for TARGET (a100-40gb:8, h100-80gb:1, h200:1, cpu:N) without its "
-        "hardware, print the per-device memory plan and exit; trains nothing.",
+        "Compile the step for TARGET (a100-40gb:8, h100-80gb:1, h200:1; TPU slices v5e:8, "
+        "v5p:2x2x1, v6e-8; cpu:N) without its hardware, print the per-device memory plan and "
+        "exit; trains nothing.",
         flag_values=values,
     )
     flags.DEFINE_string(

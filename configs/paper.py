@@ -38,6 +38,10 @@ TARGETS = {
     "": {},
     "8xa100": {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2},
     "1xh100": {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1},
+    # Cloud TPU slices, by their accelerator type: v5p-8 is 8 TensorCores, 4 chips (one JAX
+    # device each), v6e-8 is 8 chips.
+    "v5p-8": {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 1},
+    "v6e-8": {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2},
 }
 # (model, stage, target) -> extra settings where the target's defaults do not fit.
 TARGET_OVERRIDES: dict[tuple[str, str, str], dict] = {}

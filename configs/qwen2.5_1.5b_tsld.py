@@ -7,5 +7,6 @@ from configs import paper
 
 
 def get_config(target: str = ""):
-    # target: "" (any 1-4 devices), "8xa100" or "1xh100" (paper.TARGETS): CONFIG.py:8xa100
+    # target: "" (any 1-4 devices), "8xa100", "1xh100", "v5p-8" or "v6e-8" (paper.TARGETS):
+    # CONFIG.py:8xa100
     return paper.config("qwen2.5_1.5b", "tsld", target)

@@ -168,7 +168,9 @@ def test_group_size_not_dividing_names_the_parameter(tmp_path):
     assert "config.quant" in error and "group_size=5" in error and "layers/" in error
 
 
-@pytest.mark.parametrize("target, devices", [("8xa100", 8), ("1xh100", 1), ("", 1), ("", 4)])
+@pytest.mark.parametrize(
+    "target, devices", [("8xa100", 8), ("1xh100", 1), ("v5p-8", 4), ("v6e-8", 8), ("", 1), ("", 4)]
+)
 def test_paper_targets_keep_the_recipe_and_split_the_batch(target, devices, monkeypatch):
     # docs/scaling.md: each row's target variant (CONFIG.py:8xa100) keeps the paper's batch
     # 4 x 512 and learning rates; its mesh takes that many devices and splits the batch.

@@ -167,6 +167,23 @@ def test_bad_target_is_one_line(target, message):
         plan.parse_target(target)
 
 
+def test_tpu_target_without_libtpu_is_one_line():
+    # jax finding no libtpu (here: told so, whether or not this venv has it) -> PluginMissing,
+    # one line with the pip command.
+    code = (
+        "from jax._src import xla_bridge; xla_bridge.get_tpu_library_path = lambda: None\n"
+        "from tsld_jax import aot\n"
+        "try:\n    aot.tpu_devices('v5e:8')\n"
+        "except aot.PluginMissing as error:\n    print(error)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(run.stdout.strip().splitlines()) == 1
+    assert f"pip install 'jax[tpu]=={jax.__version__}'" in run.stdout
+
+
 def test_cli_plan_writes_json(tmp_path):
     path = tmp_path / "plan.json"
     run = subprocess.run(

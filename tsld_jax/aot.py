@@ -1,4 +1,5 @@
-"""Compile programs for NVIDIA GPUs without one (deviceless AOT), and read their memory plan.
+"""Compile programs for NVIDIA GPUs and Cloud TPUs without one (deviceless AOT), and read their
+memory plan.
 
 XLA:GPU compiles a jitted program for a GPU that is not attached when it is given the target's
 device description: its whole GPU pipeline runs (fusion, the Triton emitters of GEMMs and
@@ -23,6 +24,11 @@ Typical use:
     compiled, memory = aot.compile_program(program)
     print(memory)  # per device: arguments, outputs, temporaries, code, total
 
+TPUs the same way, through libtpu (`pip install 'jax[tpu]==<jax version>'`; ../shared/TPU.md):
+`tpu_mesh("v5e:8")` (chips), `tpu_mesh("v5p:2x2x1")` (a topology) or `tpu_mesh("v5p-8")` (Cloud's
+accelerator type: 8 TensorCores, 4 chips) in place of `gpu_mesh`. libtpu's warnings about the
+TPU VM it is not on are kept off stderr.
+
 `train_step_program` builds the trainer's jitted step (`train_step.jit_train_step`, the one
 builder the trainer and `--plan` also call); `forward_program`, `choice_program`,
 `prefill_program` and `decode_program` build evaluation's and generation's own jitted functions
@@ -33,14 +39,19 @@ launch.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import glob
 import os
-from collections.abc import Callable, Hashable, Mapping, Sequence
+import sys
+import tempfile
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tsld_jax.models.spec import ModelSpec, spec_from_hf_config
@@ -211,6 +222,178 @@ def gpu_mesh(
     from tsld_jax import sharding
 
     return sharding.make_mesh(data, fsdp, 1, devices=gpu_devices(target, num_devices))
+
+
+# ------------------------------------------------------------------------------------- TPUs
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuTarget:
+    """A TPU generation as XLA:TPU (libtpu) compiles for it without one (../shared/TPU.md).
+
+    Attributes:
+      name: the generation as topology names spell it ("v5e", "v5p", ...).
+      device_kind: what the abstract devices report.
+      device_memory_size: HBM bytes per JAX device (per chip; v4's abstract topology has one
+        device per TensorCore, two a chip, each with half the chip's 32 GiB).
+      usable_memory_size: bytes a program may use per device: what XLA:TPU itself allows
+        (libtpu 0.0.42.1 refuses a larger program with "exceeds available HBM (15.75G)" for
+        v5e, 31.25G v6e, 95.74G v5p, 15.25G v4: the chip less the runtime's reserve).
+      dimensions: 2 (v5e, v6e: a 2D torus of chips) or 3 (v4, v5p).
+      devices_per_chip: JAX devices a chip.
+      cores_per_chip: TensorCores a chip, as Cloud accelerator types count them ("v5p-8" is
+        8 TensorCores, 4 chips; "v6e-8" is 8 chips).
+    """
+
+    name: str
+    device_kind: str
+    device_memory_size: int
+    usable_memory_size: int
+    dimensions: int
+    devices_per_chip: int = 1
+    cores_per_chip: int = 1
+
+    def topology(self, devices: int) -> tuple[str, int]:
+        """(the topology name to ask libtpu for, devices to take from it) for a slice of
+        `devices` devices: one host's 2x2(x1) chips and the first `devices` of them below a
+        host, else a power-of-two grid grown as Cloud TPU slices are (2x2 -> 2x4 -> 4x4 ...;
+        2x2x1 -> 2x2x2 -> 2x2x4 -> 2x4x4 -> 4x4x4 ...)."""
+        host = [2, 2] if self.dimensions == 2 else [2, 2, 1]
+        chips, rest = divmod(devices, self.devices_per_chip)
+        if devices < 1 or rest:
+            raise ValueError(f"{self.name}: {devices} devices is not a whole number of chips")
+        if chips <= 4:
+            return self._name(host), devices
+        if chips & (chips - 1):
+            raise ValueError(
+                f"{self.name}: {chips} chips is not a power of two; name the slice's topology, "
+                f"e.g. {self.name}:{'x'.join(['2'] * (self.dimensions - 1) + [str(chips // 2)])}"
+            )
+        dims = host
+        while np.prod(dims) < chips:
+            smallest = min(dims)
+            last = max(i for i, d in enumerate(dims) if d == smallest)
+            dims[last] *= 2
+        return self._name(dims), devices
+
+    def _name(self, dims: Sequence[int]) -> str:
+        return f"{self.name}:{'x'.join(str(d) for d in dims)}"
+
+
+GIB = 1024**3
+# HBM per chip as Cloud TPU's system-architecture pages give it (v4 32 GiB, v5e 16 GiB, v5p
+# 95 GB, v6e 32 GiB); the usable figure is libtpu's own limit (see TpuTarget), which for v5p
+# (95.74 GiB) shows the chip's HBM is 96 GiB.
+TPU_TARGETS: dict[str, TpuTarget] = {
+    "v4": TpuTarget("v4", "TPU v4", 16 * GIB, int(15.25 * GIB), 3, 2, 2),
+    "v5e": TpuTarget("v5e", "TPU v5 lite", 16 * GIB, int(15.75 * GIB), 2),
+    "v5p": TpuTarget("v5p", "TPU v5", 96 * GIB, int(95.74 * GIB), 3, 1, 2),
+    "v6e": TpuTarget("v6e", "TPU v6 lite", 32 * GIB, int(31.25 * GIB), 2),
+}
+
+
+def parse_tpu_slice(text: str) -> tuple[TpuTarget, str, int]:
+    """A TPU slice by chips, by topology or by Cloud accelerator type, as (target, the topology
+    to ask libtpu for, devices): "v5e:8" (8 chips), "v5p:2x2x1" (that grid of chips), "v5p-8"
+    (Cloud's name: 8 TensorCores, 4 chips; "v6e-8" is 8 chips). Raises ValueError."""
+    if "-" in text and ":" not in text:
+        name, _, cores = text.partition("-")
+        if name in TPU_TARGETS and cores.isdigit():
+            target = TPU_TARGETS[name]
+            chips = int(cores) // target.cores_per_chip
+            return (target, *target.topology(chips * target.devices_per_chip))
+    name, _, size = text.partition(":")
+    if name not in TPU_TARGETS:
+        raise ValueError(f"unknown TPU {name!r} in {text!r}; expected one of {sorted(TPU_TARGETS)}")
+    target = TPU_TARGETS[name]
+    if size.isdigit() and int(size) >= 1:
+        return (target, *target.topology(int(size)))
+    dims = size.split("x")
+    if len(dims) == target.dimensions and all(d.isdigit() and int(d) >= 1 for d in dims):
+        return target, text, int(np.prod([int(d) for d in dims])) * target.devices_per_chip
+    example = "2x4" if target.dimensions == 2 else "2x2x2"
+    raise ValueError(
+        f"{text!r}: name a {name} slice by its chips ({name}:8) or its {target.dimensions}D "
+        f"topology ({name}:{example})"
+    )
+
+
+def _libtpu_missing(cause: str) -> PluginMissing:
+    return PluginMissing(
+        f"compiling for a TPU without one needs libtpu (pip install 'jax[tpu]=={jax.__version__}'"
+        f", or only its libtpu: pip install --no-deps libtpu==<the version jax[tpu] pins>): "
+        f"{cause}"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    # libtpu writes warnings about the TPU VM it is not on (TPU_ACCELERATOR_TYPE,
+    # TPU_WORKER_HOSTNAMES) straight to file descriptor 2 when it loads; compiling needs none of
+    # what they ask for. They are kept from the CLI's output, and shown if loading fails.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            caught.seek(0)
+            sys.stderr.write(caught.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _tpu_attached() -> bool:
+    # TPU VMs expose their chips as /dev/accel* (v4, v5e) or VFIO groups (v5p, v6e).
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+@functools.cache
+def _tpu_topology_devices(topology: str) -> tuple[Any, ...]:
+    from jax.experimental import topologies
+
+    if not _tpu_attached():
+        # Without a TPU there is no metadata server to ask for the slice's shape, and no chip
+        # for two processes to contend for: libtpu's one-process-at-a-time lock (which made a
+        # second compiling process fail, "Internal error when accessing libtpu multi-process
+        # lockfile") guards nothing.
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        with _quiet_stderr():
+            topology_desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except (RuntimeError, ValueError, NotImplementedError) as error:
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else type(error).__name__
+        if "support not installed" in text:  # jax found no libtpu
+            raise _libtpu_missing(first) from error
+        raise ValueError(f"TPU topology {topology!r}: {first}") from None
+    return tuple(topology_desc.devices)
+
+
+def tpu_devices(slice_: str) -> list[Any]:
+    """Compile-only devices of a TPU slice ("v5e:8", "v5p:2x2x1", "v6e-8"; parse_tpu_slice).
+
+    Returns:
+      One device per chip (v4: per TensorCore), to build meshes and shardings on.
+
+    Raises:
+      PluginMissing: libtpu is not installed (one line, with the pip command).
+      ValueError: the slice is not one libtpu can describe.
+    """
+    _, topology, count = parse_tpu_slice(slice_)
+    return list(_tpu_topology_devices(topology)[:count])
+
+
+def tpu_mesh(slice_: str, data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
+    """The trainer's (data, fsdp, tensor) mesh over a TPU slice's compile-only devices."""
+    from tsld_jax import sharding
+
+    return sharding.make_mesh(data, fsdp, tensor, devices=tpu_devices(slice_))
 
 
 @dataclasses.dataclass(frozen=True)

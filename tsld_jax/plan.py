@@ -1,13 +1,18 @@
 """A memory plan before anything runs: `train.py --config C --plan TARGET`.
 
-Compiles the trainer's step for TARGET without its hardware (`aot`'s deviceless XLA:GPU
-compile; "cpu:N" uses N of the CPU's devices, fake ones where XLA_FLAGS makes them) from abstract
-weights of the config's model, and reads XLA's per-device memory plan. When the config does not
-fit, other meshes, remat modes and teacher dtypes are compiled until one does.
+Compiles the trainer's step for TARGET without its hardware (`aot`'s deviceless XLA:GPU or
+XLA:TPU compile; "cpu:N" uses N of the CPU's devices, fake ones where XLA_FLAGS makes them) from
+abstract weights of the config's model, and reads XLA's per-device memory plan. When the config
+does not fit, other meshes, remat modes and teacher dtypes are compiled until one does.
 
-Fit rule: a plan fits when its total is at most the device memory less a reserve of
+Targets: a GPU and its count ("a100-40gb:8", "h100-80gb:1", "h200:1"); a TPU slice by chips
+("v5e:8", "v6e:16"), by topology ("v5p:2x2x1") or by Cloud accelerator type ("v5p-8": 8
+TensorCores, 4 chips); "cpu:N".
+
+Fit rule: on a GPU a plan fits when its total is at most the device memory less a reserve of
 max(2 GiB, 5%) (CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation, which XLA's
-plan does not count): 38 GiB usable on an A100-40GB, 76 GiB on an H100-80GB.
+plan does not count): 38 GiB usable on an A100-40GB, 76 GiB on an H100-80GB. On a TPU the limit
+is XLA:TPU's own (aot.TpuTarget.usable_memory_size; it refuses to compile a larger program).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import dataclasses
 import itertools
 import json
 import os
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -30,31 +36,59 @@ from tsld_jax.models.spec import ModelSpec, spec_from_hf_config
 GIB = 1024**3
 
 
-def parse_target(text: str) -> tuple[str, int]:
-    """ "a100-40gb:8" -> ("a100-40gb", 8); raises ConfigError naming the flag."""
-    kinds = (*aot.TARGETS, "cpu")
+class Target(NamedTuple):
+    """A --plan target: `kind` a GPU of aot.TARGETS, a TPU of aot.TPU_TARGETS or "cpu";
+    `count` devices; `slice` the TPU slice as named ("v5p:2x2x1", "v6e-8"), else ""."""
+
+    kind: str
+    count: int
+    slice: str = ""
+
+
+def parse_target(text: str) -> Target:
+    """ "a100-40gb:8" -> Target("a100-40gb", 8); "v5p:2x2x1" -> Target("v5p", 4, "v5p:2x2x1");
+    raises ConfigError naming the flag."""
+    kinds = (*aot.TARGETS, *aot.TPU_TARGETS, "cpu")
     name, _, count = text.partition(":")
+    tpu = name if name in aot.TPU_TARGETS else name.partition("-")[0]
+    if tpu in aot.TPU_TARGETS and (name == tpu or not count):
+        try:
+            _, _, devices = aot.parse_tpu_slice(text)
+        except ValueError as error:
+            raise config_utils.ConfigError(f"--plan: {error}") from None
+        return Target(tpu, devices, text)
     if name not in kinds:
         raise config_utils.ConfigError(
             f"--plan: unknown target {name!r} in {text!r}; expected NAME:DEVICES with NAME one "
-            f"of {', '.join(kinds)}"
+            f"of {', '.join(kinds)} (a TPU also as NAME:TOPOLOGY, e.g. v5p:2x2x1, or by Cloud "
+            "accelerator type, e.g. v5p-8)"
         )
     if not count.isdigit() or int(count) < 1:
         raise config_utils.ConfigError(
             f"--plan: {text!r} needs a device count >= 1 after the colon, e.g. {name}:8"
         )
-    return name, int(count)
+    return Target(name, int(count))
 
 
 def capacity(kind: str, count: int) -> int:
     """Bytes of memory per device of a target (the CPU's RAM shared by its fake devices)."""
     if kind == "cpu":
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // count
+    if kind in aot.TPU_TARGETS:
+        return aot.TPU_TARGETS[kind].device_memory_size
     return aot.TARGETS[kind].device_memory_size
 
 
 def usable(total_bytes: int) -> int:
     return total_bytes - max(2 * GIB, total_bytes // 20)
+
+
+def usable_bytes(kind: str, count: int) -> int:
+    """What a plan may total per device: on a TPU the limit XLA:TPU itself enforces (its
+    runtime's reserve taken; nothing else shares the HBM), elsewhere `usable(capacity)`."""
+    if kind in aot.TPU_TARGETS:
+        return aot.TPU_TARGETS[kind].usable_memory_size
+    return usable(capacity(kind, count))
 
 
 def _hf_config(name: str) -> dict | None:
@@ -96,7 +130,9 @@ def _architecture(cfg, name: str | None = None) -> ModelSpec:
     return spec_from_hf_config(hf)
 
 
-def devices(kind: str, count: int) -> list[Any]:
+def devices(kind: str, count: int, slice_: str = "") -> list[Any]:
+    if kind in aot.TPU_TARGETS:
+        return aot.tpu_devices(slice_ or f"{kind}:{count}")
     if kind != "cpu":
         return aot.gpu_devices(kind, count)
     cpus = jax.devices("cpu")
@@ -156,6 +192,7 @@ class Plan:
     total: int = 0
     fits: bool = False
     error: str = ""
+    compile_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -173,8 +210,9 @@ def _mesh_sizes(cfg, count: int) -> dict[str, int]:
     return {a: (per_stage // fixed if s == -1 else s) for a, s in sizes.items()}
 
 
-def plan_one(cfg, kind: str, count: int, spec: ModelSpec, teacher_spec=None) -> Plan:
+def plan_one(cfg, target: Target, spec: ModelSpec, teacher_spec=None) -> Plan:
     """Compiles the config's step for the target and reads its memory plan."""
+    kind, count, _ = target
     result = Plan(
         _mesh_sizes(cfg, count),
         cfg.train.remat,
@@ -188,11 +226,15 @@ def plan_one(cfg, kind: str, count: int, spec: ModelSpec, teacher_spec=None) -> 
     except config_utils.ConfigError as error:
         result.error = str(error)
         return result
-    mesh = sharding.config_mesh(cfg.mesh, devices=devices(kind, count))
+    mesh = sharding.config_mesh(cfg.mesh, devices=devices(*target))
     program = step_program(cfg, spec, mesh, teacher_spec)
+    start = time.perf_counter()
     try:
         _, memory = aot.compile_program(program)
+        result.compile_seconds = round(time.perf_counter() - start, 1)
     except Exception as error:  # XLA's compile errors carry no stable type across versions
+        # XLA:TPU refuses a program larger than the HBM ("Ran out of memory ... exceeds
+        # available HBM"): that is this plan's answer, does not fit, and the alternatives run.
         result.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         return result
     state, batch, teacher = program.args
@@ -204,7 +246,7 @@ def plan_one(cfg, kind: str, count: int, spec: ModelSpec, teacher_spec=None) -> 
     )
     result.activations_and_temporaries = memory.total - memory.arguments
     result.total = memory.total
-    result.fits = memory.total <= usable(capacity(kind, count))
+    result.fits = memory.total <= usable_bytes(kind, count)
     return result
 
 
@@ -253,24 +295,25 @@ def plan(cfg, target: str, max_alternatives: int = 3) -> dict[str, Any]:
     """The plan of a config on a target and, when it does not fit, of up to `max_alternatives`
     variants (stopping at the first that fits)."""
     config_utils.validate(cfg, weights=False)  # the architecture is all a plan reads
-    kind, count = parse_target(target)
+    parsed = parse_target(target)
+    kind, count, _ = parsed
     spec = model_spec(cfg)
     teacher_spec = None
     if cfg.stage != "fp" and cfg.model.teacher and cfg.model.teacher != cfg.model.name_or_path:
         teacher_spec = model_spec(cfg, cfg.model.teacher)
-    result = plan_one(cfg, kind, count, spec, teacher_spec)
+    result = plan_one(cfg, parsed, spec, teacher_spec)
     out = {
         "target": target,
         "model": cfg.model.name_or_path,
         "batch": [cfg.data.batch_size, cfg.data.block_size],
         "device_memory_gib": round(capacity(kind, count) / GIB, 3),
-        "usable_gib": round(usable(capacity(kind, count)) / GIB, 3),
+        "usable_gib": round(usable_bytes(kind, count) / GIB, 3),
         "plan": result.as_dict(),
         "alternatives": [],
     }
     if not result.fits:
         for variant in itertools.islice(_alternatives(cfg, count, spec), max_alternatives):
-            alt = plan_one(variant, kind, count, spec, teacher_spec)
+            alt = plan_one(variant, parsed, spec, teacher_spec)
             out["alternatives"].append(alt.as_dict())
             if alt.fits:
                 break
