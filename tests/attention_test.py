@@ -367,7 +367,7 @@ def _tpu_devices_or_skip(topology):
 def test_splash_compiles_for_tpu(topology):
     """The splash kernel (forward and backward) compiles for one TPU chip, and for four inside
     the shard_map `self_attention` puts it in when a mesh is in context; the decoder's "auto"
-    picks it on a TPU."""
+    picks it for a TPU inside `attention.for_tpu()` (a TPU host's default)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     devices = _tpu_devices_or_skip(topology)
@@ -399,7 +399,12 @@ def test_splash_compiles_for_tpu(topology):
     )
     tokens = jax.ShapeDtypeStruct((2, 255), jnp.int32, sharding=whole)
     forward = jax.jit(lambda p, t: decoder.forward(p, t, spec, mask_BxT=jnp.ones_like(t)))
-    assert "tpu_custom_call" in forward.trace(params, tokens).lower().compile().as_text()
+    with attention.for_tpu():
+        assert "tpu_custom_call" in forward.trace(params, tokens).lower().compile().as_text()
+    # From a CPU host and outside for_tpu(), "auto" keeps the tiled path for the TPU too (what
+    # --plan's TPU rows plan), and no CPU forward pays for tracing the kernel.
+    forward = jax.jit(lambda p, t: decoder.forward(p, t, spec, mask_BxT=jnp.ones_like(t)))
+    assert "tpu_custom_call" not in forward.trace(params, tokens).lower().compile().as_text()
 
 
 def test_config_choice_reaches_the_spec():

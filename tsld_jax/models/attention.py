@@ -17,7 +17,7 @@ block, attention kept within each: `data.document_attention`). Which code runs i
 - "pallas_interpret": the same kernel in Pallas interpret mode: runs on the CPU, for tests.
 - "auto": chosen when the program is lowered, for the platform it is lowered for (like the
   packed matmul's "auto"): cuDNN on CUDA for bf16/fp16 inputs (where jax finds the cuDNN
-  library), splash on TPU (where libtpu is installed), "xla" elsewhere.
+  library), splash on TPU (on a TPU host, or traced inside `for_tpu()`), "xla" elsewhere.
 
 What the fused kernels cannot express falls back to "xla", for "auto" and explicit choices
 alike: attention soft-capping (Gemma 2) on cuDNN, and head dims cuDNN refuses (above 128 on
@@ -41,10 +41,11 @@ and the losses mask padded positions).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-import importlib.util
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -236,8 +237,8 @@ def self_attention(
         return _splash(*args, **options, interpret=implementation == "pallas_interpret")
     # "auto". Interpret mode is a test tool, never chosen. cuDNN needs its library when the
     # program is traced (jax asks it for its version); without one, CUDA gets the XLA path. The
-    # splash kernel is traced only where libtpu is installed (a TPU host, or one compiling for
-    # TPUs): tracing it costs every CPU forward pass (+35% in a test of many small ones).
+    # splash kernel is traced only on a TPU host or inside `for_tpu()`: tracing it costs every
+    # CPU forward pass (+35% in a test of many small ones), libtpu installed or not.
     half = q_BxTxHxK.dtype in (jnp.bfloat16, jnp.float16)
     cuda = functools.partial(_cudnn, **options, fallback=xla)
     tpu = functools.partial(_splash, **options, interpret=False)
@@ -255,7 +256,7 @@ def self_attention(
         mask.window,
         mask.segment_ids_BxT,
         cuda=static_windows(cuda if half and _cudnn_present() else xla),
-        tpu=static_windows(tpu if _tpu_present() else xla),
+        tpu=static_windows(tpu if _for_tpu() else xla),
         default=static_windows(xla),
     )
 
@@ -289,10 +290,24 @@ def _by_window(mask: Mask, make, *operands):
 # --------------------------------------------------------------------------------------- cuDNN
 
 
-@functools.cache
-def _tpu_present() -> bool:
-    """Whether libtpu (jax's TPU backend and compiler) is installed."""
-    return importlib.util.find_spec("libtpu") is not None
+_FOR_TPU = contextvars.ContextVar("tsld_jax_attention_for_tpu", default=False)
+
+
+@contextlib.contextmanager
+def for_tpu() -> Iterator[None]:
+    """ "auto" traced inside also carries the splash kernel for a TPU lowering, where the host's
+    backend is not a TPU (a deviceless compile for TPUs). `--plan`'s TPU rows do not use it:
+    they plan the tiled path (docs/scaling.md)."""
+    token = _FOR_TPU.set(True)
+    try:
+        yield
+    finally:
+        _FOR_TPU.reset(token)
+
+
+def _for_tpu() -> bool:
+    """Whether "auto" carries the splash kernel for a TPU: on a TPU host, or inside for_tpu()."""
+    return _FOR_TPU.get() or jax.default_backend() == "tpu"
 
 
 @functools.cache
