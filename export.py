@@ -10,7 +10,12 @@ import signal
 import sys
 
 
+_finished = None  # main's exit status once it has returned
+
+
 def _leave_at_once(signum, frame):
+    if _finished is not None:  # main has reported the export (or why there is none)
+        os._exit(_finished)
     # While the imports run nothing is written yet: one line, and out (a KeyboardInterrupt in
     # the middle of jax's imports was a traceback; SIGTERM's default, a silent exit).
     print(
@@ -29,4 +34,11 @@ if __name__ == "__main__":
 
     # From here export_cli.main handles SIGTERM itself, and SIGINT as KeyboardInterrupt.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.exit(export_cli.main())
+    _finished = export_cli.main()
+    # The export is whole or was never written, and main has said which: leave now. Python's
+    # own shutdown puts the default signal handlers back before it ends, so a SIGTERM during
+    # jax's exit hooks was a silent exit -15 after a finished export (seen once in CI); an
+    # export has nothing left for those hooks to do.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_finished)

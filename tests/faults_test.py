@@ -346,6 +346,26 @@ def test_export_stopped_or_killed_leaves_the_old_export_or_the_new(
         assert all(name.startswith(f".{out.name}.") for name in leftovers), leftovers
 
 
+def test_a_signal_after_the_export_is_reported_changes_nothing(tiny_dir, new_export, tmp_path):
+    # Once main has printed the export's path the process only has to leave: a SIGTERM then
+    # exits 0 and says nothing (it was "stopped while starting; nothing was written", exit 143,
+    # or, inside Python's own shutdown, a silent -15: CI saw that one).
+    out = tmp_path / "model.safetensors"
+    process = subprocess.Popen(
+        [sys.executable, "-u", EXPORT, *_export_argv(tiny_dir, out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    assert process.stdout.readline().strip() != ""  # the report of the finished export
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert "error" not in err
+    assert _contents(out) == new_export
+
+
 def test_eval_output_onto_a_full_disk_keeps_the_earlier_results(
     tiny_dir, shared_data, small_disk, capsys
 ):
