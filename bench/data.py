@@ -25,10 +25,11 @@ TFLOP/s bf16 peak do 998 TFLOP/s, so the step consumes about 18,000 tokens/s (ba
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
-import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -36,9 +37,11 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from experiments import paper_table  # noqa: E402
 from tsld_jax.data import megatron, prepare, shards  # noqa: E402
 from tsld_jax.models import loading  # noqa: E402
 
@@ -225,8 +228,14 @@ def main() -> None:
     )
     scratch = tempfile.mkdtemp(prefix="tsld_bench_data_", dir=args.scratch)
     try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         results = {
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "command": " ".join(["python", "bench/data.py", *sys.argv[1:]]),
+            "commit": commit,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": paper_table.machine(),
             "step": need,
         }
         results["prepare"] = bench_prepare(tokenizer, args.tokenizer, scratch, args.prepare_mb)
