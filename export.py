@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 
-
 _finished = None  # main's exit status once it has returned
 
 

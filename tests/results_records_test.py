@@ -219,6 +219,8 @@ RECORDS = {
 # Files the scripts generate whole from their JSON; their tables are checked by printing again.
 GENERATED = ("ptb_small.md", "ptb_smollm2.md", "ptb_small_llama_cpp.md")
 PLAN_TABLE = "| row | target | mesh (data x fsdp x tensor) |"
+# The long-context plans (docs/plans/long_context/), printed with their batch column.
+PLAN_BATCH_TABLE = "| row | target | batch | mesh (data x fsdp x tensor) |"
 
 
 def transcribed_records() -> dict[tuple[str, str], dict]:
@@ -266,7 +268,7 @@ def test_every_published_table_has_a_record():
     unrecorded = [
         f"{path}: {header}"
         for path, header, _ in published_tables()
-        if not header.startswith(PLAN_TABLE)
+        if not header.startswith((PLAN_TABLE, PLAN_BATCH_TABLE))
         and json_record_of(path, header) is None
         and (path, header) not in transcribed
     ]
@@ -310,7 +312,12 @@ def test_generated_results_equal_their_script_output(name):
         assert f.read() == text, f"docs/results/{name} is not what its script prints from the JSON"
 
 
-def test_plan_table_is_plan_table_output():
+@pytest.mark.parametrize(
+    "header, folder, batch",
+    [(PLAN_TABLE, "docs/plans", False), (PLAN_BATCH_TABLE, "docs/plans/long_context", True)],
+    ids=["plans", "long_context"],
+)
+def test_plan_table_is_plan_table_output(header, folder, batch):
     import importlib.util
 
     path = os.path.join(ROOT, "bench", "plan_table.py")
@@ -319,10 +326,11 @@ def test_plan_table_is_plan_table_output():
     spec.loader.exec_module(plan_table)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        plan_table.main(os.path.join(ROOT, "docs", "plans"))
+        plan_table.main(os.path.join(ROOT, folder), batch)
     with open(os.path.join(ROOT, "docs", "scaling.md")) as f:
         text = f.read()
-    start = text.index(PLAN_TABLE)
+    assert text.count(header) == 1, header
+    start = text.index(header)
     published = text[start : text.index("\n\n", start)].strip()
     assert published == printed.getvalue().strip()
 
