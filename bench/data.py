@@ -40,6 +40,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A host-side benchmark: where libtpu is installed jax would otherwise try it as the backend
+# (experiments.paper_table.machine() asks jax for its devices) and print its warnings.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from experiments import paper_table  # noqa: E402
 from tsld_jax.data import megatron, prepare, shards  # noqa: E402
@@ -95,29 +98,51 @@ def synthetic_text(path: str, megabytes: float, seed: int = 0) -> None:
 
 
 def bench_prepare(tokenizer, name: str, scratch: str, megabytes: float) -> list[dict]:
+    """Preparation with 1 and 2 worker processes, with the tokenizers library's own threads (its
+    default: each worker's batch is split over every core) and without them
+    (TOKENIZERS_PARALLELISM=false, which the spawned workers inherit)."""
     text = os.path.join(scratch, "text.txt")
     synthetic_text(text, megabytes)
     out = []
-    for workers in (1, 2):
-        target = os.path.join(scratch, f"prepared{workers}")
-        start = time.perf_counter()
-        manifest = prepare.prepare(
-            [text], target, tokenizer, name, workers=workers, progress=False, log=lambda _: None
-        )
-        seconds = time.perf_counter() - start
-        out.append(
-            {
-                "workers": workers,
-                "text_mb": megabytes,
-                "tokens": manifest["tokens"],
-                "seconds": seconds,
-                "tokens_per_s": manifest["tokens"] / seconds,
-            }
-        )
-        print(f"prepare, {workers} worker(s): {out[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
-        shutil.rmtree(target)
+    default = os.environ.get("TOKENIZERS_PARALLELISM")
+    try:
+        for threads in (True, False):
+            _set_tokenizer_threads(default if threads else "false")
+            for workers in (1, 2):
+                out.append(_prepare_once(tokenizer, name, scratch, text, megabytes, workers))
+                out[-1]["tokenizer_threads"] = threads
+                print(
+                    f"prepare, {workers} worker(s), tokenizer threads {'on' if threads else 'off'}:"
+                    f" {out[-1]['tokens_per_s']:,.0f} tokens/s",
+                    flush=True,
+                )
+    finally:
+        _set_tokenizer_threads(default)
     os.remove(text)
     return out
+
+
+def _set_tokenizer_threads(value: str | None) -> None:
+    os.environ.pop("TOKENIZERS_PARALLELISM", None)
+    if value is not None:
+        os.environ["TOKENIZERS_PARALLELISM"] = value
+
+
+def _prepare_once(tokenizer, name, scratch, text, megabytes, workers) -> dict:
+    target = os.path.join(scratch, f"prepared{workers}")
+    start = time.perf_counter()
+    manifest = prepare.prepare(
+        [text], target, tokenizer, name, workers=workers, progress=False, log=lambda _: None
+    )
+    seconds = time.perf_counter() - start
+    shutil.rmtree(target)
+    return {
+        "workers": workers,
+        "text_mb": megabytes,
+        "tokens": manifest["tokens"],
+        "seconds": seconds,
+        "tokens_per_s": manifest["tokens"] / seconds,
+    }
 
 
 def write_corpus(tokenizer, name: str, folder: str, gigabytes: float, shard_gb: float = 0.5):
