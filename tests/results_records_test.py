@@ -210,6 +210,7 @@ RECORDS = {
     ("docs/results/README.md", "| model, data | teacher | round-to-nearest ternary |"): (
         "docs/results/default_run.json",
     ),
+    ("docs/benchmarks.md", "| data pipeline, 2-core CPU | figure |"): ("docs/data_pipeline.json",),
     ("README.md", "| run | teacher ppl | round-to-nearest ternary / teacher |"): (
         "docs/results/ptb_small.json",
         "docs/results/ptb_smollm2.json",
