@@ -449,27 +449,37 @@ def select_block_sizes(m: int, dtype=jnp.bfloat16, arch: int | None = None) -> B
     return PREFILL if (arch or targets.current_arch()) >= 90 else PREFILL_SM80
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _quantized_matmul(x, packed, interpret, block_sizes):
-    x_MxK = x.reshape(-1, x.shape[-1])
-    blocks = block_sizes or select_block_sizes(x_MxK.shape[0], x.dtype)
-    out = _matmul_2d(x_MxK, packed, interpret, blocks)
-    return out.reshape(*x.shape[:-1], packed.shape[1])
+def with_reference_gradient(matmul_2d, select_block_sizes):
+    """`f(x, packed, interpret, block_sizes)`: the kernel `matmul_2d(x_MxK, packed, interpret,
+    blocks)` over x's leading axes, launched with `block_sizes` or `select_block_sizes(x_MxK)`,
+    whose gradient with respect to x is `quantized_matmul_reference`'s (a Pallas call has no
+    derivative; the packed codes and scales get none). One wrapper for the GPU and TPU kernels.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def matmul(x, packed, interpret, block_sizes):
+        x_MxK = x.reshape(-1, x.shape[-1])
+        blocks = block_sizes or select_block_sizes(x_MxK)
+        out = matmul_2d(x_MxK, packed, interpret, blocks)
+        return out.reshape(*x.shape[:-1], packed.shape[1])
+
+    def forward(x, packed, interpret, block_sizes):
+        return matmul(x, packed, interpret, block_sizes), (x, packed)
+
+    def backward(interpret, block_sizes, residuals, dy):
+        del interpret, block_sizes
+        x, packed = residuals
+        _, vjp = jax.vjp(lambda x: quantized_matmul_reference(x, packed), x)
+        (dx,) = vjp(dy)
+        return dx, None  # no gradient for the packed integer codes and their scales
+
+    matmul.defvjp(forward, backward)
+    return matmul
 
 
-def _quantized_matmul_fwd(x, packed, interpret, block_sizes):
-    return _quantized_matmul(x, packed, interpret, block_sizes), (x, packed)
-
-
-def _quantized_matmul_bwd(interpret, block_sizes, residuals, dy):
-    del interpret, block_sizes
-    x, packed = residuals
-    _, vjp = jax.vjp(lambda x: quantized_matmul_reference(x, packed), x)
-    (dx,) = vjp(dy)
-    return dx, None  # no gradient for the packed integer codes and their scales
-
-
-_quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
+_quantized_matmul = with_reference_gradient(
+    _matmul_2d, lambda x_MxK: select_block_sizes(x_MxK.shape[0], x_MxK.dtype)
+)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_sizes"))

@@ -298,27 +298,9 @@ def _matmul_2d(x_MxK: jax.Array, packed: PackedWeight, interpret: bool, blocks: 
     return out[:m, : packed.shape[1]]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _quantized_matmul(x, packed, interpret, block_sizes):
-    x_MxK = x.reshape(-1, x.shape[-1])
-    blocks = block_sizes or select_block_sizes(x_MxK.shape[0])
-    out = _matmul_2d(x_MxK, packed, interpret, blocks)
-    return out.reshape(*x.shape[:-1], packed.shape[1])
-
-
-def _quantized_matmul_fwd(x, packed, interpret, block_sizes):
-    return _quantized_matmul(x, packed, interpret, block_sizes), (x, packed)
-
-
-def _quantized_matmul_bwd(interpret, block_sizes, residuals, dy):
-    del interpret, block_sizes
-    x, packed = residuals
-    _, vjp = jax.vjp(lambda x: quantized_matmul_reference(x, packed), x)
-    (dx,) = vjp(dy)
-    return dx, None  # no gradient for the packed integer codes and their scales
-
-
-_quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
+_quantized_matmul = _gpu.with_reference_gradient(
+    _matmul_2d, lambda x_MxK: select_block_sizes(x_MxK.shape[0])
+)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_sizes"))
