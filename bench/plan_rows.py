@@ -35,7 +35,12 @@ TPU_ROWS = [
 # remat "full": "dots" (the configs' default) saves every matmul output for the backward, the
 # attention scores of each 128-query tile included, which is B x H x T^2 / 2 floats a layer
 # (docs/scaling.md, "Long context").
-LONG_TARGETS = [("1xh100", "h100-80gb:1", 8), ("8xa100", "a100-40gb:8", 2), ("v6e-8", "v6e-8", 2)]
+LONG_TARGETS = [
+    ("1xh100", "h100-80gb:1", 8),
+    ("8xa100", "a100-40gb:8", 2),
+    ("v6e-8", "v6e-8", 2),
+    ("v5p-8", "v5p-8", 2),
+]
 LONG_ROWS = [
     (
         f"long_context/{row}_{batch}x{length}_{config_target}",
