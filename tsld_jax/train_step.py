@@ -129,6 +129,11 @@ def make_train_step(
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             grads, (loss, parts) = jax.lax.scan(accumulate, zeros, micro)
             loss, parts = loss.mean(), jax.tree.map(jnp.mean, parts)
+            # The mean of the micro-batches' gradients, as HF Trainer (and so the authors'
+            # trainer) accumulates. For the losses that are means over tokens this is the whole
+            # batch's gradient (up to unequal padding); TSLD sums over sequences (PAPER.md), so
+            # its accumulated gradient is the whole batch's divided by grad_accum. AdamW's update
+            # does not see that scale (but for its eps); gradient clipping thresholds do.
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
