@@ -122,6 +122,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 0  # Held-out perplexity every N steps (0: only before and after).
+    # Early stopping: end the run after this many evaluations in a row (every eval.every_steps)
+    # without a lower held-out perplexity (0: never). The fp stage's export is then the best
+    # evaluation's weights; results.json names its step (best_step, best_eval_ppl).
+    c.eval.patience = 0
     c.eval.batch_size = 4
     c.eval.baselines = True  # Before training: teacher and round-to-nearest (PTQ) perplexities.
 

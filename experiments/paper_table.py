@@ -64,6 +64,10 @@ class Table:
     # split, the authors' protocol (the tables here); the test's tiny table takes a few.
     final_blocks: int = 0
     extra: tuple[str, ...] = ()  # Further train.py overrides, for every row.
+    # Early stopping of the FP row (the teacher): stop after this many held-out evaluations
+    # without a lower perplexity, every fp_eval_every steps, and keep the best (0: fp_epochs).
+    fp_patience: int = 0
+    fp_eval_every: int = 0
 
 
 TABLES = {
@@ -82,6 +86,28 @@ TABLES = {
         qat_epochs=1,
         qat_lr=5e-4,
         qat_warmup=50,
+    ),
+    # The same comparison against a converged teacher (issue 25): the FP row trains until its
+    # held-out perplexity stops falling (fp_epochs is only a ceiling), then every QAT row as in
+    # ptb_small, with five seeds for intervals.
+    "ptb_small_converged": Table(
+        name="ptb_small_converged",
+        title="ptb_small's model and QAT rows, against a teacher trained to convergence",
+        student="ptb_word_model",
+        block_size=128,
+        batch_size=16,
+        fp_epochs=40,
+        fp_lr=1e-3,
+        fp_warmup=100,
+        qat_epochs=1,
+        qat_lr=5e-4,
+        qat_warmup=50,
+        seeds=(0, 1, 2, 3, 4),
+        # Early stopping on 256 validation blocks (32,768 tokens), every half epoch (226
+        # steps), patience 4 (two epochs without a lower perplexity).
+        eval_blocks=256,
+        fp_patience=4,
+        fp_eval_every=226,
     ),
     "ptb_smollm2": Table(
         name="ptb_smollm2",
@@ -153,8 +179,10 @@ def _steps(table: Table, epochs: float, train_blocks: int) -> int:
     return max(1, round(epochs * (train_blocks // table.batch_size)))
 
 
-def common_overrides(table: Table, data_dir: str, seed: int, steps: int) -> list[str]:
-    every = table.eval_every or max(1, steps // 10)
+def common_overrides(
+    table: Table, data_dir: str, seed: int, steps: int, every: int = 0
+) -> list[str]:
+    every = every or table.eval_every or max(1, steps // 10)
     return [
         "--config.data.name=ptb",
         f"--config.data.dir={data_dir}",
@@ -185,7 +213,8 @@ def row_overrides(table: Table, row: str, data_dir: str, paths: dict[str, str], 
             "--config.quant.method=none",
             f"--config.train.lr={table.fp_lr}",
             f"--config.train.warmup_steps={table.fp_warmup}",
-        ] + common_overrides(table, data_dir, 0, steps)
+            *([f"--config.eval.patience={table.fp_patience}"] if table.fp_patience else []),
+        ] + common_overrides(table, data_dir, 0, steps, table.fp_eval_every)
     loss, seed = row.rsplit("_s", 1)
     steps = _steps(table, table.qat_epochs, blocks)
     return [
@@ -387,6 +416,10 @@ def evaluate_row(row: str, workdir: str, paths: dict, table: Table, data_dir: st
         teacher = load_model(paths["teacher"])
         out |= split_ppl(teacher.params, teacher.spec, teacher.tokenizer, table, data_dir)
         steps = _steps(table, table.fp_epochs, 1)
+        if table.fp_patience:  # the teacher is the best evaluation's weights (train.py says which)
+            with open(os.path.join(workdir, "results.json")) as f:
+                trained = json.load(f)
+            out |= {k: trained[k] for k in ("best_step", "best_eval_ppl", "early_stopped")}
     else:
         run = checkpoint.restore_for_eval(workdir)
         out |= split_ppl(
@@ -453,16 +486,51 @@ def _seed_summary(rows: dict, loss: str) -> tuple[list[float], list[float]]:
     return [r["validation"] for r in found], [r["test"] for r in found]
 
 
+def _mean_spread(values: list[float], spread_name: str) -> str:
+    import numpy as np
+
+    if spread_name == "half the range":
+        spread = (max(values) - min(values)) / 2
+    else:
+        spread = float(np.std(values, ddof=1))
+    return f"{float(np.mean(values)):.2f} ± {spread:.2f}"
+
+
+def welch_interval(
+    a: list[float], b: list[float], level: float = 0.95
+) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and its `level` confidence interval, by Welch's t (unequal variances;
+    Welch-Satterthwaite degrees of freedom), through scipy."""
+    import numpy as np
+    from scipy import stats
+
+    interval = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
+    return float(np.mean(a) - np.mean(b)), float(interval.low), float(interval.high)
+
+
+def _welch_cell(a: list[float], b: list[float]) -> str:
+    difference, low, high = welch_interval(a, b)
+    return f"{difference:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
 def markdown(results: dict) -> str:
     table = results["table"]
     rows = results["rows"]
     final = table.get("final_blocks", 0)
     over = f"the first {final} blocks of each split" if final else "the whole split"
+    fp = f"FP {table['fp_epochs']} epochs"
+    if table.get("fp_patience"):
+        fp = (
+            f"FP until its perplexity on {table['eval_blocks']} validation blocks stopped "
+            f"falling (evaluated every {table['fp_eval_every']} steps, stopped after "
+            f"{table['fp_patience']} evaluations without a lower one, the best kept; at most "
+            f"{table['fp_epochs']} epochs)"
+        )
     lines = [
         f"# {table['name']}: {table['title']}",
         "",
         f"PTB, blocks of {table['block_size']} tokens, batch {table['batch_size']}; "
-        f"FP {table['fp_epochs']} epochs at lr {table['fp_lr']}, every QAT row "
+        f"{fp} at lr {table['fp_lr']}, every QAT row "
         f"{table['qat_epochs']} epochs at lr {table['qat_lr']} (warm-up {table['qat_warmup']} "
         "steps, then linear decay), ternary TWN per output channel. Perplexity: the authors' "
         f"protocol over {over}. Generated by experiments/paper_table.py from "
@@ -487,22 +555,44 @@ def markdown(results: dict) -> str:
             f"| {wall} |"
         )
     summary = []
+    # Two seeds: half the range (a standard deviation of one degree of freedom says no more);
+    # three and more: the sample standard deviation.
+    spread_name = "half the range" if len(table["seeds"]) < 3 else "standard deviation"
     for loss in table["losses"]:
         val, test = _seed_summary(rows, loss)
         if len(val) >= 2:
-            mean_v, mean_t = sum(val) / len(val), sum(test) / len(test)
             summary.append(
-                f"| {loss} | {len(val)} | {mean_v:.2f} ± {(max(val) - min(val)) / 2:.2f} | "
-                f"{mean_t:.2f} ± {(max(test) - min(test)) / 2:.2f} |"
+                f"| {loss} | {len(val)} | {_mean_spread(val, spread_name)} | "
+                f"{_mean_spread(test, spread_name)} |"
             )
     if summary:
         lines += [
             "",
-            "Over seeds (mean ± half the range):",
+            f"Over seeds (mean ± {spread_name}):",
             "",
             "| loss | seeds | val ppl | test ppl |",
             "|---|---|---|---|",
             *summary,
+        ]
+    differences = []
+    tsld = _seed_summary(rows, "tsld")
+    for loss in table["losses"]:
+        other = _seed_summary(rows, loss)
+        if loss == "tsld" or min(len(tsld[0]), len(other[0])) < 3:
+            continue
+        cells = [_welch_cell(a, b) for a, b in zip(tsld, other, strict=True)]
+        differences.append(
+            f"| tsld - {loss} | {len(tsld[0])}, {len(other[0])} | " + " | ".join(cells) + " |"
+        )
+    if differences:
+        lines += [
+            "",
+            "TSLD against each other loss: the difference of the means (negative: TSLD lower), "
+            "with its 95% interval (Welch's t, unequal variances):",
+            "",
+            "| difference | seeds | val ppl | test ppl |",
+            "|---|---|---|---|",
+            *differences,
         ]
     if results.get("reruns"):
         lines += ["", "Re-runs from the recorded config (a fresh workdir):", ""]

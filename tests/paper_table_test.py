@@ -135,6 +135,61 @@ def test_a_larger_table_keeps_its_rows_apart(tiny_table):
     assert "--config.train.steps=1" in overrides  # 0.0005 epochs of 1000 batches, rounded up to 1
 
 
+def test_the_converged_table_stops_its_teacher_early_and_its_qat_rows_match_ptb_small():
+    table = paper_table.TABLES["ptb_small_converged"]
+    paths = {"init": "i", "teacher": "t"}
+    fp = paper_table.row_overrides(table, "fp", "/data", paths, 7266)
+    assert "--config.eval.patience=4" in fp and "--config.eval.every_steps=226" in fp
+    small = paper_table.TABLES["ptb_small"]
+    assert "--config.eval.patience=4" not in paper_table.row_overrides(
+        small, "fp", "/data", paths, 7266
+    )
+    # Only the teacher and the evaluation blocks differ: the QAT rows train alike.
+    for row in ("tsld_s0", "l2l_s1"):
+        converged = paper_table.row_overrides(table, row, "/data", paths, 7266)
+        same = paper_table.row_overrides(small, row, "/data", paths, 7266)
+        differ = sorted(set(converged) ^ set(same))
+        assert differ == ["--config.data.eval_blocks=256", "--config.data.eval_blocks=64"]
+
+
+def test_welch_interval_against_the_formula():
+    a = [145.1, 145.3, 144.9, 145.6, 145.0]
+    b = [142.2, 142.6, 142.3, 142.5, 142.1]
+    difference, low, high = paper_table.welch_interval(a, b)
+    va, vb = np.var(a, ddof=1) / 5, np.var(b, ddof=1) / 5
+    se = np.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / 4 + vb**2 / 4)  # Welch-Satterthwaite
+    assert 7 < df < 8  # t(0.975) lies between 2.365 (7 df) and 2.306 (8 df): printed tables
+    assert difference == pytest.approx(np.mean(a) - np.mean(b))
+    half = (high - low) / 2
+    assert (low + high) / 2 == pytest.approx(difference)
+    assert 2.306 * se < half < 2.365 * se
+    equal = paper_table.welch_interval([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert equal[0] == 0 and equal[1] < 0 < equal[2]
+
+
+def test_the_report_gives_standard_deviations_and_intervals_from_three_seeds():
+    rows = {}
+    for seed, (t, g) in enumerate([(145.0, 142.0), (145.4, 142.6), (144.8, 142.2)]):
+        for loss, value in (("tsld", t), ("logit_gt", g)):
+            rows[f"{loss}_s{seed}"] = {
+                "validation": value,
+                "test": value - 8,
+                "wall_s": 60.0,
+                "machine": {},
+            }
+    table = dataclasses.asdict(paper_table.TABLES["ptb_small_converged"])
+    table["seeds"], table["losses"] = (0, 1, 2), ("logit_gt", "tsld")
+    markdown = paper_table.markdown({"table": table, "rows": rows})
+    assert "Over seeds (mean ± standard deviation):" in markdown
+    assert f"| tsld | 3 | 145.07 ± {np.std([145.0, 145.4, 144.8], ddof=1):.2f} |" in markdown
+    difference, low, high = paper_table.welch_interval([145.0, 145.4, 144.8], [142.0, 142.6, 142.2])
+    assert f"| tsld - logit_gt | 3, 3 | {difference:+.2f} [{low:+.2f}, {high:+.2f}] |" in markdown
+    assert "stopped after 4 evaluations without a lower one" in markdown
+    two = dict(table, seeds=(0, 1))
+    assert "mean ± half the range" in paper_table.markdown({"table": two, "rows": rows})
+
+
 def test_llama_cpp_check_scores_tokens_as_the_training_loss_does():
     import jax.numpy as jnp
 

@@ -8,6 +8,7 @@ import math
 import os
 import re
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -223,6 +224,90 @@ def test_periodic_eval_every_n_steps():
         off.after_step(step, None)
 
 
+def test_early_stopping_keeps_the_best_and_stops_after_patience_evaluations():
+    writer, bests = _Writer(), []
+    curve = {2: 9.0, 4: 7.0, 6: 7.0, 8: 6.5, 10: 6.6, 12: 6.7, 14: 6.0}  # 7.0 again is no gain
+    evaluation = trainer_parts.PeriodicEval(
+        2, lambda step: curve[step], writer, patience=2, on_best=lambda s, p: bests.append(s)
+    )
+    stop = next(step for step in range(1, 15) if evaluation.after_step(step, step))
+    assert stop == 12  # 6.6 and 6.7 after the best, 6.5 at step 8 (6.0 at 14 is never seen)
+    assert (evaluation.best_step, evaluation.best_ppl, evaluation.stopped) == (8, 6.5, True)
+    assert bests == [2, 4, 8]
+    assert [step for step, _ in writer.records] == [2, 4, 6, 8, 10, 12]
+    # Into a checkpoint's metadata and back: a resumed run continues the count.
+    resumed = trainer_parts.PeriodicEval(2, lambda step: curve[step], writer, patience=3)
+    resumed.restore({"early_stop": evaluation.state() | {"since": 1}})
+    assert (resumed.best_step, resumed.since_best, resumed.stopped) == (8, 1, False)
+    assert not resumed.after_step(12, 12) and resumed.after_step(12, 12)  # counts 2, then 3
+    fresh = trainer_parts.PeriodicEval(2, lambda step: curve[step], writer, patience=2)
+    fresh.restore({})  # a checkpoint written before early stopping existed
+    assert (fresh.best_ppl, fresh.since_best) == (None, 0)
+
+
+def test_a_checkpoint_holds_early_stoppings_state():
+    checkpointer = _Checkpointer()
+    check = trainer_parts.DivergenceCheck(_guard(), 100, checkpointer)
+    evaluation = trainer_parts.PeriodicEval(1, lambda params: params, _Writer(), patience=2)
+    evaluation.after_step(1, 3.0)
+    evaluation.after_step(2, 4.0)
+    policy = trainer_parts.CheckpointPolicy(checkpointer, every_steps=5, total_steps=12)
+    assert policy.save(5, "state", _Batches(), check, False, evaluation)
+    assert checkpointer.saved[5][1]["early_stop"] == {"best_ppl": 3.0, "best_step": 1, "since": 1}
+
+
+def test_the_fp_stage_stops_early_and_exports_its_best_weights(tmp_path, monkeypatch):
+    """A run whose held-out perplexity stops falling ends `patience` evaluations after its best,
+    saved there; the fp export is the best step's weights; started again, it does nothing."""
+    import numpy as np
+    import tiny_models
+
+    from tests import checkpoint_test
+    from tsld_jax import checkpoint
+    from tsld_jax.models import load_model
+
+    model_dir = tmp_path / "model"
+    tiny_models.save("llama_tied", str(model_dir))
+    words = [f"w{i}" for i in range(tiny_models.VOCAB - 1)]
+    tiny_models.save_word_tokenizer(str(model_dir), words)
+    # The periodic evaluations' perplexities in call order (steps 2, 4, 6, 8), then the final
+    # one: the best is step 4's, and two evaluations without a lower one stop the run at 8.
+    scripted = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.7])
+    monkeypatch.setattr(trainer, "heldout_ppl", lambda *args, **kwargs: next(scripted))
+    cfg = checkpoint_test._smoke_config()
+    cfg.stage, cfg.loss.kind, cfg.quant.method = "fp", "gt", "none"
+    cfg.model.name_or_path, cfg.model.teacher = str(model_dir), ""
+    cfg.train.steps, cfg.eval.every_steps, cfg.eval.patience = 20, 2, 2
+    cfg.checkpoint.every_steps, cfg.checkpoint.keep, cfg.log.progress = 4, 5, False
+    cfg.data.batch_size = 8  # the eight fake CPU devices of conftest
+    workdir = str(tmp_path / "run")
+    result = trainer.train_and_evaluate(cfg, workdir)
+    assert (result["step"], result["best_step"], result["best_eval_ppl"]) == (8, 4, 4.0)
+    assert result["early_stopped"] and result["ppl"] == 4.7
+    assert checkpoint.saved_steps(workdir) == [4, 8]
+    exported = load_model(result["export"]).params
+    at_best = checkpoint.restore_params(cfg, workdir, step=4)[0]
+    at_stop = checkpoint.restore_params(cfg, workdir, step=8)[0]
+    leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]  # noqa: E731
+    same = lambda x, y: all(  # noqa: E731
+        np.array_equal(a, b) for a, b in zip(leaves(x), leaves(y), strict=True)
+    )
+    assert same(exported, at_best) and not same(exported, at_stop)
+    before = os.path.getmtime(os.path.join(result["export"], "model.safetensors"))
+    again = trainer.train_and_evaluate(cfg, workdir)  # the last scripted value: no step taken
+    assert (again["step"], again["best_step"], again["early_stopped"]) == (8, 4, True)
+    assert os.path.getmtime(os.path.join(result["export"], "model.safetensors")) == before
+
+
+def test_early_stopping_needs_periodic_evaluations():
+    from tsld_jax import config_utils
+
+    cfg = base.get_config()
+    cfg.eval.patience = 3
+    with pytest.raises(config_utils.ConfigError, match=r"config.eval.patience: .*every_steps"):
+        config_utils.validate(cfg, weights=False)
+
+
 def test_profiler_traces_its_steps(monkeypatch):
     # (step, before or after it, what the profiler did): started before step 2, stopped after
     # step 4.
@@ -247,12 +332,12 @@ def test_profiler_traces_its_steps(monkeypatch):
         assert calls == expected
 
 
-def test_a_signal_after_the_save_decision_stops_at_the_next_step_with_its_checkpoint(
+def test_a_signal_during_an_evaluation_stops_at_that_step_with_its_checkpoint(
     tmp_path, monkeypatch
 ):
-    """SIGTERM arriving during step 2's evaluation (after its save decision) is handled at step
-    3's boundary, which it saves; before, the loop stopped at step 2 unsaved and said 'checkpoint
-    2 saved'."""
+    """SIGTERM arriving during step 2's evaluation is handled at step 2's boundary, which it
+    saves (the evaluation comes before the save decision, so that a checkpoint holds early
+    stopping's state); once, the loop stopped at step 2 unsaved and said 'checkpoint 2 saved'."""
     import signal
 
     from tests import checkpoint_test
@@ -261,16 +346,17 @@ def test_a_signal_after_the_save_decision_stops_at_the_next_step_with_its_checkp
     original = trainer_parts.PeriodicEval.after_step
 
     def signalled(self, step, params):
-        original(self, step, params)
+        early = original(self, step, params)
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
+        return early
 
     monkeypatch.setattr(trainer_parts.PeriodicEval, "after_step", signalled)
     cfg = checkpoint_test._smoke_config()
     cfg.train.steps, cfg.checkpoint.every_steps, cfg.log.progress = 6, 100, False
     cfg.data.batch_size = 8  # the eight fake CPU devices of conftest
     result = trainer.train_and_evaluate(cfg, str(tmp_path))
-    assert (result["stopped"], result["signal"], result["step"]) == (True, signal.SIGTERM, 3)
+    assert (result["stopped"], result["signal"], result["step"]) == (True, signal.SIGTERM, 2)
     saver = checkpoint.Checkpointer(str(tmp_path), keep=3)
-    assert saver.steps() == [3]
+    assert saver.steps() == [2]
     saver.close()

@@ -68,6 +68,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "data.eval_path": "",
     "data.workers": 1,
     "data.document_attention": False,  # Not resumable: it changes the attention, so the maths.
+    "eval.patience": 0,
 }
 
 

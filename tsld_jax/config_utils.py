@@ -302,6 +302,12 @@ def validate(config, weights: bool = True) -> None:
     _require(config.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     _require(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _require(config.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")
+    _require(config.eval.patience >= 0, "eval.patience", "must be >= 0")
+    _require(
+        config.eval.patience == 0 or config.eval.every_steps > 0,
+        "eval.patience",
+        "early stopping needs periodic evaluations: set eval.every_steps > 0",
+    )
     _require(config.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _require(config.log.every_steps >= 1, "log.every_steps", "must be >= 1")
     for axis in ("data", "fsdp", "tensor"):

@@ -166,6 +166,7 @@ class _Run:
     checkpointer: checkpoint_lib.Checkpointer
     check: trainer_parts.DivergenceCheck
     writer: logging_utils.MetricsWriter | None = None  # opened after the restore, by _start
+    evaluation: trainer_parts.PeriodicEval | None = None  # made by _start, with the writer
 
     def student_ppl(self, params) -> float:
         """The held-out perplexity of the student's (fake-quantized) weights."""
@@ -267,11 +268,20 @@ def _start(run: _Run) -> tuple[train_step.TrainState, dict[str, Any]]:
         )
     )
     run.writer = logging_utils.MetricsWriter(run.workdir)
+    on_best = None
+    if cfg.stage == "fp":  # the export is the best evaluation's weights, written as it is seen
+        on_best = lambda step, params: write_fp_export(  # noqa: E731
+            run.workdir, jax.device_get(params), run.student
+        )
+    run.evaluation = trainer_parts.PeriodicEval(
+        cfg.eval.every_steps, run.student_ppl, run.writer, cfg.eval.patience, on_best
+    )
     results: dict[str, Any] = {}
     if restored is not None:
         state, meta = restored
         run.batches.restore(meta["data"])
         run.check.restore(meta)
+        run.evaluation.restore(meta)
         print(f"resuming from step {int(state.step)} in {run.workdir}")
         return state, results
     state = run.jitted.init_state(run.params, cfg.seed)
@@ -308,9 +318,11 @@ def _loop(run: _Run, state, teacher_params) -> tuple[train_step.TrainState, int 
     checkpoints = trainer_parts.CheckpointPolicy(
         run.checkpointer, cfg.checkpoint.every_steps, run.total_steps
     )
-    evaluation = trainer_parts.PeriodicEval(cfg.eval.every_steps, run.student_ppl, run.writer)
+    evaluation = run.evaluation
     process_local = getattr(run.batches, "process_local", False)
     pending = None  # (step, metrics, started) of the last step dispatched and not yet read
+    if evaluation.stopped:  # a run that early stopping ended, started again: nothing to do
+        start = run.total_steps
     try:
         with _StopFlag() as stop:
             for step in range(start + 1, run.total_steps + 1):
@@ -322,20 +334,31 @@ def _loop(run: _Run, state, teacher_params) -> tuple[train_step.TrainState, int 
                     read(pending)  # One step late: the device is already busy with `step`.
                 pending = (step, metrics, started)
                 profiler.after_step(step, state)
-                # Read once a step: a signal arriving after the save decision (during the
-                # evaluation, say) is handled at the next step's boundary, where it is saved.
+                # Before the save decision, so that a checkpoint holds early stopping's state
+                # after this step's evaluation (a resumed run then stops where this one would).
+                early = evaluation.after_step(step, state.params)
+                # Read once a step: a signal arriving after the save decision is handled at
+                # the next step's boundary, where it is saved.
                 signum = stop.signal
                 stopping = signum is not None
-                if checkpoints.due(step, stopping):
+                if checkpoints.due(step, stopping or early):
                     read(pending)  # Never save a state whose loss is not finite.
                     pending = None
-                    checkpoints.save(step, state, run.batches, run.check, stopping)
-                evaluation.after_step(step, state.params)
+                    checkpoints.save(
+                        step, state, run.batches, run.check, stopping or early, evaluation
+                    )
                 if step == cfg.debug.sigkill_after_step:  # tests: a kill after this save
                     run.checkpointer.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
                 if stopping:
                     return state, signum
+                if early:
+                    print(
+                        f"early stopping at step {step}: no lower held-out perplexity in "
+                        f"{evaluation.patience} evaluations since step {evaluation.best_step} "
+                        f"({evaluation.best_ppl:.3f})"
+                    )
+                    break
             if pending is not None:
                 read(pending)
     finally:
@@ -365,8 +388,18 @@ def _finish(run: _Run, state, results: dict[str, Any]) -> dict[str, Any]:
     results[key] = run.student_ppl(state.params)
     run.writer.write(final_step, {"eval_ppl": results[key]})
     run.writer.close()
+    evaluation = run.evaluation
+    # Early stopping: the best periodic evaluation, unless the final one is lower still.
+    keep_best = evaluation.best_ppl is not None and evaluation.best_ppl <= results[key]
+    if evaluation.patience:
+        results["best_step"] = evaluation.best_step if keep_best else final_step
+        results["best_eval_ppl"] = evaluation.best_ppl if keep_best else results[key]
+        results["early_stopped"] = evaluation.stopped
     if cfg.stage == "fp":
-        results["export"] = write_fp_export(workdir, jax.device_get(state.params), run.student)
+        if evaluation.patience and keep_best:  # written at the best step, by on_best
+            results["export"] = os.path.join(workdir, "export")
+        else:
+            results["export"] = write_fp_export(workdir, jax.device_get(state.params), run.student)
     # A resumed run logged its baselines before its first step, in an earlier process.
     results = run_summary.baselines(workdir) | results
     if jax.process_index() == 0:  # every process holds the same results

@@ -1,7 +1,7 @@
 """The named pieces of the trainer's loop (`trainer._loop`), each tested on its own
 (tests/trainer_parts_test.py): what a step's metrics mean (`DivergenceCheck`, `MetricsLog`),
-when the state is saved (`CheckpointPolicy`), when it is evaluated (`PeriodicEval`) and which
-steps are profiled (`Profiler`).
+when the state is saved (`CheckpointPolicy`), when it is evaluated and stopped early
+(`PeriodicEval`) and which steps are profiled (`Profiler`).
 """
 
 from __future__ import annotations
@@ -150,8 +150,17 @@ class CheckpointPolicy:
         """Whether `step` ends in a save (or in the guard's refusal of one)."""
         return step % self._every_steps == 0 or step == self._total_steps or stopping
 
-    def save(self, step: int, state, batches, check: DivergenceCheck, stopping: bool) -> bool:
-        """Saves the state, the data position and the guard's state; returns whether it did."""
+    def save(
+        self,
+        step: int,
+        state,
+        batches,
+        check: DivergenceCheck,
+        stopping: bool,
+        evaluation: PeriodicEval | None = None,
+    ) -> bool:
+        """Saves the state, the data position, the guard's and early stopping's states;
+        returns whether it did."""
         held = check.held_since
         if held is not None and step != self._total_steps and not stopping:
             logging.warning(
@@ -162,22 +171,79 @@ class CheckpointPolicy:
             )
             return False
         meta = {"data": batches.state(), "step": step, "guard": check.state()}
+        if evaluation is not None:
+            meta["early_stop"] = evaluation.state()
         self._checkpointer.save(step, state, meta)
         return True
 
 
 class PeriodicEval:
     """The held-out perplexity every `every_steps` steps (0: never), to the metrics writer as
-    `eval_ppl`. `evaluate(params) -> float`."""
+    `eval_ppl`; with `patience` > 0, early stopping on that curve.
 
-    def __init__(self, every_steps: int, evaluate: Callable[[Any], float], writer):
+    Early stopping keeps the lowest perplexity seen and its step; after `patience` evaluations
+    in a row without a lower one, `after_step` returns True and the run ends there. Each new
+    best is handed to `on_best(step, params)` (the fp stage writes its export then, so the
+    export is the best evaluation's weights, durably, whatever happens after). Its state goes
+    into every checkpoint (`state`/`restore`), so a resumed run stops where an unbroken one does.
+
+    Args:
+      every_steps: config.eval.every_steps.
+      evaluate: `evaluate(params) -> float`, the held-out perplexity.
+      writer: the metrics writer.
+      patience: config.eval.patience (0: no early stopping).
+      on_best: called with (step, params) at each new best, when patience > 0.
+    """
+
+    def __init__(
+        self,
+        every_steps: int,
+        evaluate: Callable[[Any], float],
+        writer,
+        patience: int = 0,
+        on_best: Callable[[int, Any], None] | None = None,
+    ):
         self._every_steps = every_steps
         self._evaluate = evaluate
         self._writer = writer
+        self.patience = patience
+        self._on_best = on_best
+        self.best_ppl: float | None = None
+        self.best_step: int | None = None
+        self.since_best = 0  # evaluations since the best one
 
-    def after_step(self, step: int, params) -> None:
-        if self._every_steps and step % self._every_steps == 0:
-            self._writer.write(step, {"eval_ppl": self._evaluate(params)})
+    @property
+    def stopped(self) -> bool:
+        """Whether early stopping has ended the run (also after a restore)."""
+        return self.patience > 0 and self.since_best >= self.patience
+
+    def after_step(self, step: int, params) -> bool:
+        """Evaluates when due; returns whether early stopping ends the run at this step."""
+        if not (self._every_steps and step % self._every_steps == 0):
+            return False
+        ppl = self._evaluate(params)
+        self._writer.write(step, {"eval_ppl": ppl})
+        if self.patience == 0:
+            return False
+        # NaN never counts as a best (a NaN loss stops the run anyway, see DivergenceCheck).
+        if self.best_ppl is None or ppl < self.best_ppl:
+            self.best_ppl, self.best_step, self.since_best = ppl, step, 0
+            if self._on_best is not None:
+                self._on_best(step, params)
+        else:
+            self.since_best += 1
+        return self.stopped
+
+    def state(self) -> dict[str, Any]:
+        """What goes into each checkpoint."""
+        return {"best_ppl": self.best_ppl, "best_step": self.best_step, "since": self.since_best}
+
+    def restore(self, meta: dict[str, Any]) -> None:
+        """Takes the early-stopping state back from a checkpoint's metadata."""
+        saved = meta.get("early_stop") or {}
+        self.best_ppl = saved.get("best_ppl")
+        self.best_step = saved.get("best_step")
+        self.since_best = saved.get("since", 0)
 
 
 class Profiler:
